@@ -1,0 +1,201 @@
+"""Build random-weight Qwen3 embedding checkpoints in the normal Hugging Face layout.
+
+Used by the demo, the tests and the benchmarks: nothing here downloads anything. A checkpoint
+is ``config.json`` + ``model.safetensors`` + tokenizer files (a real byte-level BPE tokenizer
+with the Qwen pre-tokenizer and special tokens, appending ``<|endoftext|>``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from qwen3emb.constants import END_TOKEN, IM_END_TOKEN, QWEN_SPECIAL_TOKENS
+from qwen3emb.convert._corpus import CORPUS
+from qwen3emb.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+# The Qwen2/Qwen3 pre-tokenizer split pattern (as in the released tokenizer.json).
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+REAL_VOCAB_SIZE = 151669
+"""Qwen3-Embedding-0.6B: 151643 BPE tokens + 26 special tokens."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough to export in seconds; real geometry otherwise (GQA, q/k norms, head_dim).
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 max_position_embeddings=1024),
+    "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  max_position_embeddings=2048),
+    # Real shapes from shared/CONTRACT.md, for speed and memory figures.
+    "0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                 max_position_embeddings=32768),
+    "4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               max_position_embeddings=40960),
+    "8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               max_position_embeddings=40960),
+}
+
+
+def build_tokenizer(out_dir: Path, *, vocab_size: int | None = None,
+                    bpe_size: int = 1000, corpus: Iterable[str] = CORPUS) -> int:
+    """Train a byte-level BPE tokenizer with Qwen's pre-tokenizer and write it to ``out_dir``.
+
+    Args:
+        out_dir: where ``tokenizer.json`` and ``tokenizer_config.json`` go.
+        vocab_size: total vocabulary including the 26 special tokens. When larger than the
+            trained vocabulary, unreachable filler tokens pad the BPE vocabulary so that the
+            special tokens land at their real ids (151643.. for ``REAL_VOCAB_SIZE``).
+        bpe_size: the BPE training target.
+        corpus: training texts.
+
+    Returns:
+        The id of ``<|endoftext|>``.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_size, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(list(corpus) * 4, trainer)
+    model = json.loads(tok.to_str())
+    vocab: dict[str, int] = model["model"]["vocab"]
+    n_special = len(QWEN_SPECIAL_TOKENS)
+    target = (vocab_size - n_special) if vocab_size else len(vocab)
+    if target < len(vocab):
+        raise InputError(
+            f"vocab_size {vocab_size} is smaller than the trained vocabulary "
+            f"({len(vocab)} + {n_special} special tokens)",
+            hint=f"Use vocab_size >= {len(vocab) + n_special}",
+        )
+    for i in range(len(vocab), target):
+        vocab[f"<|filler_{i}|>"] = i  # never produced by any merge
+    model["model"]["vocab"] = vocab
+    model["added_tokens"] = [
+        {"id": target + i, "content": content, "single_word": False, "lstrip": False,
+         "rstrip": False, "normalized": False, "special": special}
+        for i, (content, special) in enumerate(QWEN_SPECIAL_TOKENS)
+    ]
+    end_id = target  # <|endoftext|> is the first special token
+    model["post_processor"] = json.loads(processors.TemplateProcessing(
+        single=f"$A {END_TOKEN}", pair=f"$A {END_TOKEN} $B {END_TOKEN}",
+        special_tokens=[(END_TOKEN, end_id)],
+    ).__getstate__())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    Tokenizer.from_str(json.dumps(model)).save(str(out_dir / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer",
+        "model_max_length": 131072,
+        "padding_side": "left",
+        "eos_token": IM_END_TOKEN,
+        "pad_token": END_TOKEN,
+        "bos_token": None,
+        "unk_token": None,
+        "clean_up_tokenization_spaces": False,
+        "errors": "replace",
+        "split_special_tokens": False,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return end_id
+
+
+def make_config(preset: str = "tiny", *, vocab_size: int, end_id: int,
+                **overrides: Any) -> dict[str, Any]:
+    """Return a Qwen3 ``config.json`` dict for a preset shape.
+
+    Raises:
+        InputError: unknown preset.
+    """
+    if preset not in PRESETS:
+        raise InputError(f"unknown preset '{preset}'", hint=f"Choose one of {sorted(PRESETS)}")
+    config: dict[str, Any] = {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": vocab_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": end_id,
+        "eos_token_id": end_id,
+        "torch_dtype": "bfloat16",
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "use_sliding_window": False,
+        **PRESETS[preset],
+    }
+    config.update(overrides)
+    return config
+
+
+def build_random_checkpoint(
+    out_dir: str | Path,
+    *,
+    preset: str = "tiny",
+    vocab_size: int | None = None,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    modify: Callable[[Any], None] | None = None,
+    **config_overrides: Any,
+) -> Path:
+    """Write a random-weight Qwen3 embedding checkpoint (config, safetensors, tokenizer).
+
+    Args:
+        out_dir: target directory (created).
+        preset: a shape from ``PRESETS`` ("tiny", "small", "0.6B", "4B", "8B").
+        vocab_size: total vocabulary; ``None`` keeps the small trained one, ``REAL_VOCAB_SIZE``
+            puts the special tokens at their real ids.
+        seed: torch seed for the weights.
+        dtype: stored weight dtype, ``bfloat16`` like the released checkpoints, or ``float32``.
+        modify: called with the fp32 ``Qwen3Model`` before saving (fixtures plant outliers).
+        **config_overrides: any config.json key.
+
+    Returns:
+        The checkpoint directory.
+    """
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    out = Path(out_dir)
+    end_id = build_tokenizer(out, vocab_size=vocab_size)
+    total_vocab = end_id + len(QWEN_SPECIAL_TOKENS)
+    config = make_config(preset, vocab_size=total_vocab, end_id=end_id, **config_overrides)
+    torch.manual_seed(seed)
+    model = Qwen3Model(Qwen3Config(**config)).eval()
+    with torch.no_grad():
+        # Default init leaves RMSNorm weights at exactly 1; jitter them so a wrong norm shows.
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.mul_(1.0 + 0.1 * torch.randn_like(param))
+        if modify is not None:
+            modify(model)
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+    # save_pretrained rewrites config.json from the model class; keep the released layout.
+    saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    saved["architectures"] = config["architectures"]
+    (out / "config.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    logger.info("wrote random %s checkpoint to %s", preset, out)
+    return out
