@@ -1,0 +1,83 @@
+"""Pieces every embedder shares, whatever runs the model (onnxruntime or llama.cpp)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from qwen3emb.constants import DEFAULT_TASK, QUERY_TEMPLATE
+from qwen3emb.errors import InputError
+
+
+def format_query(query: str, task: str | None = None, template: str = QUERY_TEMPLATE) -> str:
+    """Apply the official query instruction: ``Instruct: {task}\\nQuery:{query}``."""
+    return template.format(task=DEFAULT_TASK if task is None else task, query=query)
+
+
+def check_texts(texts: Sequence[str] | str) -> list[str]:
+    """Validate a list of input texts.
+
+    Raises:
+        InputError: a bare string instead of a list, an empty list, a non-string or an empty
+            string, naming the offending index.
+    """
+    if isinstance(texts, str):
+        raise InputError("expected a list of texts, got a single string",
+                         hint="Wrap it in a list: encode([text])")
+    items = list(texts)
+    if not items:
+        raise InputError("no texts to embed: the input list is empty",
+                         hint="Pass at least one non-empty string")
+    for i, text in enumerate(items):
+        if not isinstance(text, str):
+            raise InputError(f"text {i} is a {type(text).__name__}, not a string",
+                             hint="Pass strings only")
+        if text == "":
+            raise InputError(f"text {i} is an empty string, which has no content to embed",
+                             hint="Drop empty strings or replace them with real text")
+    return items
+
+
+def check_dimensions(dimensions: int | None, *, dim: int, mrl_min: int) -> int:
+    """Return the output width, checking ``dimensions`` against the bundle's MRL range.
+
+    Raises:
+        InputError: outside ``mrl_min..dim``.
+    """
+    if dimensions is None:
+        return dim
+    if isinstance(dimensions, bool) or not isinstance(dimensions, (int, np.integer)):
+        raise InputError(f"dimensions must be an integer, got {dimensions!r}")
+    if not mrl_min <= int(dimensions) <= dim:
+        raise InputError(
+            f"dimensions={dimensions} is outside this bundle's Matryoshka range {mrl_min}..{dim}",
+            hint=f"Choose a value from {mrl_min} to {dim}",
+        )
+    return int(dimensions)
+
+
+def truncate_normalize(vectors: np.ndarray, dimensions: int) -> np.ndarray:
+    """Matryoshka truncation: keep the first ``dimensions`` columns, then L2-normalize again."""
+    out = np.ascontiguousarray(vectors[:, :dimensions], dtype=np.float32)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.maximum(norms, np.float32(1e-12))
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Group indices into batches of similar length (longest first) to limit padding.
+
+    Raises:
+        InputError: batch_size < 1.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def describe(obj: Any) -> str:
+    """Short repr for error messages (first 40 characters)."""
+    text = repr(obj)
+    return text if len(text) <= 40 else text[:37] + "..."
