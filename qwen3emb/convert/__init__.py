@@ -1,0 +1,61 @@
+"""Checkpoint → export-ready module. One module per family, keyed by config.json's model_type.
+
+Families register themselves with :func:`register`; :func:`family_for` picks one for a
+checkpoint or raises an error listing the supported model types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from qwen3emb.convert.base import Family
+from qwen3emb.convert.checkpoint import Checkpoint, load_checkpoint
+from qwen3emb.errors import UnsupportedModelError
+
+FAMILIES: dict[str, type[Family]] = {}
+
+# Known model types that a later release will export; they get their own message.
+PLANNED: dict[str, str] = {
+    "qwen3_vl": "Qwen3-VL-Embedding (model_type 'qwen3_vl') export is not supported yet; "
+    "it is planned for a later release",
+}
+
+F = TypeVar("F", bound=type[Family])
+
+
+def register(*model_types: str) -> Callable[[F], F]:
+    """Class decorator: export checkpoints whose config.json has one of ``model_types``."""
+
+    def wrap(cls: F) -> F:
+        for key in model_types:
+            FAMILIES[key] = cls
+        return cls
+
+    return wrap
+
+
+def family_for(checkpoint: Checkpoint) -> Family:
+    """Return the family that exports ``checkpoint``.
+
+    Raises:
+        UnsupportedModelError: model_type missing or not supported; lists the supported ones.
+    """
+    model_type = checkpoint.model_type
+    supported = ", ".join(sorted(FAMILIES))
+    if model_type in PLANNED:
+        raise UnsupportedModelError(PLANNED[model_type],
+                                    hint=f"Supported model types today: {supported}")
+    if model_type not in FAMILIES:
+        found = f"'{model_type}'" if model_type else "no model_type"
+        raise UnsupportedModelError(
+            f"config.json in '{checkpoint.path}' has {found}, which this tool does not export",
+            hint=f"Supported model types: {supported}",
+        )
+    return FAMILIES[model_type](checkpoint)
+
+
+# Importing the family modules registers them.
+from qwen3emb.convert import qwen3  # noqa: E402,F401
+
+__all__ = ["FAMILIES", "Checkpoint", "Family", "family_for", "load_checkpoint", "register"]

@@ -1,0 +1,45 @@
+"""What every model family provides to the exporters and the validator."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from qwen3emb.convert.checkpoint import Checkpoint
+
+
+class Family:
+    """Base class for a model family. Subclasses override the small hooks below."""
+
+    model_type: ClassVar[str] = ""
+    modality: ClassVar[str] = "text"
+    mrl_min: ClassVar[int] = 32
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the full embedding (the hidden size)."""
+        return int(self.config["hidden_size"])
+
+    @property
+    def max_positions(self) -> int:
+        """Longest input the checkpoint supports."""
+        return int(self.config.get("max_position_embeddings", 0)) or 1 << 31
+
+    def load_backbone(self, dtype: Any = None) -> Any:
+        """Load the HF backbone (no LM head) in ``dtype`` (fp32 by default), in eval mode."""
+        raise NotImplementedError
+
+    def embedding_module(self, backbone: Any, dimensions: int | None = None) -> Any:
+        """Wrap ``backbone`` so it maps the graph inputs to the normalized embedding."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Family facts for the manifest."""
+        return {
+            "family": self.model_type,
+            "modality": self.modality,
+            "architectures": list(self.config.get("architectures") or []),
+        }

@@ -1,0 +1,67 @@
+"""Qwen3-Embedding (text): Qwen3 backbone → last real token → optional MRL cut → L2."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from qwen3emb.constants import TEXT_MRL_MIN
+from qwen3emb.convert import register
+from qwen3emb.convert.base import Family
+from qwen3emb.convert.pooling import l2_normalize, last_token_pool, position_ids_from_mask
+from qwen3emb.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+
+class Qwen3Embedder(torch.nn.Module):
+    """``input_ids``, ``attention_mask`` [batch, seq] → ``sentence_embedding`` [batch, dim].
+
+    Pooling and normalization live in the graph; positions come from the mask, so padding
+    side and batch composition do not change an input's embedding.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, dimensions: int | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dimensions = dimensions
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        return l2_normalize(last_token_pool(hidden, attention_mask), self.dimensions)
+
+
+class Qwen3Family(Family):
+    """Qwen3-Embedding 0.6B / 4B / 8B (``model_type: qwen3``)."""
+
+    model_type = "qwen3"
+    modality = "text"
+    mrl_min = TEXT_MRL_MIN
+
+    def load_backbone(self, dtype: Any = None) -> torch.nn.Module:
+        from transformers import AutoModel
+
+        try:
+            model = AutoModel.from_pretrained(
+                self.checkpoint.path, dtype=dtype or torch.float32, attn_implementation="sdpa"
+            )
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise CheckpointError(
+                f"transformers could not load '{self.checkpoint.path}': "
+                f"{str(e).strip().splitlines()[0][:200]}",
+                hint="Check that the checkpoint is complete and is a Qwen3 model",
+            ) from e
+        return model.eval()
+
+    def embedding_module(self, backbone: Any, dimensions: int | None = None) -> torch.nn.Module:
+        return Qwen3Embedder(backbone, dimensions).eval()
+
+
+register("qwen3")(Qwen3Family)

@@ -1,0 +1,75 @@
+"""The graph contract every writer and reader shares: names, axes, dtypes, opset, floors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen3emb.constants import (
+    ATTENTION_MASK,
+    DEFAULT_OPSET,
+    FLOORS,
+    INPUT_IDS,
+    SENTENCE_EMBEDDING,
+)
+from qwen3emb.errors import InputError
+
+MIN_OPSET = 18  # the dynamo exporter's lowest well-supported opset
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output."""
+
+    name: str
+    dtype: str
+    axes: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.axes)}
+
+
+@dataclass(frozen=True)
+class TextGraphSpec:
+    """The ONNX contract of a text embedding graph.
+
+    ``input_ids`` and ``attention_mask`` (int64, [batch, sequence]) in, ``sentence_embedding``
+    (float32, [batch, dim], unit L2 norm) out. No KV cache, no position_ids input.
+    """
+
+    dim: int
+    opset: int = DEFAULT_OPSET
+    inputs: tuple[TensorSpec, ...] = field(default=(
+        TensorSpec(INPUT_IDS, "int64", ("batch", "sequence")),
+        TensorSpec(ATTENTION_MASK, "int64", ("batch", "sequence")),
+    ))
+
+    def __post_init__(self) -> None:
+        if self.dim < 1:
+            raise InputError(f"embedding dim must be positive, got {self.dim}")
+        if not isinstance(self.opset, int) or self.opset < MIN_OPSET:
+            raise InputError(f"opset {self.opset} is too old for this exporter",
+                             hint=f"Use --opset {MIN_OPSET} or newer")
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return (TensorSpec(SENTENCE_EMBEDDING, "float32", ("batch", str(self.dim))),)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def floor(self, precision: str) -> float:
+        """Minimum cosine to the reference for an artifact of ``precision``."""
+        return FLOORS[precision]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "opset": self.opset,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }

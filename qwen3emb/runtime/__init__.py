@@ -1,0 +1,14 @@
+"""Inference on exported bundles with onnxruntime. Needs numpy, onnxruntime and tokenizers only.
+
+    >>> from qwen3emb.runtime import TextEmbedder
+    >>> embedder = TextEmbedder("bundle/")
+    >>> vectors = embedder.encode_queries(["what is an embedding?"])
+"""
+
+from __future__ import annotations
+
+from qwen3emb.runtime.common import format_query
+from qwen3emb.runtime.session import available_providers
+from qwen3emb.runtime.text import TextEmbedder
+
+__all__ = ["TextEmbedder", "available_providers", "format_query"]

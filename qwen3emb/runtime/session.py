@@ -1,0 +1,94 @@
+"""onnxruntime sessions: provider names, availability checks, session options."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from qwen3emb.errors import BundleError, MissingDependencyError, ProviderError
+
+logger = logging.getLogger(__name__)
+
+PROVIDER_ALIASES: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise MissingDependencyError(
+            "onnxruntime is not installed",
+            hint="pip install onnxruntime (CPU/CoreML) or onnxruntime-gpu (CUDA)",
+        ) from e
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    """Execution providers the installed onnxruntime offers, by their full names."""
+    return list(_ort().get_available_providers())
+
+
+def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
+    """Map short names (``cpu``, ``cuda``, ``coreml``) to provider names and check them.
+
+    CPU is appended as the fallback for nodes another provider does not take.
+
+    Raises:
+        ProviderError: a requested provider is unknown or not in this onnxruntime build.
+    """
+    if providers is None:
+        return ["CPUExecutionProvider"]
+    names = [providers] if isinstance(providers, str) else list(providers)
+    available = available_providers()
+    resolved: list[str] = []
+    for name in names:
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if full not in available:
+            short = [k for k, v in PROVIDER_ALIASES.items() if v in available]
+            hint = "Install onnxruntime-gpu for CUDA" if full.startswith("CUDA") else None
+            raise ProviderError(
+                f"execution provider '{name}' is not available in this onnxruntime. "
+                f"Available: {', '.join(short or available)}",
+                hint=hint,
+            )
+        if full not in resolved:
+            resolved.append(full)
+    if "CPUExecutionProvider" not in resolved:
+        resolved.append("CPUExecutionProvider")
+    return resolved
+
+
+def open_session(model: Path, providers: Sequence[str] | str | None = None,
+                 threads: int | None = None) -> Any:
+    """Create an ``InferenceSession`` for ``model`` with full graph optimizations.
+
+    Raises:
+        ProviderError: see :func:`resolve_providers`.
+        BundleError: onnxruntime rejects the model file.
+    """
+    ort = _ort()
+    resolved = resolve_providers(providers)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(os.fspath(model), sess_options=options, providers=resolved)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise BundleError(
+            f"onnxruntime cannot load '{model}': {str(e).strip().splitlines()[0][:200]}",
+            hint="The file may be corrupt or need a newer onnxruntime; re-export or upgrade",
+        ) from e
+    logger.info("loaded %s on %s", model.name, session.get_providers())
+    return session

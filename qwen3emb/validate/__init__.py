@@ -1,0 +1,167 @@
+"""Parity of every artifact in a bundle against the HuggingFace reference."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwen3emb import __version__
+from qwen3emb.constants import DEFAULT_TASK, FLOORS
+from qwen3emb.errors import InputError, Qwen3EmbError
+from qwen3emb.manifest import read_manifest
+from qwen3emb.validate.compare import ArtifactResult, ParityReport, top1_agreement
+from qwen3emb.validate.probes import ProbeSet, build_probes
+from qwen3emb.validate.reference import ReferenceEmbedder
+
+logger = logging.getLogger(__name__)
+
+PROBE_MAX_LENGTH = 256
+"""Probes truncate here (or at the bundle's max_length if smaller): an over-long probe at
+8192 tokens would cost minutes per artifact on a CPU and prove nothing more."""
+
+PADDING_PROBES = 6
+
+
+def _reference_query(task: str, query: str) -> str:
+    # Written out here, not taken from constants, so a typo there cannot hide.
+    return f"Instruct: {task}\nQuery:{query}"
+
+
+def check_artifact(runner: Any, ref: ReferenceEmbedder, probes: ProbeSet, result: ArtifactResult,
+                   max_length: int, out_dim: int, full_dim: int, mrl_min: int) -> None:
+    """Run every probe through ``runner`` (a TextEmbedder-like object) and record the results."""
+    ref_dims = None if out_dim == full_dim else out_dim
+    names = probes.names
+    texts = [t for _, t in probes.texts]
+    reference = ref.embed(texts, max_length, ref_dims)
+
+    batched = runner.encode(texts, batch_size=8)
+    result.add("probe", names, batched, reference)
+
+    # Padding sides, fed straight to the graph in one mixed-length batch.
+    picked = list(range(min(PADDING_PROBES, len(texts))))
+    if hasattr(runner, "pad"):
+        ids = runner.tokenize([texts[i] for i in picked])
+        for side in ("left", "right"):
+            out = runner.run_ids(*runner.pad(ids, side))
+            result.add(f"padding-{side}", [names[i] for i in picked], out, reference[picked])
+
+    # Batch-vs-single invariance: each probe alone must give what the batch gave.
+    singles = np.concatenate([runner.encode([texts[i]]) for i in picked])
+    result.add("single", [names[i] for i in picked], singles, reference[picked])
+    result.batch_vs_single_max_diff = float(np.abs(singles - batched[picked]).max())
+
+    # Queries with the instruction, documents without; retrieval agreement.
+    task = probes.task or DEFAULT_TASK
+    queries = [q for q, _ in probes.pairs]
+    docs = [d for _, d in probes.pairs]
+    q_out = runner.encode_queries(queries, task=probes.task)
+    d_out = runner.encode_documents(docs)
+    q_ref = ref.embed([_reference_query(task, q) for q in queries], max_length, ref_dims)
+    d_ref = ref.embed(docs, max_length, ref_dims)
+    result.add("query", [str(i) for i in range(len(queries))], q_out, q_ref)
+    result.add("document", [str(i) for i in range(len(docs))], d_out, d_ref)
+    result.retrieval_top1_agreement = top1_agreement(q_out, d_out, q_ref, d_ref)
+
+    # Matryoshka cuts (only when the graph emits the full width).
+    if out_dim == full_dim:
+        for width in sorted({mrl_min, max(mrl_min, full_dim // 2)}):
+            out = runner.encode([texts[i] for i in picked], dimensions=width)
+            ref_cut = ref.embed([texts[i] for i in picked], max_length, width)
+            result.add(f"mrl-{width}", [names[i] for i in picked], out, ref_cut)
+
+
+def validate_bundle(
+    bundle: str | os.PathLike[str],
+    reference: str | os.PathLike[str],
+    *,
+    texts: Sequence[str] | None = None,
+    precisions: Sequence[str] | None = None,
+    probe_max_length: int | None = None,
+    model: Any = None,
+    providers: Sequence[str] | None = None,
+) -> ParityReport:
+    """Compare every ONNX model in ``bundle`` with the reference computed by transformers.
+
+    Args:
+        bundle: a bundle directory.
+        reference: the checkpoint (local directory or hub id) the bundle was exported from.
+        texts: extra probe texts, added to the built-in probe set.
+        precisions: only these precisions (default: all in the bundle).
+        probe_max_length: truncation length for probes (default: min(256, bundle max_length)).
+        model: an already loaded fp32 backbone of ``reference`` (saves a second load).
+        providers: onnxruntime providers for the artifacts.
+
+    Returns:
+        The report; ``report.passed`` says whether every artifact met its floor.
+
+    Raises:
+        BundleError / CheckpointError / InputError: unusable inputs (not a parity failure).
+    """
+    from qwen3emb.convert import load_checkpoint
+    from qwen3emb.runtime.text import TextEmbedder
+
+    start = time.perf_counter()
+    manifest = read_manifest(bundle)
+    problems = manifest.verify()
+    if problems:
+        from qwen3emb.errors import BundleError
+
+        raise BundleError(f"bundle '{bundle}' fails its hash check: {'; '.join(problems)}",
+                          hint="Re-run the export")
+    checkpoint = load_checkpoint(reference)
+    limit = probe_max_length or min(PROBE_MAX_LENGTH, manifest.max_length)
+    if not 8 <= limit <= manifest.max_length:
+        raise InputError(f"probe max length {limit} is outside 8..{manifest.max_length}")
+    probes = build_probes(limit, list(texts or []))
+    ref = ReferenceEmbedder(checkpoint.path, model=model)
+    if ref.model.config.hidden_size != manifest.dim:
+        raise InputError(
+            f"reference hidden size {ref.model.config.hidden_size} != bundle dim {manifest.dim}",
+            hint="Pass the checkpoint the bundle was exported from",
+        )
+    models = manifest.models("onnx")
+    wanted = list(precisions) if precisions else sorted(models, key=list(FLOORS).index)
+    unknown = [p for p in wanted if p not in models]
+    if unknown:
+        raise InputError(f"bundle has no ONNX model for {unknown}",
+                         hint=f"Available: {', '.join(sorted(models))}")
+    results: list[ArtifactResult] = []
+    embedding = manifest.embedding
+    for precision in wanted:
+        entry = models[precision]
+        result = ArtifactResult(artifact=entry["path"], kind="onnx", precision=precision,
+                                floor=FLOORS[precision])
+        try:
+            runner = TextEmbedder(bundle, providers, precision=precision, verify=False,
+                                  max_length=limit, strict=False)
+            check_artifact(runner, ref, probes, result, limit, int(embedding["output_dim"]),
+                           manifest.dim, manifest.mrl_min)
+        except Qwen3EmbError as e:
+            result.error = e.one_line()
+        logger.info("%s: min cosine %.6f (floor %s)", entry["path"], result.min_cosine,
+                    result.floor)
+        results.append(result)
+    import transformers
+
+    return ParityReport(
+        bundle=str(bundle),
+        reference={"source": str(reference), "implementation": "transformers AutoModel",
+                   "precision": ref.precision, "transformers": transformers.__version__},
+        probe_max_length=limit,
+        probe_count=len(probes.texts) + 2 * len(probes.pairs),
+        artifacts=results,
+        tool_version=__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        seconds=time.perf_counter() - start,
+    )
+
+
+__all__ = ["ParityReport", "validate_bundle", "build_probes"]
