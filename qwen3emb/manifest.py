@@ -158,7 +158,8 @@ def read_manifest(bundle: str | os.PathLike[str]) -> Manifest:
             f"'{path}' has format_version {version}; this tool reads {BUNDLE_FORMAT_VERSION}",
             hint="Re-export the bundle with this version of qwen3emb-export",
         )
-    missing = [k for k in ("family", "embedding", "tokenizer", "prompt", "artifacts") if k not in data]
+    required = ("family", "embedding", "tokenizer", "prompt", "artifacts")
+    missing = [k for k in required if k not in data]
     if missing:
         raise BundleError(f"'{path}' lacks keys {missing}", hint="Re-run the export")
     return Manifest(root=root, data=data)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,8 +34,32 @@ def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="session")
-def reference(tiny_checkpoint: Path):  # noqa: ANN201 - ReferenceEmbedder needs torch
+def reference(tiny_checkpoint: Path):
     """The HuggingFace reference for the tiny checkpoint."""
     from qwen3emb.validate.reference import ReferenceEmbedder
 
     return ReferenceEmbedder(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def wrong_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle whose graph comes from other weights (seed 1) but whose hashes are consistent."""
+    from qwen3emb.convert.random_checkpoint import build_random_checkpoint
+    from qwen3emb.export import export_bundle
+    from qwen3emb.manifest import file_entry, write_json_atomic
+
+    root = tmp_path_factory.mktemp("wrong")
+    other = build_random_checkpoint(root / "ckpt", preset="tiny", seed=1)
+    other_bundle = export_bundle(other, root / "other", validate=False).bundle
+    wrong = root / "wrong"
+    shutil.copytree(tiny_bundle, wrong)
+    shutil.copyfile(other_bundle / "onnx" / "model.onnx", wrong / "onnx" / "model.onnx")
+    manifest = json.loads((wrong / "manifest.json").read_text())
+    manifest["artifacts"] = [
+        file_entry(wrong, wrong / a["path"], **{k: v for k, v in a.items()
+                                                if k not in ("path", "size", "sha256")})
+        for a in manifest["artifacts"]
+    ]
+    manifest["parity"] = {"status": "not-run"}
+    write_json_atomic(wrong / "manifest.json", manifest)
+    return wrong

@@ -56,7 +56,8 @@ def test_batch_composition_does_not_change_embedding(embedder: TextEmbedder) -> 
 
 def test_query_instruction_is_the_exact_model_card_string(embedder: TextEmbedder,
                                                           reference) -> None:
-    assert format_query("what is rope?", "Find papers") == "Instruct: Find papers\nQuery:what is rope?"
+    expected_custom = "Instruct: Find papers\nQuery:what is rope?"
+    assert format_query("what is rope?", "Find papers") == expected_custom
     expected = f"Instruct: {DEFAULT_TASK}\nQuery:what is rope?"
     ours = embedder.encode_queries(["what is rope?"])
     ref = reference.embed([expected], embedder.max_length)

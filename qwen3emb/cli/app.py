@@ -16,9 +16,9 @@ from qwen3emb.cli._common import (
     Quiet,
     Verbose,
     configure_logging,
-    quiet_libraries,
     fail,
     handle_errors,
+    quiet_libraries,
 )
 from qwen3emb.constants import DEFAULT_OPSET, EXIT_PARITY_FAILED, EXIT_USAGE
 from qwen3emb.errors import InputError, OutputError

@@ -55,7 +55,8 @@ def resolve_source(source: str | os.PathLike[str], *, revision: str | None = Non
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
         raise CheckpointError(
             f"checkpoint '{source}' does not exist",
-            hint="Pass a local directory with config.json, or a hub id like Qwen/Qwen3-Embedding-0.6B",
+            hint="Pass a local directory with config.json, or a hub id "
+            "like Qwen/Qwen3-Embedding-0.6B",
         )
     try:
         from huggingface_hub import snapshot_download

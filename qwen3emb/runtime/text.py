@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,8 +44,8 @@ def load_tokenizer(manifest: Manifest, max_length: int) -> tuple[Any, int]:
     end_id = int(info["end_token_id"])
     if tokenizer.token_to_id(info["end_token"]) != end_id:
         raise BundleError(
-            f"tokenizer.json maps {info['end_token']} to {tokenizer.token_to_id(info['end_token'])}, "
-            f"the manifest says {end_id}",
+            f"tokenizer.json maps {info['end_token']} to "
+            f"{tokenizer.token_to_id(info['end_token'])}, the manifest says {end_id}",
             hint="The bundle's files do not belong together; re-run the export",
         )
     # Truncation counts the special tokens the post-processor adds, so the end token survives.
@@ -139,7 +138,8 @@ class TextEmbedder:
                  ATTENTION_MASK: attention_mask.astype(np.int64, copy=False)}
         return np.asarray(self.session.run(None, feeds)[0], dtype=np.float32)
 
-    def pad(self, ids: Sequence[Sequence[int]], side: str = "right") -> tuple[np.ndarray, np.ndarray]:
+    def pad(self, ids: Sequence[Sequence[int]], side: str = "right"
+            ) -> tuple[np.ndarray, np.ndarray]:
         """Pad token id lists to one length with the pad (end) token; mask marks real tokens."""
         width = max(len(row) for row in ids)
         input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)

@@ -7,7 +7,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -164,4 +163,4 @@ def validate_bundle(
     )
 
 
-__all__ = ["ParityReport", "validate_bundle", "build_probes"]
+__all__ = ["ParityReport", "build_probes", "validate_bundle"]

@@ -53,7 +53,8 @@ class ReferenceEmbedder:
             raise CheckpointError(
                 f"the reference tokenizer does not end inputs with {END_TOKEN} "
                 f"(last ids {ids[-3:]})",
-                hint="Use the tokenizer released with the checkpoint (its post-processor appends it)",
+                hint="Use the tokenizer released with the checkpoint "
+                "(its post-processor appends it)",
             )
         return list(ids)
 
