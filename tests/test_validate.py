@@ -55,7 +55,7 @@ def test_reports_are_written_in_three_formats(tmp_path: Path) -> None:
     assert [p.name for p in written] == ["r.json", "r.md", "r.xml"]
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["passed"] is False and data["artifacts"][0]["min_cosine"] == 0.5
-    assert "| `onnx/model.onnx` | fp32 | 0.99999 | 0.500000" in (tmp_path / "r.md").read_text()
+    assert "| `onnx/model.onnx` | fp32 | 0.99999 | 0.5000000" in (tmp_path / "r.md").read_text()
     suite = ET.parse(tmp_path / "j/r.xml").getroot()
     assert suite.get("tests") == "3" and suite.get("failures") == "1"
 

@@ -31,7 +31,7 @@ def to_markdown(report: ParityReport) -> str:
     for a in report.artifacts:
         agree = "n/a" if a.retrieval_top1_agreement is None else f"{a.retrieval_top1_agreement:.2f}"
         lines.append(
-            f"| `{a.artifact}` | {a.precision} | {a.floor} | {a.min_cosine:.6f} | "
+            f"| `{a.artifact}` | {a.precision} | {a.floor} | {a.min_cosine:.7f} | "
             f"{a.mean_cosine:.6f} | {a.p50_cosine:.6f} | {a.max_abs_diff:.2e} | {a.nan_inf} | "
             f"{agree} | {'pass' if a.passed else 'FAIL'} |"
         )
