@@ -32,6 +32,25 @@ class Family:
         """Load the HF backbone (no LM head) in ``dtype`` (fp32 by default), in eval mode."""
         raise NotImplementedError
 
+    def meta_backbone(self) -> Any:
+        """Build the backbone from config.json with weightless (meta) parameters, for tracing."""
+        raise NotImplementedError
+
+    def host_buffers(self, backbone: Any) -> dict[str, Any]:
+        """Values of buffers that are computed, not stored (e.g. rotary frequencies), as numpy
+        arrays keyed by their name in ``backbone``; a meta backbone has none of them."""
+        return {}
+
+    def checkpoint_key(self, name: str, available: Any) -> str | None:
+        """The checkpoint tensor behind backbone parameter ``name`` (``None`` if absent).
+
+        Released Qwen3-Embedding checkpoints have no ``model.`` prefix; accept both.
+        """
+        for key in (name, f"model.{name}"):
+            if key in available:
+                return key
+        return None
+
     def embedding_module(self, backbone: Any, dimensions: int | None = None) -> Any:
         """Wrap ``backbone`` so it maps the graph inputs to the normalized embedding."""
         raise NotImplementedError

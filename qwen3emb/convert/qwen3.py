@@ -60,6 +60,30 @@ class Qwen3Family(Family):
             ) from e
         return model.eval()
 
+    def _hf_config(self) -> Any:
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.checkpoint.path)
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"transformers cannot read config.json in "
+                                  f"'{self.checkpoint.path}': {e}",
+                                  hint="Check the checkpoint's config.json") from e
+
+    def meta_backbone(self) -> torch.nn.Module:
+        from transformers import AutoModel
+
+        config = self._hf_config()
+        config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            model = AutoModel.from_config(config, dtype=torch.float32)
+        return model.eval()
+
+    def host_buffers(self, backbone: Any) -> dict[str, Any]:
+        # inv_freq is computed in __init__, so on the meta device it has no values.
+        rotary = type(backbone.rotary_emb)(config=backbone.config)
+        return {"rotary_emb.inv_freq": rotary.inv_freq.float().numpy()}
+
     def embedding_module(self, backbone: Any, dimensions: int | None = None) -> torch.nn.Module:
         return Qwen3Embedder(backbone, dimensions).eval()
 

@@ -219,9 +219,8 @@ def export_bundle(
     with staged_directory(out_path, force=force) as stage:
         from qwen3emb.export.onnx import export_onnx
 
-        backbone = family.load_backbone()
         onnx_path = export_onnx(family, stage / ONNX_DIR / "model.onnx", spec,
-                                dimensions=dimensions, backbone=backbone)
+                                dimensions=dimensions)
         artifacts = [file_entry(stage, onnx_path, kind="onnx", role="model", precision="fp32",
                                 scheme="fp32 weights and activations")]
         data = onnx_path.with_name(onnx_path.name + ".data")
@@ -240,17 +239,17 @@ def export_bundle(
         write_json_atomic(stage / MANIFEST_FILE, manifest)
         report = None
         if validate:
-            report = _validate_into(stage, checkpoint.path, manifest, backbone)
+            report = _validate_into(stage, checkpoint.path, manifest)
     logger.info("bundle written to %s", out_path)
     return ExportResult(bundle=out_path, manifest=manifest, report=report)
 
 
-def _validate_into(stage: Path, checkpoint: Path, manifest: dict[str, Any], backbone: Any) -> Any:
+def _validate_into(stage: Path, checkpoint: Path, manifest: dict[str, Any]) -> Any:
     """Validate the staged bundle and record the verdict and report paths in its manifest."""
     from qwen3emb.validate import validate_bundle
     from qwen3emb.validate.report import write_report
 
-    report = validate_bundle(stage, checkpoint, model=backbone)
+    report = validate_bundle(stage, checkpoint)
     reports = stage / REPORTS_DIR
     write_report(report, json_path=reports / "parity.json", markdown_path=reports / "parity.md",
                  junit_path=reports / "parity.junit.xml")

@@ -1,4 +1,8 @@
-"""Trace a family's embedding module with torch.onnx (dynamo) and write the ONNX file."""
+"""Trace a family's embedding graph on the meta device and stream its weights into ONNX.
+
+Tracing never touches real weights, and the writer reads each tensor from its safetensors
+shard only when it writes it, so peak memory tracks the largest tensor, not the model.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +10,113 @@ import contextlib
 import io
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from qwen3emb.convert.base import Family
 from qwen3emb.errors import OutputError
 from qwen3emb.export.spec import TextGraphSpec
+from qwen3emb.export.weights import ShardedWeights
 
 logger = logging.getLogger(__name__)
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Weights above 1 GiB go to ``<model>.onnx.data`` (protobuf caps a file at 2 GiB)."""
 
+BACKBONE_PREFIX = "backbone."
+"""The embedding wrapper holds the HF model as ``self.backbone``."""
 
-def _example_inputs(vocab_size: int) -> tuple[Any, Any]:
+
+def trace_graph(family: Family, spec: TextGraphSpec, dimensions: int | None = None) -> Any:
+    """Trace the embedding module with meta weights → an ``onnx_ir.Model`` without weight data.
+
+    Raises:
+        OutputError: the exporter failed.
+    """
     import torch
 
-    # Batch 2 with one left-padded row: the exporter sees a real mask, and neither
-    # dimension is 0 or 1 (which torch.export would specialize).
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, max(vocab_size - 1, 2), (2, 8), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    return ids, mask
+    backbone = family.meta_backbone()
+    module = family.embedding_module(backbone, dimensions)
+    # Batch 2 with one left-padded row; neither dimension is 0 or 1, which torch.export
+    # would specialize.
+    ids = torch.zeros((2, 8), dtype=torch.int64, device="meta")
+    mask = torch.ones((2, 8), dtype=torch.int64, device="meta")
+    axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+    captured = io.StringIO()
+    logger.info("tracing %s with torch.onnx (dynamo, opset %d)", family.model_type, spec.opset)
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(captured):
+            program = torch.onnx.export(
+                module, (ids, mask), dynamo=True, input_names=spec.input_names,
+                output_names=spec.output_names, opset_version=spec.opset,
+                dynamic_shapes={"input_ids": axes, "attention_mask": axes},
+                optimize=False, verbose=False,
+            )
+    except Exception as e:
+        logger.debug("exporter output:\n%s", captured.getvalue())
+        raise OutputError(
+            f"torch.onnx.export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}",
+            hint="Run with QWEN3EMB_DEBUG=1 for the traceback; check torch/transformers versions",
+        ) from e
+    model = program.model
+    model.graph.meta["host_buffers"] = family.host_buffers(backbone)
+    return model
+
+
+def attach_weights(model: Any, family: Family,
+                   source: ShardedWeights | dict[str, np.ndarray]) -> int:
+    """Give every initializer of a meta-traced model its data.
+
+    Args:
+        model: from :func:`trace_graph`.
+        family: maps initializer names to checkpoint tensor names.
+        source: shards to stream from (lazy), or in-memory fp32 arrays keyed like the shards.
+
+    Returns:
+        Total bytes of fp32 weight data.
+
+    Raises:
+        OutputError: an initializer has no tensor in the checkpoint.
+    """
+    import onnx_ir as ir
+
+    buffers: dict[str, np.ndarray] = model.graph.meta.get("host_buffers", {})
+    total = 0
+    missing: list[str] = []
+    for name, value in model.graph.initializers.items():
+        inner = name.removeprefix(BACKBONE_PREFIX)
+        if inner in buffers:
+            value.const_value = ir.tensor(buffers[inner], name=name)
+            total += buffers[inner].nbytes
+            continue
+        key = family.checkpoint_key(inner, source)
+        if key is None:
+            missing.append(inner)
+            continue
+        if isinstance(source, ShardedWeights):
+            if tuple(source.shape(key)) != tuple(value.shape):
+                raise OutputError(f"checkpoint tensor '{key}' has shape {source.shape(key)}, the "
+                                  f"config implies {tuple(value.shape)}",
+                                  hint="config.json does not match the weights")
+            value.const_value = ir.LazyTensor(_loader(source, key), dtype=ir.DataType.FLOAT,
+                                              shape=value.shape, name=name)
+            total += source.nbytes(key)
+        else:
+            value.const_value = ir.tensor(np.ascontiguousarray(source[key], np.float32), name=name)
+            total += source[key].size * 4
+    if missing:
+        raise OutputError(f"the checkpoint lacks tensors the graph needs: {missing[:5]}",
+                          hint="The checkpoint is incomplete or does not match config.json")
+    return total
+
+
+def _loader(source: ShardedWeights, key: str) -> Callable[[], Any]:
+    import onnx_ir as ir
+
+    return lambda: ir.tensor(source.load(key))
 
 
 def export_onnx(
@@ -37,76 +125,58 @@ def export_onnx(
     spec: TextGraphSpec,
     *,
     dimensions: int | None = None,
-    backbone: Any = None,
+    weights: str = "stream",
 ) -> Path:
     """Export the family's embedding graph to ``out_path`` (fp32, dynamic batch and sequence).
 
     Args:
-        family: the checkpoint's family (supplies the backbone and the wrapper).
-        out_path: the ``.onnx`` file to write; large weights go beside it as ``.onnx.data``.
+        family: the checkpoint's family.
+        out_path: the ``.onnx`` file; large weights go beside it as ``<name>.data``.
         spec: the graph contract (names, opset, output width).
         dimensions: Matryoshka width baked into the graph (``None`` = full width).
-        backbone: an already-loaded fp32 backbone, to avoid loading it twice.
+        weights: ``"stream"`` reads each tensor from its shard while writing (flat memory);
+            ``"memory"`` loads the whole fp32 model first (the naive path, kept to prove that
+            both give the same bytes).
 
     Returns:
         ``out_path``.
 
     Raises:
-        OutputError: the exporter failed or produced a graph that breaks the contract.
+        OutputError: tracing failed, a tensor is missing, or the graph breaks its contract.
+        InputError: unknown ``weights`` mode.
     """
-    import onnx
-    import torch
+    import onnx_ir as ir
+    import onnxscript.optimizer
 
-    module = family.embedding_module(backbone or family.load_backbone(torch.float32), dimensions)
-    ids, mask = _example_inputs(int(family.config["vocab_size"]))
-    batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    axes = {0: batch, 1: sequence}
-    logger.info("tracing %s with torch.onnx (dynamo, opset %d)", family.model_type, spec.opset)
-    captured = io.StringIO()
-    try:
-        # The exporter prints progress to stdout; keep library output quiet.
-        with torch.no_grad(), contextlib.redirect_stdout(captured):
-            program = torch.onnx.export(
-                module,
-                (ids, mask),
-                dynamo=True,
-                input_names=spec.input_names,
-                output_names=spec.output_names,
-                opset_version=spec.opset,
-                dynamic_shapes={"input_ids": axes, "attention_mask": axes},
-                optimize=True,
-                verbose=False,
-            )
-    except Exception as e:
-        logger.debug("exporter output:\n%s", captured.getvalue())
-        raise OutputError(
-            f"torch.onnx.export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}",
-            hint="Run with QWEN3EMB_DEBUG=1 for the traceback; check torch/transformers versions",
-        ) from e
-    model = program.model_proto
-    weight_bytes = sum(
-        int(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize) * _numel(t)
-        for t in model.graph.initializer
-    )
-    external = weight_bytes > EXTERNAL_DATA_THRESHOLD
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    data_name = out_path.name + ".data"
-    if external:
-        onnx.save_model(model, os.fspath(out_path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+    from qwen3emb.errors import InputError
+
+    if weights not in ("stream", "memory"):
+        raise InputError(f"unknown weights mode '{weights}'", hint="Use 'stream' or 'memory'")
+    model = trace_graph(family, spec, dimensions)
+    shards = ShardedWeights(family.checkpoint.weight_files)
+    if weights == "memory":
+        backbone = family.load_backbone()
+        state = {k: v.detach().numpy() for k, v in backbone.state_dict().items()}
+        source: ShardedWeights | dict[str, np.ndarray] = {
+            key: state[inner] for inner in state
+            if (key := family.checkpoint_key(inner, shards)) is not None}
     else:
-        onnx.save_model(model, os.fspath(out_path))
-    check_graph_contract(out_path, spec)
-    logger.info("wrote %s (%.1f MB of weights%s)", out_path, weight_bytes / 1e6,
+        source = shards
+    total = attach_weights(model, family, source)
+    # Fold the small constant subgraphs; large weights stay lazy (above the size limit).
+    onnxscript.optimizer.optimize(model)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    external = total > EXTERNAL_DATA_THRESHOLD
+    data_name = out_path.name + ".data"
+    logger.info("writing %s (%.1f MB of fp32 weights%s)", out_path, total / 1e6,
                 ", external data" if external else "")
+    if external:
+        ir.save(model, os.fspath(out_path), external_data=data_name)
+    else:
+        ir.save(model, os.fspath(out_path))
+    shards.close()
+    check_graph_contract(out_path, spec)
     return out_path
-
-
-def _numel(tensor: Any) -> int:
-    count = 1
-    for d in tensor.dims:
-        count *= int(d)
-    return count
 
 
 def check_graph_contract(path: Path, spec: TextGraphSpec) -> None:
