@@ -207,3 +207,107 @@ def build_random_checkpoint(
     (out / "config.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
     logger.info("wrote random %s checkpoint to %s", preset, out)
     return out
+
+
+def qwen3_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor of a Qwen3 embedding checkpoint (no ``model.`` prefix)."""
+    hidden, ffn = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q_out = config["num_attention_heads"] * head_dim
+    kv_out = config["num_key_value_heads"] * head_dim
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (config["vocab_size"], hidden)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (q_out, hidden),
+            p + "self_attn.k_proj.weight": (kv_out, hidden),
+            p + "self_attn.v_proj.weight": (kv_out, hidden),
+            p + "self_attn.o_proj.weight": (hidden, q_out),
+            p + "self_attn.q_norm.weight": (head_dim,),
+            p + "self_attn.k_norm.weight": (head_dim,),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "mlp.gate_proj.weight": (ffn, hidden),
+            p + "mlp.up_proj.weight": (ffn, hidden),
+            p + "mlp.down_proj.weight": (hidden, ffn),
+        })
+    shapes["norm.weight"] = (hidden,)
+    return shapes
+
+
+def write_random_shards(
+    out_dir: str | Path,
+    *,
+    preset: str = "0.6B",
+    vocab_size: int | None = REAL_VOCAB_SIZE,
+    seed: int = 0,
+    shard_bytes: int = 2 << 30,
+    progress: Callable[[str, int], None] | None = None,
+    **config_overrides: Any,
+) -> Path:
+    """Write a random-weight checkpoint of a real shape straight to bf16 safetensors shards.
+
+    Never builds the model: one tensor is in memory at a time (plus the shard being filled),
+    so an 8B checkpoint can be written on a machine that could not hold it in fp32.
+
+    Args:
+        out_dir: target directory.
+        preset: a shape from ``PRESETS``.
+        vocab_size: total vocabulary (default: the real 151669).
+        seed: torch seed.
+        shard_bytes: maximum bytes per shard.
+        progress: called with (tensor name, bytes) after each tensor.
+        **config_overrides: any config.json key.
+
+    Returns:
+        The checkpoint directory (config.json, shards, index, tokenizer files).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    end_id = build_tokenizer(out, vocab_size=vocab_size)
+    config = make_config(preset, vocab_size=end_id + len(QWEN_SPECIAL_TOKENS), end_id=end_id,
+                         **config_overrides)
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    generator = torch.Generator().manual_seed(seed)
+    std = float(config["initializer_range"])
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, Any] = {}
+    shard_size = total_size = 0
+
+    def flush() -> None:
+        # Shards are written as soon as they are full; their final names need the count.
+        path = out / f".shard-{len(written):05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        written.append((path, list(shard)))
+        shard.clear()
+
+    for name, shape in qwen3_tensor_shapes(config).items():
+        if len(shape) == 1:  # norm weights: near 1, jittered so a wrong norm would show
+            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            tensor = torch.randn(shape, generator=generator) * std
+        tensor = tensor.to(torch.bfloat16)
+        nbytes = tensor.numel() * 2
+        if shard and shard_size + nbytes > shard_bytes:
+            flush()
+            shard_size = 0
+        shard[name] = tensor
+        shard_size += nbytes
+        total_size += nbytes
+        if progress is not None:
+            progress(name, nbytes)
+    flush()
+    total = len(written)
+    weight_map: dict[str, str] = {}
+    for i, (path, keys) in enumerate(written, start=1):
+        name = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
+        path.rename(out / name)
+        weight_map.update({k: name for k in keys})
+    if total > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2),
+                                                          encoding="utf-8")
+    logger.info("wrote random %s checkpoint (%d shards) to %s", preset, total, out)
+    return out

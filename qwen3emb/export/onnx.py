@@ -119,6 +119,87 @@ def _loader(source: ShardedWeights, key: str) -> Callable[[], Any]:
     return lambda: ir.tensor(source.load(key))
 
 
+def fold_weight_transposes(model: Any) -> int:
+    """Replace ``Transpose(W)`` of a 2-D weight initializer by an initializer holding ``W.T``.
+
+    onnxscript's constant folding would do the same, but eagerly, holding every transposed
+    weight in memory at once. Here a streamed weight stays lazy: it is read and transposed
+    only when the writer reaches it.
+
+    Returns:
+        How many transposes were folded.
+    """
+    import onnx_ir as ir
+
+    folded = 0
+    for node in list(model.graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        weight = node.inputs[0]
+        if weight is None or not weight.is_initializer() or len(weight.uses()) != 1:
+            continue
+        source = weight.const_value
+        perm = node.attributes.get("perm")
+        if source is None or len(source.shape) != 2 or (perm and list(perm.as_ints()) != [1, 0]):
+            continue
+        shape = ir.Shape([source.shape[1], source.shape[0]])
+        if isinstance(source, ir.LazyTensor):
+            weight.const_value = ir.LazyTensor(_transposed(source), dtype=source.dtype,
+                                               shape=shape, name=weight.name)
+        else:
+            weight.const_value = ir.tensor(np.ascontiguousarray(source.numpy().T),
+                                           name=weight.name)
+        weight.shape = shape
+        node.outputs[0].replace_all_uses_with(weight)
+        model.graph.remove(node, safe=True)
+        folded += 1
+    return folded
+
+
+def _transposed(source: Any) -> Callable[[], Any]:
+    import onnx_ir as ir
+
+    return lambda: ir.tensor(np.ascontiguousarray(source.numpy().T))
+
+
+def optimize_graph(model: Any) -> None:
+    """onnxscript's default optimization, minus initializer deduplication.
+
+    Deduplication hashes every initializer, which would read (and, in onnx_ir, keep) every
+    streamed weight; Qwen3 graphs have no duplicate weights to find. Constant folding only
+    reads inputs under its size limit, so large weights stay lazy.
+    """
+    import onnx_ir as ir
+    from onnx_ir.passes import common
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding
+
+    ir.passes.Sequential(
+        common.InlinePass(),
+        ir.passes.PassManager(
+            [
+                _constant_folding.FoldConstantsPass(
+                    shape_inference=True,
+                    input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                    output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                ),
+                rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+                common.RemoveUnusedNodesPass(),
+                common.RemoveUnusedFunctionsPass(),
+                common.RemoveUnusedOpsetsPass(),
+            ],
+            steps=2,
+            early_stop=True,
+        ),
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.OutputFixPass(),
+        common.NameFixPass(),
+    )(model)
+
+
 def export_onnx(
     family: Family,
     out_path: Path,
@@ -146,7 +227,6 @@ def export_onnx(
         InputError: unknown ``weights`` mode.
     """
     import onnx_ir as ir
-    import onnxscript.optimizer
 
     from qwen3emb.errors import InputError
 
@@ -163,8 +243,8 @@ def export_onnx(
     else:
         source = shards
     total = attach_weights(model, family, source)
-    # Fold the small constant subgraphs; large weights stay lazy (above the size limit).
-    onnxscript.optimizer.optimize(model)
+    fold_weight_transposes(model)
+    optimize_graph(model)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     external = total > EXTERNAL_DATA_THRESHOLD
     data_name = out_path.name + ".data"

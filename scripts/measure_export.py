@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Time and peak memory of the ONNX export, streaming vs in-memory, on a checkpoint.
+
+Each mode runs in its own subprocess so its peak RSS is its own:
+
+    python scripts/measure_export.py /tmp/qwen3-0.6b-random --modes stream memory --json out.json
+
+The target from the large-checkpoint issue: streaming peak RSS <= 1.3 x the largest fp32 tensor
++ 1.5 GB, and faster than the in-memory path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = """
+import sys, time
+from pathlib import Path
+from qwen3emb.convert import family_for, load_checkpoint
+from qwen3emb.export.onnx import export_onnx
+from qwen3emb.export.spec import TextGraphSpec
+family = family_for(load_checkpoint(sys.argv[1]))
+export_onnx(family, Path(sys.argv[2]) / "model.onnx", TextGraphSpec(dim=family.embedding_dim),
+            weights=sys.argv[3])
+"""
+
+
+def largest_tensor_bytes(checkpoint: Path) -> int:
+    from qwen3emb.convert import load_checkpoint
+    from qwen3emb.export.weights import ShardedWeights
+
+    shards = ShardedWeights(load_checkpoint(checkpoint).weight_files)
+    return max(shards.nbytes(k) for k in shards)
+
+
+def measure(checkpoint: Path, mode: str) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(dir=checkpoint.parent) as out:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(checkpoint), out, mode],
+                              capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"{mode} export failed:\n{proc.stderr[-2000:]}")
+        size = sum(p.stat().st_size for p in Path(out).iterdir())
+    # ru_maxrss of the children so far is a running maximum: measure one mode per process.
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak_kb / 1e6, 2),
+            "onnx_gb": round(size / 1e9, 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--modes", nargs="+", default=["stream", "memory"],
+                        choices=["stream", "memory"])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--_one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._one:  # one mode per process, so RUSAGE_CHILDREN is that mode's peak alone
+        print(json.dumps(measure(args.checkpoint, args._one)))
+        return 0
+    results: dict[str, object] = {"checkpoint": str(args.checkpoint),
+                                  "largest_tensor_gb": round(
+                                      largest_tensor_bytes(args.checkpoint) / 1e9, 3)}
+    for mode in args.modes:
+        out = subprocess.run([sys.executable, __file__, str(args.checkpoint), "--_one", mode],
+                             capture_output=True, text=True, check=True).stdout
+        results[mode] = json.loads(out.strip().splitlines()[-1])
+    largest = float(results["largest_tensor_gb"])  # type: ignore[arg-type]
+    results["stream_target_gb"] = round(1.3 * largest + 1.5, 2)
+    print(json.dumps(results, indent=2))
+    print("\n| mode | time (s) | peak RSS (GB) | ONNX size (GB) |\n|---|---|---|---|")
+    for mode in args.modes:
+        r = results[mode]
+        print(f"| {mode} | {r['seconds']} | {r['peak_rss_gb']} | {r['onnx_gb']} |")  # type: ignore[index]
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
