@@ -246,7 +246,7 @@ def _list_tensors(checkpoint_dir: Path, config: Qwen3TextConfig) -> list[_Tensor
     unknown: list[str] = []
     for shard in shards:
         with safe_open(shard, framework="pt") as f:
-            for hf_name in f.keys():
+            for hf_name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if hf_name in ("lm_head.weight", "model.lm_head.weight"):
                     continue  # embedding model: the hidden state is the output
                 gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))

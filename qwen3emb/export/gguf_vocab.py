@@ -81,8 +81,8 @@ def read_vocab(checkpoint_dir: Path, vocab_size: int) -> GGUFVocab:
         by_id[int(i)] = (token, int(TokenType.NORMAL))
     end_id = None
     for added in data.get("added_tokens") or []:
-        kind = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
-        by_id[int(added["id"])] = (added["content"], int(kind))
+        kind = int(TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED)
+        by_id[int(added["id"])] = (added["content"], kind)
         if added["content"] == END_TOKEN:
             end_id = int(added["id"])
     if end_id is None:

@@ -15,7 +15,7 @@ import os
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from qwen3emb.runtime.common import (
     truncate_normalize,
 )
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 logger = logging.getLogger(__name__)
 
 GGUF_PREFERENCE = ("f32", "bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
@@ -41,6 +44,9 @@ TOKEN_BUDGET = 2048
 
 _MAX_LENGTH_KEY = b"qwen3emb.max_length"
 _NORMALIZER_KEY = b"qwen3emb.normalizer"
+_NormalForm = Literal["NFC", "NFD", "NFKC", "NFKD"]
+_NORMAL_FORMS: dict[str, _NormalForm] = {"NFC": "NFC", "NFD": "NFD", "NFKC": "NFKC",
+                                         "NFKD": "NFKD"}
 
 
 def resolve_gguf(path_or_bundle: str | os.PathLike[str],
@@ -66,7 +72,7 @@ def resolve_gguf(path_or_bundle: str | os.PathLike[str],
         raise BundleError(f"bundle '{path}' has no GGUF model",
                           hint="Re-export it with --format gguf")
     if gguf_type is None:
-        gguf_type = next((t for t in GGUF_PREFERENCE if t in models), sorted(models)[0])
+        gguf_type = next((t for t in GGUF_PREFERENCE if t in models), min(models))
     elif gguf_type not in models:
         raise InputError(f"bundle '{path}' has no GGUF of type {gguf_type!r}",
                          hint=f"Available: {', '.join(sorted(models))}")
@@ -116,7 +122,12 @@ class GGUFTextEmbedder:
         stored = self._meta(_MAX_LENGTH_KEY)
         self.max_length = (manifest.max_length if manifest
                            else int(stored) if stored else n_ctx_train)
-        self.normalizer = self._meta(_NORMALIZER_KEY)
+        form = self._meta(_NORMALIZER_KEY)
+        if form is not None and form not in _NORMAL_FORMS:
+            self.close()
+            raise BundleError(f"'{self.path}' asks for the unknown normal form {form!r}",
+                              hint="Re-export it with this version of qwen3emb-export")
+        self.normalizer: _NormalForm | None = _NORMAL_FORMS[form] if form else None
         if manifest is not None and manifest.dim != self.dim:
             self.close()
             raise BundleError(f"'{self.path}' has width {self.dim}, the manifest says "
@@ -191,7 +202,7 @@ class GGUFTextEmbedder:
             lib.llama_model_free(self._model)
             self._model = None
 
-    def __enter__(self) -> GGUFTextEmbedder:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
