@@ -134,7 +134,8 @@ def export_gguf(checkpoint_dir: Path, out_dir: Path, types: Sequence[str], *,
         checkpoint_dir: a Hugging Face Qwen3-Embedding checkpoint (config.json, safetensors,
             tokenizer.json).
         out_dir: where the files go (created).
-        types: names from ``GGUF_TYPES``: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k.
+        types: names from ``GGUF_TYPES`` (any case): f32, f16, bf16, q8_0, q4_k_m, q5_k_m,
+            q6_k.
         max_length: tokens kept per input by the runtime, stored as ``qwen3emb.max_length``;
             default min(8192, max_position_embeddings).
         progress: show a progress bar per file (needs tqdm).
@@ -183,8 +184,12 @@ def export_gguf(checkpoint_dir: Path, out_dir: Path, types: Sequence[str], *,
         scratch = out_dir / ".kquant-source-f32.gguf.partial"
         try:
             if source is None:
-                _write_gguf(scratch, GGUF_TYPES["f32"], config, vocab, tensors,
-                            int(max_length), progress)
+                try:
+                    _write_gguf(scratch, GGUF_TYPES["f32"], config, vocab, tensors,
+                                int(max_length), progress)
+                except OSError as e:
+                    raise OutputError(f"writing the f32 source for k-quants failed: {e}",
+                                      hint="Check free disk space (4 bytes per parameter)") from e
                 source = scratch
             for gtype in kquants:
                 path = out_dir / f"model-{gtype.name}.gguf"
@@ -197,7 +202,7 @@ def export_gguf(checkpoint_dir: Path, out_dir: Path, types: Sequence[str], *,
 
 
 def _check_types(types: Sequence[str]) -> list[GGUFType]:
-    names = [types] if isinstance(types, str) else list(types)
+    names = [str(n).lower() for n in ([types] if isinstance(types, str) else types)]
     if not names:
         raise InputError("no GGUF types requested", hint=f"Choose from {', '.join(GGUF_TYPES)}")
     unknown = [n for n in names if n not in GGUF_TYPES]

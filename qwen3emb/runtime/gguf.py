@@ -1,9 +1,9 @@
 """Embed text with a GGUF through llama.cpp: the twin of the ONNX ``TextEmbedder``.
 
 llama.cpp appends ``<|endoftext|>`` itself (the GGUF's ``add_eos_token``) and pools the last
-token (``pooling_type`` LAST); this module adds what llama.cpp's defaults get wrong for
-Qwen3-Embedding: a physical batch as long as the longest input (the default 512 would split
-it), truncation that keeps the end token last, and Matryoshka truncation. Needs only numpy
+token (``pooling_type`` LAST); this module adds the rest of the contract: a physical batch
+(n_ubatch) as long as the longest input instead of llama.cpp's default 512, truncation that
+keeps the end token last, the query instruction and Matryoshka truncation. Needs only numpy
 and the ``gguf`` extra (llama-cpp-python); never torch or transformers.
 """
 
@@ -81,6 +81,8 @@ def resolve_gguf(path_or_bundle: str | os.PathLike[str],
 
 class GGUFTextEmbedder:
     """Qwen3-Embedding on llama.cpp: unit-norm float32 vectors, last-token pooled.
+
+    One llama.cpp context per instance, so an instance is not thread-safe.
 
     Args:
         path_or_bundle: a ``model-<type>.gguf`` file or a bundle directory.
