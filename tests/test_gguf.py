@@ -153,6 +153,24 @@ def test_unknown_type_lists_the_supported_ones(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_non_qwen3_checkpoint_is_refused(tmp_path: Path) -> None:
+    from qwen3emb.errors import UnsupportedModelError
+    from qwen3emb.export.gguf import export_gguf
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
+    with pytest.raises(UnsupportedModelError, match="model_type 'qwen3_vl'"):
+        export_gguf(tmp_path, tmp_path / "out", ["f16"])
+
+
+@pytest.mark.slow
+def test_max_length_beyond_the_model_is_refused(gguf_checkpoint, tmp_path) -> None:
+    from qwen3emb.export.gguf import export_gguf
+
+    with pytest.raises(InputError) as err:
+        export_gguf(gguf_checkpoint, tmp_path, ["F16"], max_length=4096)
+    assert "max_length=4096 is outside 2..1024" in err.value.one_line()
+
+
 @pytest.mark.slow
 def test_missing_tokenizer_json_is_a_checkpoint_error(gguf_checkpoint, tmp_path) -> None:
     from qwen3emb.export.gguf import export_gguf
