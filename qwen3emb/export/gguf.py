@@ -1,0 +1,400 @@
+"""GGUF export of text Qwen3-Embedding checkpoints, for llama.cpp (shared/CONTRACT.md, GGUF).
+
+Float and q8_0 files are written by gguf-py's ``GGUFWriter`` while the weights stream from the
+safetensors shards one tensor at a time. K-quants are made by llama.cpp's own quantizer
+(``llama_model_quantize``, through the binding in the ``gguf`` extra) from an f32 GGUF. Every
+file is written under a temporary name and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import (
+    GGML_QUANT_VERSION,
+    MODEL_ARCH,
+    MODEL_ARCH_NAMES,
+    GGMLQuantizationType,
+    GGUFWriter,
+    LlamaFileType,
+    PoolingType,
+    get_tensor_name_map,
+)
+from gguf.quants import quant_shape_to_byte_shape, quantize
+
+from qwen3emb.constants import DEFAULT_MAX_LENGTH
+from qwen3emb.errors import CheckpointError, InputError, OutputError, UnsupportedModelError
+from qwen3emb.export.gguf_vocab import PRE_TOKENIZER, TOKENIZER_MODEL, GGUFVocab, read_vocab
+
+logger = logging.getLogger(__name__)
+
+ARCH = MODEL_ARCH.QWEN3
+MAX_LENGTH_KEY = "qwen3emb.max_length"
+"""Our own metadata key: the truncation length the runtime applies (llama.cpp ignores it)."""
+NORMALIZER_KEY = "qwen3emb.normalizer"
+"""Our own metadata key: the Unicode normal form the runtime applies before tokenizing."""
+
+
+@dataclass(frozen=True)
+class GGUFType:
+    """One ``--gguf-type``: how matrices are stored. 1-D tensors (norms) always stay f32."""
+
+    name: str
+    scheme: str
+    file_type: LlamaFileType
+    """``general.file_type``; for k-quants also the ``llama_ftype`` handed to the quantizer."""
+    weights: GGMLQuantizationType | None
+    """Type gguf-py writes matrices in; ``None`` means llama.cpp's quantizer makes the file."""
+
+
+GGUF_TYPES: dict[str, GGUFType] = {t.name: t for t in (
+    GGUFType("f32", "float32 everywhere", LlamaFileType.ALL_F32, GGMLQuantizationType.F32),
+    GGUFType("f16", "float16 matrices, float32 norms", LlamaFileType.MOSTLY_F16,
+             GGMLQuantizationType.F16),
+    GGUFType("bf16", "bfloat16 matrices, float32 norms", LlamaFileType.MOSTLY_BF16,
+             GGMLQuantizationType.BF16),
+    GGUFType("q8_0", "Q8_0 matrices (blocks of 32, gguf-py), float32 norms",
+             LlamaFileType.MOSTLY_Q8_0, GGMLQuantizationType.Q8_0),
+    GGUFType("q4_k_m", "llama.cpp Q4_K_M mix (llama_model_quantize from f32)",
+             LlamaFileType.MOSTLY_Q4_K_M, None),
+    GGUFType("q5_k_m", "llama.cpp Q5_K_M mix (llama_model_quantize from f32)",
+             LlamaFileType.MOSTLY_Q5_K_M, None),
+    GGUFType("q6_k", "llama.cpp Q6_K (llama_model_quantize from f32)",
+             LlamaFileType.MOSTLY_Q6_K, None),
+)}
+
+
+@dataclass(frozen=True)
+class Qwen3TextConfig:
+    """The config.json keys a qwen3 GGUF needs; unknown keys are ignored."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], where: Path) -> Qwen3TextConfig:
+        """Build from a parsed config.json.
+
+        Raises:
+            UnsupportedModelError: not a plain ``qwen3`` text model.
+            CheckpointError: a required key is missing.
+        """
+        model_type = config.get("model_type")
+        if model_type != "qwen3":
+            raise UnsupportedModelError(
+                f"'{where}' has model_type {model_type!r}; GGUF export supports 'qwen3' "
+                "(Qwen3-Embedding) only",
+                hint="Export Qwen3-VL-Embedding checkpoints to ONNX",
+            )
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise UnsupportedModelError(
+                f"'{where}' uses rope_type {rope.get('rope_type')!r}; only the default is exported",
+                hint="Qwen3-Embedding checkpoints use default RoPE; check config.json",
+            )
+        try:
+            heads = int(config["num_attention_heads"])
+            return cls(
+                vocab_size=int(config["vocab_size"]),
+                hidden_size=int(config["hidden_size"]),
+                intermediate_size=int(config["intermediate_size"]),
+                num_hidden_layers=int(config["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or int(config["hidden_size"]) // heads),
+                max_position_embeddings=int(config["max_position_embeddings"]),
+                rms_norm_eps=float(config["rms_norm_eps"]),
+                rope_theta=float(rope.get("rope_theta") or config["rope_theta"]),
+            )
+        except KeyError as e:
+            raise CheckpointError(f"'{where}' lacks the key {e}",
+                                  hint="Download the checkpoint's config.json again") from e
+
+
+def export_gguf(checkpoint_dir: Path, out_dir: Path, types: Sequence[str], *,
+                max_length: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
+    """Write ``out_dir/model-<type>.gguf`` for each requested type.
+
+    Args:
+        checkpoint_dir: a Hugging Face Qwen3-Embedding checkpoint (config.json, safetensors,
+            tokenizer.json).
+        out_dir: where the files go (created).
+        types: names from ``GGUF_TYPES`` (any case): f32, f16, bf16, q8_0, q4_k_m, q5_k_m,
+            q6_k.
+        max_length: tokens kept per input by the runtime, stored as ``qwen3emb.max_length``;
+            default min(8192, max_position_embeddings).
+        progress: show a progress bar per file (needs tqdm).
+
+    Returns:
+        One dict per file, in the order of ``types``: ``path`` (relative to ``out_dir``),
+        ``kind`` "gguf", ``role`` "model", ``precision`` and ``scheme``.
+
+    Raises:
+        InputError: no types, an unknown type, or max_length out of range.
+        CheckpointError: missing or unreadable config, weights or tokenizer.json.
+        UnsupportedModelError: config.json is not a qwen3 text model.
+        MissingDependencyError: a k-quant was requested without the ``gguf`` extra.
+        OutputError: ``out_dir`` cannot be written.
+    """
+    wanted = _check_types(types)
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    config = Qwen3TextConfig.from_dict(_read_json(checkpoint_dir / "config.json"), checkpoint_dir)
+    limit = config.max_position_embeddings
+    if max_length is None:
+        max_length = min(DEFAULT_MAX_LENGTH, limit)
+    elif isinstance(max_length, bool) or not 1 < int(max_length) <= limit:
+        raise InputError(f"max_length={max_length} is outside 2..{limit} for this checkpoint",
+                         hint=f"Choose at most max_position_embeddings ({limit})")
+    vocab = read_vocab(checkpoint_dir, config.vocab_size)
+    tensors = _list_tensors(checkpoint_dir, config)
+    kquants = [t for t in wanted if t.weights is None]
+    if kquants:
+        from qwen3emb.runtime._llama import llama_library
+
+        llama_library()  # fail before writing anything when the binding is missing
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create '{out_dir}': {e}",
+                          hint="Choose a writable output directory") from e
+
+    written: dict[str, Path] = {}
+    for gtype in [t for t in wanted if t.weights is not None]:
+        path = out_dir / f"model-{gtype.name}.gguf"
+        _atomic(path, lambda tmp, g=gtype: _write_gguf(tmp, g, config, vocab, tensors,
+                                                          int(max_length), progress))
+        written[gtype.name] = path
+    if kquants:
+        source = written.get("f32")
+        scratch = out_dir / ".kquant-source-f32.gguf.partial"
+        try:
+            if source is None:
+                try:
+                    _write_gguf(scratch, GGUF_TYPES["f32"], config, vocab, tensors,
+                                int(max_length), progress)
+                except OSError as e:
+                    raise OutputError(f"writing the f32 source for k-quants failed: {e}",
+                                      hint="Check free disk space (4 bytes per parameter)") from e
+                source = scratch
+            for gtype in kquants:
+                path = out_dir / f"model-{gtype.name}.gguf"
+                _atomic(path, lambda tmp, g=gtype, s=source: _llama_quantize(s, tmp, g))
+                written[gtype.name] = path
+        finally:
+            scratch.unlink(missing_ok=True)
+    return [{"path": written[t.name].name, "kind": "gguf", "role": "model",
+             "precision": t.name, "scheme": t.scheme} for t in wanted]
+
+
+def _check_types(types: Sequence[str]) -> list[GGUFType]:
+    names = [str(n).lower() for n in ([types] if isinstance(types, str) else types)]
+    if not names:
+        raise InputError("no GGUF types requested", hint=f"Choose from {', '.join(GGUF_TYPES)}")
+    unknown = [n for n in names if n not in GGUF_TYPES]
+    if unknown:
+        raise InputError(f"unknown GGUF type {', '.join(map(repr, unknown))}",
+                         hint=f"Supported types: {', '.join(GGUF_TYPES)}")
+    return [GGUF_TYPES[n] for n in dict.fromkeys(names)]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"'{path}' does not exist",
+                              hint="Pass a Hugging Face checkpoint directory with config.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read '{path}': {e}",
+                              hint="Download the checkpoint again") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"'{path}' is not a JSON object", hint="Download it again")
+    return data
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    hf_name: str
+    gguf_name: str
+    shard: Path
+    shape: tuple[int, ...]
+
+
+def _list_tensors(checkpoint_dir: Path, config: Qwen3TextConfig) -> list[_Tensor]:
+    """Map every checkpoint tensor to its GGUF name from the safetensors headers alone."""
+    from safetensors import safe_open
+
+    index = checkpoint_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted({checkpoint_dir / f for f in _read_json(index)["weight_map"].values()})
+    else:
+        shards = sorted(checkpoint_dir.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"'{checkpoint_dir}' has no .safetensors weights",
+                              hint="Download the checkpoint's model.safetensors")
+    names = get_tensor_name_map(ARCH, config.num_hidden_layers)
+    tensors: list[_Tensor] = []
+    unknown: list[str] = []
+    for shard in shards:
+        with safe_open(shard, framework="pt") as f:
+            for hf_name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if hf_name in ("lm_head.weight", "model.lm_head.weight"):
+                    continue  # embedding model: the hidden state is the output
+                gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                if gguf_name is None:
+                    unknown.append(hf_name)
+                    continue
+                shape = tuple(int(d) for d in f.get_slice(hf_name).get_shape())
+                tensors.append(_Tensor(hf_name, gguf_name, shard, shape))
+    if unknown:
+        raise CheckpointError(
+            f"{len(unknown)} tensors have no qwen3 GGUF name, e.g. {unknown[:3]}",
+            hint="This does not look like a Qwen3-Embedding checkpoint",
+        )
+    embd = next((t for t in tensors if t.gguf_name == "token_embd.weight"), None)
+    if embd is None or embd.shape != (config.vocab_size, config.hidden_size):
+        raise CheckpointError(
+            f"embed_tokens has shape {embd.shape if embd else None}, config.json says "
+            f"({config.vocab_size}, {config.hidden_size})",
+            hint="config.json and the weights come from different checkpoints",
+        )
+    return tensors
+
+
+def _storage(t: _Tensor, gtype: GGUFType) -> GGMLQuantizationType:
+    """llama.cpp keeps 1-D tensors in f32; q8_0 needs rows that are whole blocks of 32."""
+    assert gtype.weights is not None
+    if len(t.shape) == 1:
+        return GGMLQuantizationType.F32
+    if gtype.weights == GGMLQuantizationType.Q8_0 and t.shape[-1] % 32:
+        logger.info("%s: row length %d is not a multiple of 32, stored as f16",
+                    t.gguf_name, t.shape[-1])
+        return GGMLQuantizationType.F16
+    return gtype.weights
+
+
+def _stream(tensors: list[_Tensor]) -> Iterator[tuple[_Tensor, np.ndarray]]:
+    """Yield each tensor as float32 numpy, one at a time, opening each shard once."""
+    import torch
+    from safetensors import safe_open
+
+    for shard in dict.fromkeys(t.shard for t in tensors):
+        with safe_open(shard, framework="pt") as f:
+            for t in (t for t in tensors if t.shard == shard):
+                yield t, f.get_tensor(t.hf_name).to(torch.float32).numpy()
+
+
+def _write_gguf(path: Path, gtype: GGUFType, config: Qwen3TextConfig, vocab: GGUFVocab,
+                tensors: list[_Tensor], max_length: int, progress: bool) -> None:
+    """Write one GGUF with gguf-py: header and tensor table first, then the data streamed."""
+    writer = GGUFWriter(None, MODEL_ARCH_NAMES[ARCH])
+    _add_metadata(writer, gtype, config, vocab, max_length)
+    storage = {t.gguf_name: _storage(t, gtype) for t in tensors}
+    for t in tensors:
+        qtype = storage[t.gguf_name]
+        if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            dtype = np.dtype(np.float32 if qtype == GGMLQuantizationType.F32 else np.float16)
+            nbytes = int(np.prod(t.shape)) * dtype.itemsize
+            writer.add_tensor_info(t.gguf_name, t.shape, dtype, nbytes)
+        else:
+            byte_shape = quant_shape_to_byte_shape(t.shape, qtype)
+            writer.add_tensor_info(t.gguf_name, byte_shape, np.dtype(np.uint8),
+                                   int(np.prod(byte_shape)), raw_dtype=qtype)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tensors), desc=f"GGUF {gtype.name}", unit="tensor")
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t, data in _stream(tensors):
+            writer.write_tensor_data(quantize(data, storage[t.gguf_name]))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+
+
+def _add_metadata(writer: GGUFWriter, gtype: GGUFType, config: Qwen3TextConfig,
+                  vocab: GGUFVocab, max_length: int) -> None:
+    writer.add_type("model")
+    writer.add_file_type(int(gtype.file_type))
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_pooling_type(PoolingType.LAST)
+    writer.add_uint32(MAX_LENGTH_KEY, max_length)
+    if vocab.normalizer:
+        writer.add_string(NORMALIZER_KEY, vocab.normalizer)
+    # Tokenizer: llama.cpp appends <|endoftext|> itself only when add_eos_token is true.
+    writer.add_tokenizer_model(TOKENIZER_MODEL)
+    writer.add_tokenizer_pre(PRE_TOKENIZER)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    writer.add_token_merges(vocab.merges)
+    writer.add_bos_token_id(vocab.end_id)
+    writer.add_eos_token_id(vocab.end_id)
+    writer.add_pad_token_id(vocab.end_id)
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(True)
+
+
+def _llama_quantize(source: Path, target: Path, gtype: GGUFType) -> None:
+    """Run llama.cpp's own ``llama_model_quantize`` on an f32 GGUF."""
+    import ctypes
+
+    from qwen3emb.runtime._llama import last_llama_errors, llama_library
+
+    lib = llama_library()
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = int(gtype.file_type)
+    params.nthread = os.cpu_count() or 1
+    status = lib.llama_model_quantize(str(source).encode(), str(target).encode(),
+                                      ctypes.byref(params))
+    if status != 0:
+        raise OutputError(
+            f"llama.cpp could not quantize to {gtype.name} (status {status}): "
+            f"{last_llama_errors() or 'no message'}",
+            hint="Run with --verbose to see llama.cpp's log",
+        )
+
+
+def _atomic(path: Path, write: Any) -> None:
+    """Call ``write(tmp)`` and rename ``tmp`` to ``path``; remove ``tmp`` on any failure."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"writing '{path}' failed: {e}",
+                          hint="Check free disk space and permissions") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("wrote %s (%d bytes)", path, path.stat().st_size)

@@ -1,0 +1,86 @@
+"""The llama.cpp shared library, reached through llama-cpp-python's ctypes mirror of llama.h.
+
+The binding (the ``gguf`` extra) builds llama.cpp from source when installed. This module
+imports it once, initialises the backend and routes llama.cpp's log lines to ``logging``
+instead of stderr, keeping the last few so that a failure can quote llama.cpp's own reason.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections import deque
+from typing import Any
+
+from qwen3emb.errors import MissingDependencyError
+
+logger = logging.getLogger(__name__)
+
+BINDING = "llama-cpp-python"
+"""The PyPI name of the binding, for messages."""
+
+_lock = threading.Lock()
+_loaded: dict[str, Any] = {}
+_recent: deque[str] = deque(maxlen=40)
+_partial: list[str] = []
+_partial_level = [0]
+
+# ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the last line).
+# All of it goes to DEBUG: llama.cpp is chatty, and its errors reach users through ours.
+_TAGS = {3: "W", 4: "E"}
+
+
+def llama_library() -> Any:
+    """Return llama-cpp-python's low-level module (``llama_cpp.llama_cpp``), initialised.
+
+    Raises:
+        MissingDependencyError: the binding is not installed or its library does not load;
+            the message names the ``gguf`` extra.
+    """
+    with _lock:
+        if "lib" in _loaded:
+            return _loaded["lib"]
+        try:
+            from llama_cpp import llama_cpp as lib
+        except ImportError as e:
+            raise MissingDependencyError(
+                f"the llama.cpp binding '{BINDING}' is not installed, and GGUF k-quants and "
+                "the GGUF runtime need it",
+                hint="Install it with: pip install 'qwen3emb-export[gguf]' (builds llama.cpp, "
+                     "a few minutes)",
+            ) from e
+        except (OSError, RuntimeError) as e:  # the shared library itself failed to load
+            raise MissingDependencyError(
+                f"the llama.cpp library of '{BINDING}' could not be loaded: {e}",
+                hint="Reinstall it with: pip install --force-reinstall --no-cache-dir "
+                     "'qwen3emb-export[gguf]'",
+            ) from e
+        callback = lib.llama_log_callback(_on_log)
+        lib.llama_log_set(callback, ctypes.c_void_p(0))
+        lib.llama_backend_init()
+        _loaded.update(lib=lib, callback=callback)  # the callback must outlive every call
+        return lib
+
+
+def last_llama_errors(n: int = 3) -> str:
+    """The last ``n`` error or warning lines llama.cpp logged, joined; empty if none."""
+    lines = [line for line in _recent if line.startswith(("E ", "W "))]
+    return " | ".join(line[2:] for line in lines[-n:])
+
+
+def _on_log(level: int, text: bytes | None, _user_data: Any) -> None:
+    if not text:
+        return
+    piece = text.decode("utf-8", errors="replace")
+    if not _partial and int(level) != 5:
+        _partial_level[0] = int(level)
+    _partial.append(piece)
+    if not piece.endswith("\n"):
+        return
+    line = "".join(_partial).rstrip()
+    _partial.clear()
+    if line:
+        _recent.append(f"{_TAGS.get(_partial_level[0], 'I')} {line}")
+        logger.debug("llama.cpp: %s", line)
