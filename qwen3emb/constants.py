@@ -55,6 +55,9 @@ MANIFEST_FILE = "manifest.json"
 BUNDLE_FORMAT = "qwen3emb-bundle"
 BUNDLE_FORMAT_VERSION = 1
 ONNX_DIR = "onnx"
+GGUF_DIR = "gguf"
+FORMATS = ("onnx", "gguf")
+DEFAULT_GGUF_TYPE = "f16"
 REPORTS_DIR = "reports"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -83,6 +86,9 @@ FLOORS: dict[str, float] = {
     "q8_0": 0.99,
     "int4": 0.95,
     "q4_k_m": 0.95,
+    # Not in the contract: 5- and 6-bit k-quants sit between q8_0 and q4_k_m.
+    "q6_k": 0.99,
+    "q5_k_m": 0.98,
 }
 
 # --- Exit codes of the CLI ---------------------------------------------------------------

@@ -99,4 +99,6 @@ Provider = Annotated[
     typer.Option("--provider", "-p",
                  help="onnxruntime provider: cpu, cuda, coreml (repeatable; CPU is the fallback)."),
 ]
-Precision = Annotated[str, typer.Option("--precision", help="Which ONNX model of the bundle.")]
+Precision = Annotated[str, typer.Option(
+    "--precision", help="Which model of the bundle: fp32 (default) or another ONNX precision, "
+    "or a GGUF type such as q8_0 (runs on llama.cpp).")]

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -56,10 +56,16 @@ def export(
     )] = True,
     force: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
     revision: Annotated[str | None, typer.Option(help="Hub revision.")] = None,
+    format: Annotated[list[str] | None, typer.Option(
+        "--format", help="onnx and/or gguf (repeatable; default onnx).")] = None,
+    gguf_type: Annotated[list[str] | None, typer.Option(
+        "--gguf-type", help="GGUF type: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k "
+        "(repeatable; default f16; implies --format gguf).")] = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
-    """Export a Qwen3-Embedding checkpoint to a bundle (ONNX + tokenizer + manifest + report).
+    """Export a Qwen3-Embedding checkpoint to a bundle (ONNX and/or GGUF + tokenizer + manifest +
+    parity report).
 
     Exit code 0 when the bundle is written (and passes validation), 1 when an artifact
     misses its fidelity floor, 2 on bad input.
@@ -69,6 +75,9 @@ def export(
         qwen3emb-export export Qwen/Qwen3-Embedding-0.6B -o qwen3-0.6b
 
         qwen3emb-export export ./my-checkpoint -o out --dimensions 256 --no-validate
+
+        qwen3emb-export export ./my-checkpoint -o out --format onnx --format gguf \\
+            --gguf-type f16 --gguf-type q8_0
     """
     configure_logging(verbose, quiet)
     from qwen3emb.export import export_bundle
@@ -76,7 +85,8 @@ def export(
     quiet_libraries()
 
     result = export_bundle(model, output, dimensions=dimensions, max_length=max_length,
-                           opset=opset, validate=validate, force=force, revision=revision)
+                           opset=opset, validate=validate, force=force, revision=revision,
+                           formats=format or ["onnx"], gguf_types=gguf_type or [])
     if not quiet:
         typer.echo(f"bundle: {result.bundle}")
         for a in result.manifest["artifacts"]:
@@ -167,12 +177,24 @@ def embed(
 def _embed(bundle: Path, texts: list[str], query: bool, task: str | None, dimensions: int | None,
            output: Path | None, batch_size: int, precision: str, provider: list[str] | None
            ) -> None:
-    from qwen3emb.runtime import TextEmbedder
+    from qwen3emb.manifest import read_manifest
+    from qwen3emb.runtime import GGUFTextEmbedder, TextEmbedder
 
     if output is not None and output.suffix not in (".npy", ".jsonl"):
         raise InputError(f"--output '{output}' must end in .npy or .jsonl",
                          hint="Choose FILE.npy for numpy or FILE.jsonl for JSON lines")
-    embedder = TextEmbedder(bundle, provider, precision=precision)
+    manifest = read_manifest(bundle)
+    onnx_models, gguf_models = manifest.models("onnx"), manifest.models("gguf")
+    embedder: Any
+    if precision in gguf_models and precision not in onnx_models:
+        if provider:
+            raise InputError("--provider applies to ONNX models, not GGUF",
+                             hint="Drop --provider, or choose an ONNX --precision")
+        embedder = GGUFTextEmbedder(bundle, gguf_type=precision)
+    elif precision == "fp32" and not onnx_models and gguf_models:
+        embedder = GGUFTextEmbedder(bundle)
+    else:
+        embedder = TextEmbedder(bundle, provider, precision=precision)
     vectors = (embedder.encode_queries(texts, task, dimensions=dimensions, batch_size=batch_size)
                if query else embedder.encode(texts, dimensions=dimensions, batch_size=batch_size))
     lines = (json.dumps({"index": i, "text": t, "embedding": [round(float(x), 7) for x in v]},

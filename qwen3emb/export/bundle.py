@@ -8,7 +8,7 @@ import os
 import platform
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +18,13 @@ from qwen3emb import __version__
 from qwen3emb.constants import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
+    DEFAULT_GGUF_TYPE,
     DEFAULT_MAX_LENGTH,
     DEFAULT_OPSET,
     DEFAULT_TASK,
     END_TOKEN,
+    FORMATS,
+    GGUF_DIR,
     MANIFEST_FILE,
     NORMALIZATION,
     ONNX_DIR,
@@ -85,6 +88,19 @@ def staged_directory(out: Path, *, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def _check_formats(formats: Sequence[str], gguf_types: Sequence[str]) -> list[str]:
+    wanted = [f.lower() for f in formats]
+    unknown = [f for f in wanted if f not in FORMATS]
+    if unknown:
+        raise InputError(f"unknown format {unknown[0]!r}",
+                         hint=f"Supported formats: {', '.join(FORMATS)}")
+    if gguf_types and "gguf" not in wanted:
+        wanted.append("gguf")
+    if not wanted:
+        raise InputError("no output format chosen", hint="Pass --format onnx and/or --format gguf")
+    return wanted
 
 
 def check_tokenizer(checkpoint_dir: Path) -> dict[str, Any]:
@@ -165,7 +181,7 @@ def build_manifest(stage: Path, family: Family, *, source: str, weights: list[di
                                "truncate the text, keep the end token last; pool that token"),
             "files": [a["path"] for a in artifacts if a.get("role") == "tokenizer"],
         },
-        "onnx": spec.to_dict(),
+        **({"onnx": spec.to_dict()} if any(a["kind"] == "onnx" for a in artifacts) else {}),
         "artifacts": artifacts,
         "parity": {"status": "not-run"},
         "versions": _versions(),
@@ -182,6 +198,8 @@ def export_bundle(
     validate: bool = True,
     force: bool = False,
     revision: str | None = None,
+    formats: Sequence[str] = ("onnx",),
+    gguf_types: Sequence[str] = (),
 ) -> ExportResult:
     """Export a checkpoint to a bundle directory: ONNX graph, tokenizer, manifest, report.
 
@@ -194,6 +212,9 @@ def export_bundle(
         validate: run the parity validator and write its report into the bundle.
         force: replace an existing ``out``.
         revision: hub revision.
+        formats: any of ``"onnx"`` and ``"gguf"``.
+        gguf_types: GGUF types to write (f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k); implies
+            ``"gguf"``; default ``f16`` when ``"gguf"`` is asked for.
 
     Returns:
         The bundle path, its manifest, and the parity report when validated.
@@ -202,6 +223,8 @@ def export_bundle(
         CheckpointError, UnsupportedModelError, InputError, OutputError: see their docs.
     """
     out_path = Path(out)
+    wanted = _check_formats(formats, gguf_types)
+    gguf_list = [t.lower() for t in gguf_types] or ([DEFAULT_GGUF_TYPE] if "gguf" in wanted else [])
     checkpoint = load_checkpoint(source, revision=revision)
     family = family_for(checkpoint)
     limit = max_length or min(DEFAULT_MAX_LENGTH, family.max_positions)
@@ -216,17 +239,30 @@ def export_bundle(
     spec = TextGraphSpec(dim=out_dim, opset=opset)
     tokenizer = check_tokenizer(checkpoint.path)
 
-    with staged_directory(out_path, force=force) as stage:
-        from qwen3emb.export.onnx import export_onnx
+    if gguf_list:
+        from qwen3emb.export.gguf import check_types
 
-        onnx_path = export_onnx(family, stage / ONNX_DIR / "model.onnx", spec,
-                                dimensions=dimensions)
-        artifacts = [file_entry(stage, onnx_path, kind="onnx", role="model", precision="fp32",
-                                scheme="fp32 weights and activations")]
-        data = onnx_path.with_name(onnx_path.name + ".data")
-        if data.exists():
-            artifacts.append(file_entry(stage, data, kind="onnx", role="external-data",
-                                        precision="fp32"))
+        check_types(gguf_list)
+    with staged_directory(out_path, force=force) as stage:
+        artifacts: list[dict[str, Any]] = []
+        if "onnx" in wanted:
+            from qwen3emb.export.onnx import export_onnx
+
+            onnx_path = export_onnx(family, stage / ONNX_DIR / "model.onnx", spec,
+                                    dimensions=dimensions)
+            artifacts.append(file_entry(stage, onnx_path, kind="onnx", role="model",
+                                        precision="fp32", scheme="fp32 weights and activations"))
+            data = onnx_path.with_name(onnx_path.name + ".data")
+            if data.exists():
+                artifacts.append(file_entry(stage, data, kind="onnx", role="external-data",
+                                            precision="fp32"))
+        if gguf_list:
+            from qwen3emb.export.gguf import export_gguf
+
+            for entry in export_gguf(checkpoint.path, stage / GGUF_DIR, gguf_list,
+                                     max_length=limit):
+                path = stage / GGUF_DIR / entry.pop("path")
+                artifacts.append(file_entry(stage, path, **entry))
         for name in TOKENIZER_FILES:
             if (checkpoint.path / name).is_file():
                 shutil.copyfile(checkpoint.path / name, stage / name)

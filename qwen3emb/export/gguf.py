@@ -151,7 +151,7 @@ def export_gguf(checkpoint_dir: Path, out_dir: Path, types: Sequence[str], *,
         MissingDependencyError: a k-quant was requested without the ``gguf`` extra.
         OutputError: ``out_dir`` cannot be written.
     """
-    wanted = _check_types(types)
+    wanted = check_types(types)
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     config = Qwen3TextConfig.from_dict(_read_json(checkpoint_dir / "config.json"), checkpoint_dir)
     limit = config.max_position_embeddings
@@ -201,7 +201,7 @@ def export_gguf(checkpoint_dir: Path, out_dir: Path, types: Sequence[str], *,
              "precision": t.name, "scheme": t.scheme} for t in wanted]
 
 
-def _check_types(types: Sequence[str]) -> list[GGUFType]:
+def check_types(types: Sequence[str]) -> list[GGUFType]:
     names = [str(n).lower() for n in ([types] if isinstance(types, str) else types)]
     if not names:
         raise InputError("no GGUF types requested", hint=f"Choose from {', '.join(GGUF_TYPES)}")

@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 from qwen3emb.runtime.common import format_query
+from qwen3emb.runtime.gguf import GGUFTextEmbedder
 from qwen3emb.runtime.session import available_providers
 from qwen3emb.runtime.text import TextEmbedder
 
-__all__ = ["TextEmbedder", "available_providers", "format_query"]
+__all__ = ["GGUFTextEmbedder", "TextEmbedder", "available_providers", "format_query"]

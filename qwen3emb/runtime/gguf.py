@@ -88,6 +88,8 @@ class GGUFTextEmbedder:
         path_or_bundle: a ``model-<type>.gguf`` file or a bundle directory.
         gguf_type: which GGUF of a bundle to load; default the highest precision present.
         n_threads: llama.cpp threads; default all cores.
+        max_length: truncate inputs to this many tokens (end token included); at most the
+            bundle's max_length.
 
     Raises:
         MissingDependencyError: llama-cpp-python is not installed (``gguf`` extra).
@@ -96,7 +98,7 @@ class GGUFTextEmbedder:
     """
 
     def __init__(self, path_or_bundle: str | os.PathLike[str], *, gguf_type: str | None = None,
-                 n_threads: int | None = None) -> None:
+                 n_threads: int | None = None, max_length: int | None = None) -> None:
         self.path, manifest = resolve_gguf(path_or_bundle, gguf_type)
         self._lib = lib = llama_library()
         self._ctx: Any = None
@@ -124,6 +126,12 @@ class GGUFTextEmbedder:
         stored = self._meta(_MAX_LENGTH_KEY)
         self.max_length = (manifest.max_length if manifest
                            else int(stored) if stored else n_ctx_train)
+        if max_length is not None:
+            if not 2 <= max_length <= self.max_length:
+                self.close()
+                raise InputError(f"max_length={max_length} is outside 2..{self.max_length}",
+                                 hint=f"Choose a value up to {self.max_length}")
+            self.max_length = max_length
         form = self._meta(_NORMALIZER_KEY)
         if form is not None and form not in _NORMAL_FORMS:
             self.close()
@@ -162,15 +170,16 @@ class GGUFTextEmbedder:
         return truncate_normalize(out, width)
 
     def encode_queries(self, queries: Sequence[str], task: str | None = None, *,
-                       dimensions: int | None = None) -> np.ndarray:
+                       dimensions: int | None = None, batch_size: int = 32) -> np.ndarray:
         """Embed queries with the instruction ``Instruct: {task}\\nQuery:{query}``."""
         items = check_texts(queries)
-        return self.encode([format_query(q, task) for q in items], dimensions=dimensions)
+        return self.encode([format_query(q, task) for q in items], dimensions=dimensions,
+                           batch_size=batch_size)
 
-    def encode_documents(self, docs: Sequence[str], *,
-                         dimensions: int | None = None) -> np.ndarray:
+    def encode_documents(self, docs: Sequence[str], *, dimensions: int | None = None,
+                         batch_size: int = 32) -> np.ndarray:
         """Embed documents (no instruction)."""
-        return self.encode(docs, dimensions=dimensions)
+        return self.encode(docs, dimensions=dimensions, batch_size=batch_size)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids as llama.cpp will see them: end token last, at most ``max_length``."""

@@ -28,6 +28,11 @@ PROBE_MAX_LENGTH = 256
 PADDING_PROBES = 6
 
 
+def _floor_order(precision: str) -> int:
+    order = list(FLOORS)
+    return order.index(precision) if precision in order else len(order)
+
+
 def _reference_query(task: str, query: str) -> str:
     # Written out here, not taken from constants, so a typo there cannot hide.
     return f"Instruct: {task}\nQuery:{query}"
@@ -126,23 +131,34 @@ def validate_bundle(
             f"reference hidden size {ref.model.config.hidden_size} != bundle dim {manifest.dim}",
             hint="Pass the checkpoint the bundle was exported from",
         )
-    models = manifest.models("onnx")
-    wanted = list(precisions) if precisions else sorted(models, key=list(FLOORS).index)
-    unknown = [p for p in wanted if p not in models]
-    if unknown:
-        raise InputError(f"bundle has no ONNX model for {unknown}",
-                         hint=f"Available: {', '.join(sorted(models))}")
+    models = [(kind, precision, entry) for kind in ("onnx", "gguf")
+              for precision, entry in sorted(manifest.models(kind).items(),
+                                             key=lambda kv: _floor_order(kv[0]))]
+    if precisions:
+        unknown = [p for p in precisions if p not in {m[1] for m in models}]
+        if unknown:
+            raise InputError(f"bundle has no model of precision {unknown}",
+                             hint=f"Available: {', '.join(m[1] for m in models)}")
+        models = [m for m in models if m[1] in precisions]
+    if not models:
+        raise InputError(f"bundle '{bundle}' has no model to validate", hint="Re-run the export")
     results: list[ArtifactResult] = []
     embedding = manifest.embedding
-    for precision in wanted:
-        entry = models[precision]
-        result = ArtifactResult(artifact=entry["path"], kind="onnx", precision=precision,
-                                floor=FLOORS[precision])
+    for kind, precision, entry in models:
+        result = ArtifactResult(artifact=entry["path"], kind=kind, precision=precision,
+                                floor=FLOORS.get(precision, FLOORS["int4"]))
         try:
-            runner = TextEmbedder(bundle, providers, precision=precision, verify=False,
-                                  max_length=limit, strict=False)
-            check_artifact(runner, ref, probes, result, limit, int(embedding["output_dim"]),
-                           manifest.dim, manifest.mrl_min)
+            if kind == "onnx":
+                runner: Any = TextEmbedder(bundle, providers, precision=precision, verify=False,
+                                           max_length=limit, strict=False)
+                out_dim = int(embedding["output_dim"])
+            else:
+                from qwen3emb.runtime.gguf import GGUFTextEmbedder
+
+                runner = GGUFTextEmbedder(bundle, gguf_type=precision, max_length=limit)
+                out_dim = runner.dim
+            check_artifact(runner, ref, probes, result, limit, out_dim, manifest.dim,
+                           manifest.mrl_min)
         except Qwen3EmbError as e:
             result.error = e.one_line()
         logger.info("%s: min cosine %.6f (floor %s)", entry["path"], result.min_cosine,
