@@ -121,7 +121,8 @@ VL_IMAGE_STD = (0.5, 0.5, 0.5)
 # Video sampling and frame size.
 VL_FPS = 1.0
 VL_MAX_FRAMES = 64
-VL_MIN_FRAMES = 2
+VL_MIN_FRAMES = 4
+"""qwen-vl-utils FPS_MIN_FRAMES: short videos still get 4 frames (when they have them)."""
 VL_FRAME_FACTOR = 2
 VL_VIDEO_MIN_PIXELS = 128 * VL_IMAGE_FACTOR * VL_IMAGE_FACTOR  # 131072
 VL_VIDEO_MAX_PIXELS = 768 * VL_IMAGE_FACTOR * VL_IMAGE_FACTOR  # 786432

@@ -212,6 +212,10 @@ def export_bundle(
     if dimensions is not None and not family.mrl_min <= dimensions <= full:
         raise InputError(f"--dimensions {dimensions} is outside {family.mrl_min}..{full}",
                          hint=f"Choose a Matryoshka width from {family.mrl_min} to {full}")
+    writer = family.bundle_writer()
+    if writer is not None:  # a multi-graph family writes its own bundle
+        return writer(checkpoint, family, out_path, dimensions=dimensions, max_length=limit,
+                      opset=opset, validate=validate, force=force, source=str(source))
     out_dim = dimensions or full
     spec = TextGraphSpec(dim=out_dim, opset=opset)
     tokenizer = check_tokenizer(checkpoint.path)

@@ -10,5 +10,6 @@ from __future__ import annotations
 from qwen3emb.runtime.common import format_query
 from qwen3emb.runtime.session import available_providers
 from qwen3emb.runtime.text import TextEmbedder
+from qwen3emb.runtime.vl import ItemErrors, VLEmbedder
 
-__all__ = ["TextEmbedder", "available_providers", "format_query"]
+__all__ = ["ItemErrors", "TextEmbedder", "VLEmbedder", "available_providers", "format_query"]
