@@ -54,8 +54,7 @@ class ItemErrors(InputError):
     def __init__(self, errors: dict[int, str], embeddings: np.ndarray) -> None:
         first = next(iter(errors.items()))
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        super().__init__(f"{len(errors)} of {len(embeddings)} item(s) failed; item {first[0]}: "
-                         f"{first[1]}{more}",
+        super().__init__(f"{len(errors)} of {len(embeddings)} item(s) failed: {first[1]}{more}",
                          hint="The other items were embedded: see .embeddings and .errors")
         self.errors = errors
         self.embeddings = embeddings

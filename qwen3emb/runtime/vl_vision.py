@@ -132,11 +132,14 @@ def load_image(source: Any, *, name: str = "image",
     elif isinstance(source, (bytes, bytearray, str, os.PathLike)):
         handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         if not isinstance(handle, io.BytesIO) and not Path(handle).is_file():
-            raise InputError(f"{name} {describe_source(source)} does not exist",
+            raise InputError(f"{name} {describe_source(source)} does not exist or is not a file",
                              hint="Pass an existing image file, bytes or a PIL image")
         try:
             image = Image.open(handle)
-        except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        except Image.DecompressionBombError as e:
+            raise InputError(f"{name} {describe_source(source)} is refused as a decompression "
+                             f"bomb ({e})", hint="Downscale it first") from e
+        except (OSError, ValueError, SyntaxError) as e:
             raise InputError(f"{name} {describe_source(source)} is not a readable image ({e})",
                              hint="Pass a PNG, JPEG, WebP, GIF, BMP or TIFF file") from e
     else:

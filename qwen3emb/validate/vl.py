@@ -2,12 +2,14 @@
 
 The reference follows the released embedder: instruction in the system message, content
 ordered videos → images → texts, the checkpoint's chat template with
-``add_generation_prompt=True``, images resized by ``smart_resize`` (transformers' own) with
+``add_generation_prompt=True``, images resized by qwen-vl-utils' ``smart_resize`` with
 Pillow BICUBIC and patched by transformers' ``Qwen2VLImageProcessorPil`` (no torchvision),
 placeholders expanded by ``Qwen3VLProcessor``'s own replacement code, then the last token of
 ``last_hidden_state`` (after the final norm), L2-normalized. Video frames are decoded and
 sampled here, independently of the runtime, and patched frame by frame by the same HF image
 processor (its video processor needs torchvision, which does not load with this torch).
+Resizing follows qwen-vl-utils (what the released embedder calls), not transformers' own
+``smart_resize``; the two differ for images with a side under 16 pixels.
 """
 
 from __future__ import annotations
@@ -41,6 +43,28 @@ REF_FACTOR, REF_MIN_PIXELS, REF_MAX_PIXELS = 32, 4 * 32 * 32, 1800 * 32 * 32
 REF_FPS, REF_MAX_FRAMES, REF_MIN_FRAMES = 1.0, 64, 4
 REF_VIDEO_MIN, REF_VIDEO_MAX, REF_VIDEO_TOTAL = 128 * 32 * 32, 768 * 32 * 32, 10 * 768 * 32 * 32
 VIDEO_BLOCK = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def reference_smart_resize(height: int, width: int, factor: int, min_pixels: int,
+                           max_pixels: int) -> tuple[int, int]:
+    """qwen-vl-utils' ``smart_resize``, which the released embedder resizes with.
+
+    Unlike transformers' copy it rounds each side up to at least ``factor`` before checking
+    the budget, so an 8x600 image stays 32x608 where transformers' gives 32x576.
+    """
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError("absolute aspect ratio must be smaller than 200")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
 
 
 def _rgb(image: Any) -> Any:
@@ -95,17 +119,13 @@ class ReferenceVLEmbedder:
     # --- preprocessing (the released embedder + qwen-vl-utils rules) ---------------------
 
     def fetch_image(self, source: Any) -> Any:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
         image = _rgb(source)
-        h, w = smart_resize(image.height, image.width, factor=REF_FACTOR,
+        h, w = reference_smart_resize(image.height, image.width, factor=REF_FACTOR,
                             min_pixels=REF_MIN_PIXELS, max_pixels=REF_MAX_PIXELS)
         return image.resize((w, h), resample=3)  # PIL.Image.BICUBIC
 
     def fetch_video(self, source: Any) -> tuple[list[Any], list[int], float]:
         """Frames resized to one size, their source indices and the frame rate."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
         if isinstance(source, (list, tuple)):
             frames, fps = [_rgb(f) for f in source], REF_FPS
             indices = list(range(len(frames)))
@@ -127,7 +147,7 @@ class ReferenceVLEmbedder:
             frames = [decoded[i].convert("RGB") for i in indices]
         count = len(frames) + len(frames) % 2
         budget = max(min(REF_VIDEO_MAX, REF_VIDEO_TOTAL / count * 2), int(REF_VIDEO_MIN * 1.05))
-        h, w = smart_resize(frames[0].height, frames[0].width, factor=REF_FACTOR,
+        h, w = reference_smart_resize(frames[0].height, frames[0].width, factor=REF_FACTOR,
                             min_pixels=REF_VIDEO_MIN, max_pixels=int(budget))
         return [f.resize((w, h), resample=3) for f in frames], indices, fps
 

@@ -79,6 +79,7 @@ def build_vl_probes(workdir: Path) -> list[VLProbe]:
         VLProbe("image-tiny", {"image": synthetic_image(20, 12, seed=2)}),
         VLProbe("image-wide", {"image": synthetic_image(1600, 40, seed=3)}),
         VLProbe("image-tall", {"image": synthetic_image(30, 900, seed=4)}),
+        VLProbe("image-thin", {"image": synthetic_image(600, 8, seed=9)}),
         VLProbe("image-rgba", {"image": synthetic_image(120, 90, mode="RGBA", seed=5)}),
         VLProbe("image-gray", {"image": synthetic_image(100, 100, mode="L", seed=6)}),
         VLProbe("image-large", {"image": synthetic_image(640, 480, seed=7)}),
