@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -173,8 +173,8 @@ def embed(
     if text is not None:
         texts = [*(texts or []), text] if image is None and video is None else texts
     if not texts and image is None and video is None:
-        raise fail("nothing to embed. Pass TEXT arguments, --text, --image or --video",
-                   EXIT_USAGE)
+        raise fail("no texts given. Pass one or more TEXT arguments (or --text, --image, "
+                   "--video)", EXIT_USAGE)
     if task is not None and not query:
         raise fail("--task only applies to queries. Add --query", EXIT_USAGE)
     mixed = ({k: v for k, v in (("text", text), ("image", image), ("video", video))
@@ -186,7 +186,7 @@ def embed(
 @handle_errors
 def _embed(bundle: Path, texts: list[str], query: bool, task: str | None, dimensions: int | None,
            output: Path | None, batch_size: int, precision: str, provider: list[str] | None,
-           mixed: dict[str, object] | None = None, instruction: str | None = None) -> None:
+           mixed: dict[str, Any] | None = None, instruction: str | None = None) -> None:
     from qwen3emb.manifest import read_manifest
     from qwen3emb.runtime import TextEmbedder
 
@@ -213,7 +213,7 @@ def _embed(bundle: Path, texts: list[str], query: bool, task: str | None, dimens
     _write_vectors(labels, vectors, output, failures)
 
 
-def _embed_vl(bundle: Path, texts: list[str], mixed: dict[str, object] | None,
+def _embed_vl(bundle: Path, texts: list[str], mixed: dict[str, Any] | None,
               instruction: str | None, dimensions: int | None, batch_size: int,
               provider: list[str] | None) -> tuple[list[str], object, dict[int, str]]:
     from qwen3emb.runtime import VLEmbedder

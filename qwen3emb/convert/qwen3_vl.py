@@ -39,12 +39,14 @@ class VisionEncoder(torch.nn.Module):
     [patches, 2] the (row, col) of each patch, all in 2x2 merge-block order.
     """
 
-    def __init__(self, visual: torch.nn.Module) -> None:
+    visual: Any  # transformers' Qwen3VLVisionModel
+
+    def __init__(self, visual: Any) -> None:
         super().__init__()
         self.visual = visual
         self.deepstack_indexes = list(visual.deepstack_visual_indexes)
 
-    def _attention(self, block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor,
+    def _attention(self, block: Any, x: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor) -> torch.Tensor:
         attn = block.attn
         groups, patches, width = x.shape
@@ -82,6 +84,8 @@ class VLDecoderEmbedder(torch.nn.Module):
     Visual rows are consumed in row-major order of the placeholder tokens (image or video
     id) across the batch; ``visual_embeds`` may have zero rows for text-only input.
     """
+
+    lm: Any  # transformers' Qwen3VLTextModel
 
     def __init__(self, language_model: torch.nn.Module, image_token_id: int,
                  video_token_id: int, dimensions: int | None = None) -> None:

@@ -15,8 +15,8 @@ from typing import Any
 from qwen3emb.constants import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
-    IMAGE_PAD_TOKEN,
     IM_START_TOKEN,
+    IMAGE_PAD_TOKEN,
     MANIFEST_FILE,
     NORMALIZATION,
     ONNX_DIR,
@@ -84,17 +84,17 @@ def check_vl_tokenizer(checkpoint: Checkpoint) -> dict[str, Any]:
     problems = []
     for token, want in wanted.items():
         got = tokenizer.token_to_id(token)
-        if got is None or (want is not None and got != int(want)):
+        if got is None or (want is not None and got != int(want)):  # config may lack some
             problems.append(f"{token} is {got}, config.json says {want}")
     if problems:
         raise CheckpointError(f"tokenizer.json does not match config.json: {'; '.join(problems)}",
                               hint="Use the tokenizer released with the checkpoint")
     tail = tokenizer.encode(VL_ASSISTANT_PROMPT).ids
     return {
-        "image_token_id": int(wanted[IMAGE_PAD_TOKEN]),
-        "video_token_id": int(wanted[VIDEO_PAD_TOKEN]),
-        "vision_start_token_id": int(wanted[VISION_START_TOKEN]),
-        "vision_end_token_id": int(wanted[VISION_END_TOKEN]),
+        "image_token_id": tokenizer.token_to_id(IMAGE_PAD_TOKEN),
+        "video_token_id": tokenizer.token_to_id(VIDEO_PAD_TOKEN),
+        "vision_start_token_id": tokenizer.token_to_id(VISION_START_TOKEN),
+        "vision_end_token_id": tokenizer.token_to_id(VISION_END_TOKEN),
         "pooled_token_id": tail[-1],
         "padding_side": "right",
     }
@@ -121,6 +121,8 @@ def _export_graph(module: Any, example: tuple[Any, ...], dynamic: dict[str, Any]
             f"{str(e).strip().splitlines()[0][:200]}",
             hint="Run with QWEN3EMB_DEBUG=1 for the traceback; check torch/transformers versions",
         ) from e
+    if program is None:  # pragma: no cover - dynamo=True always returns a program
+        raise OutputError(f"torch.onnx.export returned nothing for the {spec.name} graph")
     model = program.model_proto
     # The exporter names derived axes after its symbols ("4*blocks", "groups*s79").
     for values, specs in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):

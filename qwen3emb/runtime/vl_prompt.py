@@ -63,13 +63,13 @@ def mrope_positions(ids: Sequence[int], visuals: Sequence[VisualInput], *, image
     because video groups are separated by timestamp text — and moves the start by
     max(rows, cols).
     """
-    ids = np.asarray(ids, dtype=np.int64)
-    out = np.zeros((3, len(ids)), dtype=np.int64)
+    tokens = np.asarray(ids, dtype=np.int64)
+    out = np.zeros((3, len(tokens)), dtype=np.int64)
     groups = [(v.grid[1] // merge_size, v.grid[2] // merge_size)
               for v in visuals for _ in range(v.grid[0])]
-    is_visual = (ids == image_token_id) | (ids == video_token_id)
+    is_visual = (tokens == image_token_id) | (tokens == video_token_id)
     pos, i, g = 0, 0, 0
-    while i < len(ids):
+    while i < len(tokens):
         if not is_visual[i]:
             out[:, i] = pos
             pos += 1

@@ -213,10 +213,10 @@ def image_input(source: Any, *, geometry: VisionGeometry, min_pixels: int = VL_M
 
 def block_order(grid_h: int, grid_w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
     """(row, col) of each patch of a grid, in merge-block order (int64 [h*w] each)."""
-    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    grid_rows, grid_cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
     shape = (grid_h // merge, merge, grid_w // merge, merge)
-    rows = rows.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
-    cols = cols.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+    rows = grid_rows.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
+    cols = grid_cols.reshape(shape).transpose(0, 2, 1, 3).reshape(-1)
     return rows.astype(np.int64), cols.astype(np.int64)
 
 

@@ -33,7 +33,7 @@ from qwen3emb.constants import FLOORS
 from qwen3emb.errors import BundleError, CheckpointError, Qwen3EmbError
 from qwen3emb.manifest import read_manifest
 from qwen3emb.validate.compare import ArtifactResult, ParityReport
-from qwen3emb.validate.vl_probes import VLProbe, build_vl_probes
+from qwen3emb.validate.vl_probes import build_vl_probes
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +130,14 @@ class ReferenceVLEmbedder:
             frames, fps = [_rgb(f) for f in source], REF_FPS
             indices = list(range(len(frames)))
             if len(frames) > REF_MAX_FRAMES:
-                indices = np.linspace(0, len(frames) - 1, REF_MAX_FRAMES).round().astype(int)
-                frames, indices = [frames[i] for i in indices], list(range(REF_MAX_FRAMES))
+                picked = np.linspace(0, len(frames) - 1, REF_MAX_FRAMES).round().astype(int)
+                frames, indices = [frames[i] for i in picked], list(range(REF_MAX_FRAMES))
         else:
             import av
 
             with av.open(str(source)) as container:
                 stream = container.streams.video[0]
-                fps = float(stream.average_rate)
+                fps = float(stream.average_rate or 0) or 24.0
                 decoded = [f.to_image() for f in container.decode(stream)]
             total = len(decoded)
             low = math.ceil(REF_MIN_FRAMES / 2) * 2
@@ -175,10 +175,10 @@ class ReferenceVLEmbedder:
             content.append({"type": "text", "text": item["text"]})
         if not content:
             content.append({"type": "text", "text": "NULL"})
-        conversation = [{"role": "system", "content": [{"type": "text", "text": text}]},
-                        {"role": "user", "content": content}]
-        return self.tokenizer.apply_chat_template(conversation, tokenize=False,
-                                                  add_generation_prompt=True)
+        conversation: Any = [{"role": "system", "content": [{"type": "text", "text": text}]},
+                             {"role": "user", "content": content}]
+        return str(self.tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                      add_generation_prompt=True))
 
     def inputs(self, item: dict[str, Any], instruction: str | None) -> dict[str, Any]:
         """The model inputs of one item, as the released embedder builds them."""
@@ -192,7 +192,8 @@ class ReferenceVLEmbedder:
             patches, grid = self.video_patches(frames)
             meta = VideoMetadata(total_num_frames=len(indices), fps=fps, frames_indices=indices)
             placeholder = self._processor.replace_video_token(
-                self._shim, {"video_grid_thw": torch.tensor([grid]), "video_metadata": [meta]}, 0)
+                self._shim,  # type: ignore[arg-type]
+                {"video_grid_thw": torch.tensor([grid]), "video_metadata": [meta]}, 0)
             text = text.replace(VIDEO_BLOCK, placeholder, 1)
             kwargs.update(pixel_values_videos=torch.from_numpy(patches),
                           video_grid_thw=torch.tensor([grid]))
@@ -201,7 +202,7 @@ class ReferenceVLEmbedder:
                               return_tensors="np")
             grid = torch.from_numpy(out["image_grid_thw"])
             text = text.replace("<|image_pad|>", self._processor.replace_image_token(
-                self._shim, {"image_grid_thw": grid}, 0), 1)
+                self._shim, {"image_grid_thw": grid}, 0), 1)  # type: ignore[arg-type]
             kwargs.update(pixel_values=torch.from_numpy(out["pixel_values"]), image_grid_thw=grid)
         ids = torch.tensor([self.tokenizer(text)["input_ids"][:8192]])
         if kwargs:
@@ -218,8 +219,9 @@ class ReferenceVLEmbedder:
 
     def visual(self, inputs: dict[str, Any]) -> np.ndarray:
         """HF vision tower output (merged embeds, then each deepstack map), flattened."""
-        pixels = inputs.get("pixel_values", inputs.get("pixel_values_videos"))
-        grid = inputs.get("image_grid_thw", inputs.get("video_grid_thw"))
+        kind = "" if "pixel_values" in inputs else "_videos"
+        pixels = inputs[f"pixel_values{kind}"]
+        grid = inputs["image_grid_thw" if not kind else "video_grid_thw"]
         with self.torch.no_grad():
             out = self.model.visual(pixels, grid_thw=grid)
         parts = [out.pooler_output, *out.deepstack_features]
@@ -277,8 +279,9 @@ def validate_vl_bundle(bundle: str | os.PathLike[str], reference: str | os.PathL
                 if len(visual) != 1:
                     continue
                 inputs = ref.inputs(probe.item, probe.instruction)
-                pixels = inputs.get("pixel_values", inputs.get("pixel_values_videos")).numpy()
-                grid = inputs.get("image_grid_thw", inputs.get("video_grid_thw"))[0].tolist()
+                image = "pixel_values" in inputs
+                pixels = inputs["pixel_values" if image else "pixel_values_videos"].numpy()
+                grid = inputs["image_grid_thw" if image else "video_grid_thw"][0].tolist()
                 groups = pixels.reshape(grid[0], grid[1] * grid[2], -1)
                 embeds, deepstack = runner.run_vision(groups, grid[1], grid[2])
                 ours = np.concatenate([embeds.reshape(-1), deepstack.reshape(-1)])
