@@ -96,3 +96,57 @@ EXIT_OK = 0
 EXIT_PARITY_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+# --- Multimodal models (Qwen3-VL-Embedding) ----------------------------------------------
+VL_DEFAULT_INSTRUCTION = "Represent the user's input."
+"""Goes in the system message; a period is appended when it does not end in punctuation."""
+VL_EMPTY_TEXT = "NULL"
+"""An item with no text, image or video is embedded as this text (the released code)."""
+VL_ASSISTANT_PROMPT = "<|im_start|>assistant\n"
+"""The prompt ends here (add_generation_prompt=True); its final newline is the pooled token."""
+VL_MRL_MIN = 64
+VL_MAX_LENGTH = 8192
+
+IMAGE_PAD_TOKEN = "<|image_pad|>"
+VIDEO_PAD_TOKEN = "<|video_pad|>"
+VISION_START_TOKEN = "<|vision_start|>"
+VISION_END_TOKEN = "<|vision_end|>"
+IM_START_TOKEN = "<|im_start|>"
+
+# Image preprocessing (qwen-vl-utils as called by the released embedder: factor 32).
+VL_PATCH_SIZE = 16
+VL_MERGE_SIZE = 2
+VL_TEMPORAL_PATCH_SIZE = 2
+VL_IMAGE_FACTOR = VL_PATCH_SIZE * VL_MERGE_SIZE
+VL_MIN_PIXELS = 4 * VL_IMAGE_FACTOR * VL_IMAGE_FACTOR  # 4096
+VL_MAX_PIXELS = 1800 * VL_IMAGE_FACTOR * VL_IMAGE_FACTOR  # 1843200
+VL_MAX_ASPECT_RATIO = 200
+VL_IMAGE_MEAN = (0.5, 0.5, 0.5)
+VL_IMAGE_STD = (0.5, 0.5, 0.5)
+
+# Video sampling and frame size.
+VL_FPS = 1.0
+VL_MAX_FRAMES = 64
+VL_MIN_FRAMES = 4
+"""qwen-vl-utils FPS_MIN_FRAMES: short videos still get 4 frames (when they have them)."""
+VL_FRAME_FACTOR = 2
+VL_VIDEO_MIN_PIXELS = 128 * VL_IMAGE_FACTOR * VL_IMAGE_FACTOR  # 131072
+VL_VIDEO_MAX_PIXELS = 768 * VL_IMAGE_FACTOR * VL_IMAGE_FACTOR  # 786432
+VL_VIDEO_TOTAL_PIXELS = 10 * VL_VIDEO_MAX_PIXELS
+"""All frames of one video together; the per-frame budget is total / frames * 2."""
+VL_TIMESTAMP_FORMAT = "<{t:.1f} seconds>"
+
+# Hard safety bounds (not reference behaviour: inputs beyond these are refused).
+VL_MAX_SOURCE_PIXELS = 178_956_970
+"""Pillow's own decompression-bomb limit (2x its warning threshold)."""
+VL_MAX_VIDEO_SECONDS = 4 * 3600
+VL_MAX_VIDEO_BYTES = 4 << 30
+
+# ONNX graph contract for multimodal bundles.
+PIXEL_PATCHES = "pixel_patches"
+POS_EMBED_INDICES = "pos_embed_indices"
+POS_EMBED_WEIGHTS = "pos_embed_weights"
+VISION_POSITION_IDS = "vision_position_ids"
+VISUAL_EMBEDS = "visual_embeds"
+DEEPSTACK_EMBEDS = "deepstack_embeds"
+MROPE_POSITION_IDS = "position_ids"

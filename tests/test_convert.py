@@ -60,9 +60,10 @@ def test_non_qwen3_config_names_model_type_and_supported_ones(
     assert "qwen3" in info.value.hint
 
 
-def test_qwen3_vl_is_reported_as_planned(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_qwen3_vl_config_without_sub_configs_names_missing_keys(
+        tiny_checkpoint: Path, tmp_path: Path) -> None:
     ckpt = _copy_with_config(tiny_checkpoint, tmp_path / "vl", model_type="qwen3_vl")
-    with pytest.raises(UnsupportedModelError, match="not supported yet"):
+    with pytest.raises(CheckpointError, match="lacks .*vision_config.patch_size"):
         family_for(load_checkpoint(ckpt))
 
 

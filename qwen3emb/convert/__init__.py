@@ -16,10 +16,7 @@ from qwen3emb.errors import UnsupportedModelError
 FAMILIES: dict[str, type[Family]] = {}
 
 # Known model types that a later release will export; they get their own message.
-PLANNED: dict[str, str] = {
-    "qwen3_vl": "Qwen3-VL-Embedding (model_type 'qwen3_vl') export is not supported yet; "
-    "it is planned for a later release",
-}
+PLANNED: dict[str, str] = {}
 
 F = TypeVar("F", bound=type[Family])
 
@@ -56,6 +53,6 @@ def family_for(checkpoint: Checkpoint) -> Family:
 
 
 # Importing the family modules registers them.
-from qwen3emb.convert import qwen3  # noqa: E402,F401
+from qwen3emb.convert import qwen3, qwen3_vl  # noqa: E402,F401
 
 __all__ = ["FAMILIES", "Checkpoint", "Family", "family_for", "load_checkpoint", "register"]

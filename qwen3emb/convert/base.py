@@ -55,6 +55,14 @@ class Family:
         """Wrap ``backbone`` so it maps the graph inputs to the normalized embedding."""
         raise NotImplementedError
 
+    def bundle_writer(self) -> Any:
+        """A function that writes this family's bundle, or ``None`` for the text bundle.
+
+        Multi-graph families return ``f(checkpoint, family, out, **options) -> ExportResult``
+        taking the options of :func:`qwen3emb.export.export_bundle`.
+        """
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Family facts for the manifest."""
         return {

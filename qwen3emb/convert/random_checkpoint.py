@@ -50,7 +50,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def build_tokenizer(out_dir: Path, *, vocab_size: int | None = None,
-                    bpe_size: int = 1000, corpus: Iterable[str] = CORPUS) -> int:
+                    bpe_size: int = 1000, corpus: Iterable[str] = CORPUS,
+                    append_end_token: bool = True) -> int:
     """Train a byte-level BPE tokenizer with Qwen's pre-tokenizer and write it to ``out_dir``.
 
     Args:
@@ -60,6 +61,9 @@ def build_tokenizer(out_dir: Path, *, vocab_size: int | None = None,
             special tokens land at their real ids (151643.. for ``REAL_VOCAB_SIZE``).
         bpe_size: the BPE training target.
         corpus: training texts.
+        append_end_token: install the post-processor that appends ``<|endoftext|>`` (the
+            Qwen3-Embedding text tokenizer); ``False`` gives the Qwen3-VL tokenizer, which
+            adds nothing.
 
     Returns:
         The id of ``<|endoftext|>``.
@@ -106,10 +110,11 @@ def build_tokenizer(out_dir: Path, *, vocab_size: int | None = None,
         for i, (content, special) in enumerate(QWEN_SPECIAL_TOKENS)
     ]
     end_id = target  # <|endoftext|> is the first special token
-    model["post_processor"] = json.loads(processors.TemplateProcessing(
-        single=f"$A {END_TOKEN}", pair=f"$A {END_TOKEN} $B {END_TOKEN}",
-        special_tokens=[(END_TOKEN, end_id)],
-    ).__getstate__())
+    if append_end_token:
+        model["post_processor"] = json.loads(processors.TemplateProcessing(
+            single=f"$A {END_TOKEN}", pair=f"$A {END_TOKEN} $B {END_TOKEN}",
+            special_tokens=[(END_TOKEN, end_id)],
+        ).__getstate__())
     out_dir.mkdir(parents=True, exist_ok=True)
     Tokenizer.from_str(json.dumps(model)).save(str(out_dir / "tokenizer.json"))
     config = {

@@ -224,7 +224,8 @@ def export_bundle(
     """
     out_path = Path(out)
     wanted = _check_formats(formats, gguf_types)
-    gguf_list = [t.lower() for t in gguf_types] or ([DEFAULT_GGUF_TYPE] if "gguf" in wanted else [])
+    gguf_list = [t.lower() for t in gguf_types] or (
+        [DEFAULT_GGUF_TYPE] if "gguf" in wanted else [])
     checkpoint = load_checkpoint(source, revision=revision)
     family = family_for(checkpoint)
     limit = max_length or min(DEFAULT_MAX_LENGTH, family.max_positions)
@@ -235,6 +236,13 @@ def export_bundle(
     if dimensions is not None and not family.mrl_min <= dimensions <= full:
         raise InputError(f"--dimensions {dimensions} is outside {family.mrl_min}..{full}",
                          hint=f"Choose a Matryoshka width from {family.mrl_min} to {full}")
+    writer = family.bundle_writer()
+    if writer is not None:  # a multi-graph family writes its own bundle
+        if gguf_list or "onnx" not in wanted:
+            raise InputError(f"'{family.model_type}' checkpoints export to ONNX only for now",
+                             hint="Drop --format gguf / --gguf-type")
+        return writer(checkpoint, family, out_path, dimensions=dimensions, max_length=limit,
+                      opset=opset, validate=validate, force=force, source=str(source))
     out_dim = dimensions or full
     spec = TextGraphSpec(dim=out_dim, opset=opset)
     tokenizer = check_tokenizer(checkpoint.path)

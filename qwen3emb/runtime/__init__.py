@@ -11,5 +11,13 @@ from qwen3emb.runtime.common import format_query
 from qwen3emb.runtime.gguf import GGUFTextEmbedder
 from qwen3emb.runtime.session import available_providers
 from qwen3emb.runtime.text import TextEmbedder
+from qwen3emb.runtime.vl import ItemErrors, VLEmbedder
 
-__all__ = ["GGUFTextEmbedder", "TextEmbedder", "available_providers", "format_query"]
+__all__ = [
+    "GGUFTextEmbedder",
+    "ItemErrors",
+    "TextEmbedder",
+    "VLEmbedder",
+    "available_providers",
+    "format_query",
+]

@@ -82,6 +82,14 @@ def check_artifact(runner: Any, ref: ReferenceEmbedder, probes: ProbeSet, result
             result.add(f"mrl-{width}", [names[i] for i in picked], out, ref_cut)
 
 
+def family_validators() -> dict[str, Any]:
+    """Validators of multi-graph families, keyed by the manifest's ``family``; the others
+    use the text validator below."""
+    from qwen3emb.validate.vl import validate_vl_bundle
+
+    return {"qwen3_vl": validate_vl_bundle}
+
+
 def validate_bundle(
     bundle: str | os.PathLike[str],
     reference: str | os.PathLike[str],
@@ -114,6 +122,9 @@ def validate_bundle(
 
     start = time.perf_counter()
     manifest = read_manifest(bundle)
+    special = family_validators().get(manifest.family)
+    if special is not None:
+        return special(bundle, reference, model=model, providers=providers)
     problems = manifest.verify()
     if problems:
         from qwen3emb.errors import BundleError

@@ -1,0 +1,167 @@
+"""Build random-weight Qwen3-VL-Embedding checkpoints in the normal Hugging Face layout.
+
+``config.json`` + ``model.safetensors`` (a ``Qwen3VLModel``: vision tower with deepstack
+mergers + text decoder) + ``tokenizer.json`` with the Qwen special tokens at their real ids
+(``<|image_pad|>`` = 151655 ...) and no end token appended + ``chat_template.jinja`` +
+``preprocessor_config.json``. Geometry is real (patch 16, merge 2, temporal patch 2, learned
+48x48 position table, interleaved M-RoPE); only the widths are tiny.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from qwen3emb.constants import (
+    END_TOKEN,
+    IM_END_TOKEN,
+    QWEN_SPECIAL_TOKENS,
+    VL_IMAGE_MEAN,
+    VL_IMAGE_STD,
+    VL_MERGE_SIZE,
+    VL_PATCH_SIZE,
+    VL_TEMPORAL_PATCH_SIZE,
+)
+from qwen3emb.convert.random_checkpoint import REAL_VOCAB_SIZE, build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# Renders what the released Qwen3-VL template renders for content lists (system text, then
+# user content in order, vision placeholders as <|vision_start|><|..._pad|><|vision_end|>).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message.role + '\\n' -}}"
+    "{%- if message.content is string -%}{{- message.content -}}"
+    "{%- else -%}{%- for content in message.content -%}"
+    "{%- if content.type == 'image' or 'image' in content -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif content.type == 'video' or 'video' in content -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in content -%}{{- content.text -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+VL_PRESETS: dict[str, dict[str, Any]] = {
+    # head_dim 32 → 16 rotary frequencies, split t/h/w as [6, 5, 5] (real: 128, [24, 20, 20]).
+    "tiny": dict(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                  max_position_embeddings=16384, mrope_section=[6, 5, 5]),
+        vision=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2,
+                    deepstack_visual_indexes=[0, 1, 2], num_position_embeddings=2304),
+    ),
+}
+
+
+def make_vl_config(preset: str = "tiny") -> dict[str, Any]:
+    """Return a Qwen3-VL ``config.json`` dict for a preset shape."""
+    shape = VL_PRESETS[preset]
+    text = dict(shape["text"])
+    mrope_section = text.pop("mrope_section")
+    return {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "model_type": "qwen3_vl",
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "tie_word_embeddings": True,
+        "text_config": {
+            "model_type": "qwen3_vl_text",
+            "vocab_size": REAL_VOCAB_SIZE,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-6,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
+                                "mrope_section": mrope_section, "mrope_interleaved": True},
+            **text,
+        },
+        "vision_config": {
+            "model_type": "qwen3_vl_vision",
+            "hidden_act": "gelu_pytorch_tanh",
+            "in_channels": 3,
+            "patch_size": VL_PATCH_SIZE,
+            "spatial_merge_size": VL_MERGE_SIZE,
+            "temporal_patch_size": VL_TEMPORAL_PATCH_SIZE,
+            "out_hidden_size": text["hidden_size"],
+            **shape["vision"],
+        },
+    }
+
+
+def write_processor_files(out: Path) -> None:
+    """Write ``chat_template.jinja``, ``preprocessor_config.json`` and a VL tokenizer config."""
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    preprocessor = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen3VLProcessor",
+        "patch_size": VL_PATCH_SIZE,
+        "temporal_patch_size": VL_TEMPORAL_PATCH_SIZE,
+        "merge_size": VL_MERGE_SIZE,
+        "image_mean": list(VL_IMAGE_MEAN),
+        "image_std": list(VL_IMAGE_STD),
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "size": {"shortest_edge": 65536, "longest_edge": 16777216},
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2),
+                                                  encoding="utf-8")
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.update(eos_token=IM_END_TOKEN, pad_token=END_TOKEN, padding_side="right",
+                  model_max_length=262144)
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def build_random_vl_checkpoint(out_dir: str | Path, *, preset: str = "tiny", seed: int = 0,
+                               dtype: str = "bfloat16") -> Path:
+    """Write a random-weight Qwen3-VL-Embedding checkpoint.
+
+    Args:
+        out_dir: target directory (created).
+        preset: a shape from ``VL_PRESETS``.
+        seed: torch seed for the weights.
+        dtype: stored weight dtype (``bfloat16`` like the released checkpoints, or ``float32``).
+
+    Returns:
+        The checkpoint directory.
+    """
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    out = Path(out_dir)
+    end_id = build_tokenizer(out, vocab_size=REAL_VOCAB_SIZE, append_end_token=False)
+    if end_id + len(QWEN_SPECIAL_TOKENS) != REAL_VOCAB_SIZE:  # pragma: no cover - invariant
+        raise RuntimeError("special tokens are not at their real ids")
+    write_processor_files(out)
+    config = make_vl_config(preset)
+    torch.manual_seed(seed)
+    model = Qwen3VLModel(Qwen3VLConfig(**config)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # Default init leaves norms at exactly 1 and biases at 0; jitter them so a wrong
+            # norm or a dropped bias shows up in parity.
+            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight")):
+                param.mul_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.add_(0.02 * torch.randn_like(param))
+        # A larger position table and deepstack scale make their contributions visible.
+        model.visual.pos_embed.weight.mul_(4.0)
+        for merger in model.visual.deepstack_merger_list:
+            merger.linear_fc2.weight.mul_(4.0)
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+    saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    saved["architectures"] = config["architectures"]
+    (out / "config.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    logger.info("wrote random Qwen3-VL %s checkpoint to %s", preset, out)
+    return out

@@ -1,0 +1,296 @@
+"""Write a Qwen3-VL-Embedding bundle: ``onnx/vision.onnx`` + ``onnx/decoder.onnx`` + tokenizer,
+chat template, preprocessor config, manifest and parity report, atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import io
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from qwen3emb.constants import (
+    BUNDLE_FORMAT,
+    BUNDLE_FORMAT_VERSION,
+    IM_START_TOKEN,
+    IMAGE_PAD_TOKEN,
+    MANIFEST_FILE,
+    NORMALIZATION,
+    ONNX_DIR,
+    POOLING,
+    REPORTS_DIR,
+    TOKENIZER_FILES,
+    VIDEO_PAD_TOKEN,
+    VISION_END_TOKEN,
+    VISION_START_TOKEN,
+    VL_ASSISTANT_PROMPT,
+    VL_DEFAULT_INSTRUCTION,
+    VL_EMPTY_TEXT,
+    VL_FPS,
+    VL_FRAME_FACTOR,
+    VL_MAX_FRAMES,
+    VL_MAX_PIXELS,
+    VL_MIN_FRAMES,
+    VL_MIN_PIXELS,
+    VL_TIMESTAMP_FORMAT,
+    VL_VIDEO_MAX_PIXELS,
+    VL_VIDEO_MIN_PIXELS,
+    VL_VIDEO_TOTAL_PIXELS,
+)
+from qwen3emb.convert.checkpoint import Checkpoint
+from qwen3emb.errors import CheckpointError, OutputError
+from qwen3emb.export.bundle import ExportResult, _versions, staged_directory
+from qwen3emb.export.onnx import EXTERNAL_DATA_THRESHOLD, _numel, check_graph_contract
+from qwen3emb.export.spec import GraphSpec, vl_graph_specs
+from qwen3emb.manifest import file_entry, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+PROCESSOR_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                   "video_preprocessor_config.json")
+"""Copied unchanged when present; the runtime does not need them, but they document the model."""
+
+
+def check_vl_tokenizer(checkpoint: Checkpoint) -> dict[str, Any]:
+    """Check that the tokenizer knows the chat and vision tokens at the ids config.json uses.
+
+    Returns:
+        Tokenizer facts for the manifest.
+
+    Raises:
+        CheckpointError: no tokenizer.json, or a special token missing or at another id.
+    """
+    from tokenizers import Tokenizer
+
+    path = checkpoint.path / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointError(f"'{checkpoint.path}' has no tokenizer.json",
+                              hint="Use the checkpoint's original tokenizer files")
+    try:
+        tokenizer = Tokenizer.from_file(os.fspath(path))
+    except Exception as e:  # tokenizers raises bare Exceptions
+        raise CheckpointError(f"cannot load '{path}': {e}", hint="Re-download it") from e
+    config = checkpoint.config
+    wanted = {
+        IMAGE_PAD_TOKEN: config.get("image_token_id"),
+        VIDEO_PAD_TOKEN: config.get("video_token_id"),
+        VISION_START_TOKEN: config.get("vision_start_token_id"),
+        VISION_END_TOKEN: config.get("vision_end_token_id"),
+        IM_START_TOKEN: None,
+    }
+    problems = []
+    for token, want in wanted.items():
+        got = tokenizer.token_to_id(token)
+        if got is None or (want is not None and got != int(want)):  # config may lack some
+            problems.append(f"{token} is {got}, config.json says {want}")
+    if problems:
+        raise CheckpointError(f"tokenizer.json does not match config.json: {'; '.join(problems)}",
+                              hint="Use the tokenizer released with the checkpoint")
+    tail = tokenizer.encode(VL_ASSISTANT_PROMPT).ids
+    return {
+        "image_token_id": tokenizer.token_to_id(IMAGE_PAD_TOKEN),
+        "video_token_id": tokenizer.token_to_id(VIDEO_PAD_TOKEN),
+        "vision_start_token_id": tokenizer.token_to_id(VISION_START_TOKEN),
+        "vision_end_token_id": tokenizer.token_to_id(VISION_END_TOKEN),
+        "pooled_token_id": tail[-1],
+        "padding_side": "right",
+    }
+
+
+def _export_graph(module: Any, example: tuple[Any, ...], dynamic: dict[str, Any],
+                  spec: GraphSpec, out_path: Path) -> Path:
+    """Export one module with the dynamo exporter; rename its I/O axes to the spec's names."""
+    import onnx
+    import torch
+
+    captured = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(captured):
+            program = torch.onnx.export(
+                module, example, dynamo=True, input_names=spec.input_names,
+                output_names=spec.output_names, opset_version=spec.opset,
+                dynamic_shapes=dynamic, optimize=True, verbose=False,
+            )
+    except Exception as e:
+        logger.debug("exporter output:\n%s", captured.getvalue())
+        raise OutputError(
+            f"torch.onnx.export of the {spec.name} graph failed: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:200]}",
+            hint="Run with QWEN3EMB_DEBUG=1 for the traceback; check torch/transformers versions",
+        ) from e
+    if program is None:  # pragma: no cover - dynamo=True always returns a program
+        raise OutputError(f"torch.onnx.export returned nothing for the {spec.name} graph")
+    model = program.model_proto
+    # The exporter names derived axes after its symbols ("4*blocks", "groups*s79").
+    for values, specs in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):
+        for value, tensor in zip(values, specs):
+            for dim, axis in zip(value.type.tensor_type.shape.dim, tensor.axes):
+                if not axis.isdigit():
+                    dim.dim_param = axis
+    weight_bytes = sum(
+        int(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize) * _numel(t)
+        for t in model.graph.initializer
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, os.fspath(out_path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=out_path.name + ".data",
+                        size_threshold=1024)
+    else:
+        onnx.save_model(model, os.fspath(out_path))
+    check_graph_contract(out_path, spec)  # type: ignore[arg-type]
+    logger.info("wrote %s (%.1f MB of weights)", out_path, weight_bytes / 1e6)
+    return out_path
+
+
+def export_vl_graphs(family: Any, backbone: Any, onnx_dir: Path, specs: tuple[GraphSpec, ...],
+                     dimensions: int | None) -> list[Path]:
+    """Export ``vision.onnx`` and ``decoder.onnx`` (fp32, dynamic shapes) into ``onnx_dir``."""
+    import torch
+
+    vision_spec, decoder_spec = specs
+    Dim = torch.export.Dim
+    patch_dim = int(vision_spec.inputs[0].axes[2])
+    hidden, deepstack = family.embedding_dim, family.deepstack_layers
+    # Example sizes avoid 0 and 1 (torch.export specializes them); patches come in 2x2 blocks.
+    generator = torch.Generator().manual_seed(0)
+    groups, patches = 2, 16
+    vision_example = (
+        torch.randn(groups, patches, patch_dim, generator=generator),
+        torch.randint(0, 2304, (patches, 4), generator=generator),
+        torch.rand(patches, 4, generator=generator),
+        torch.randint(0, 4, (patches, 2), generator=generator),
+    )
+    per_patch = {0: 4 * Dim("blocks")}
+    vision_dynamic = {"pixel_patches": {0: Dim("groups"), 1: per_patch[0]},
+                      "pos_embed_indices": per_patch, "pos_embed_weights": per_patch,
+                      "vision_position_ids": per_patch}
+    batch, sequence, visual = 2, 12, 6
+    ids = torch.randint(0, 1000, (batch, sequence), generator=generator)
+    ids[0, 2:5] = int(family.config["image_token_id"])
+    ids[1, 3:6] = int(family.config["video_token_id"])
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    decoder_example = (ids, mask, torch.arange(sequence).expand(3, batch, sequence).contiguous(),
+                       torch.randn(visual, hidden, generator=generator),
+                       torch.randn(deepstack, visual, hidden, generator=generator))
+    b, s, v = Dim("batch"), Dim("sequence"), Dim("visual_tokens", min=0)
+    decoder_dynamic = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s},
+                       "position_ids": {1: b, 2: s}, "visual_embeds": {0: v},
+                       "deepstack_embeds": {1: v}}
+    logger.info("tracing the Qwen3-VL vision and decoder graphs (dynamo, opset %d)",
+                vision_spec.opset)
+    return [
+        _export_graph(family.vision_module(backbone), vision_example, vision_dynamic,
+                      vision_spec, onnx_dir / "vision.onnx"),
+        _export_graph(family.embedding_module(backbone, dimensions), decoder_example,
+                      decoder_dynamic, decoder_spec, onnx_dir / "decoder.onnx"),
+    ]
+
+
+def _vision_facts(family: Any) -> dict[str, Any]:
+    vision = family.vision_config
+    side = int(round(int(vision.get("num_position_embeddings", 2304)) ** 0.5))
+    return {
+        "patch_size": int(vision["patch_size"]),
+        "merge_size": int(vision.get("spatial_merge_size", 2)),
+        "temporal_patch_size": int(vision.get("temporal_patch_size", 2)),
+        "position_table_side": side,
+        "deepstack_layers": family.deepstack_layers,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "resample": "PIL.BICUBIC",
+        "min_pixels": VL_MIN_PIXELS,
+        "max_pixels": VL_MAX_PIXELS,
+        "video": {"fps": VL_FPS, "max_frames": VL_MAX_FRAMES, "min_frames": VL_MIN_FRAMES,
+                  "frame_factor": VL_FRAME_FACTOR, "min_pixels": VL_VIDEO_MIN_PIXELS,
+                  "max_pixels": VL_VIDEO_MAX_PIXELS, "total_pixels": VL_VIDEO_TOTAL_PIXELS,
+                  "timestamp_format": VL_TIMESTAMP_FORMAT},
+    }
+
+
+def export_vl_bundle(checkpoint: Checkpoint, family: Any, out_path: Path, *,
+                     dimensions: int | None, max_length: int, opset: int, validate: bool,
+                     force: bool, source: str) -> ExportResult:
+    """Export a Qwen3-VL checkpoint to a bundle (called by :func:`export_bundle`)."""
+    tokenizer = check_vl_tokenizer(checkpoint)
+    out_dim = dimensions or family.embedding_dim
+    vision = family.vision_config
+    patch_dim = (int(vision.get("in_channels", 3)) * int(vision.get("temporal_patch_size", 2))
+                 * int(vision["patch_size"]) ** 2)
+    specs = vl_graph_specs(patch_dim=patch_dim, hidden=family.embedding_dim,
+                           deepstack=family.deepstack_layers, dim=out_dim, opset=opset)
+    with staged_directory(out_path, force=force) as stage:
+        backbone = family.load_backbone()
+        vision_path, decoder_path = export_vl_graphs(family, backbone, stage / ONNX_DIR, specs,
+                                                     dimensions)
+        artifacts = [
+            file_entry(stage, decoder_path, kind="onnx", role="model", precision="fp32",
+                       scheme="fp32 weights and activations", graph="decoder"),
+            file_entry(stage, vision_path, kind="onnx", role="vision", precision="fp32",
+                       graph="vision"),
+        ]
+        for path in (vision_path, decoder_path):
+            data = path.with_name(path.name + ".data")
+            if data.exists():
+                artifacts.append(file_entry(stage, data, kind="onnx", role="external-data",
+                                            precision="fp32"))
+        for name in (*TOKENIZER_FILES, *PROCESSOR_FILES):
+            if (checkpoint.path / name).is_file():
+                shutil.copyfile(checkpoint.path / name, stage / name)
+                role = "tokenizer" if name in TOKENIZER_FILES else "processor"
+                artifacts.append(file_entry(stage, stage / name, kind=role, role=role))
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_FORMAT_VERSION,
+            **family.describe(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"model": source, "weights": checkpoint.weights_sha256()},
+            "embedding": {"dim": family.embedding_dim, "output_dim": out_dim,
+                          "mrl_min": family.mrl_min, "mrl_max": out_dim, "pooling": POOLING,
+                          "normalization": NORMALIZATION,
+                          "pooled_token": "the final newline of '<|im_start|>assistant\\n'"},
+            "prompt": {"default_instruction": VL_DEFAULT_INSTRUCTION,
+                       "instruction_place": "system message; '.' appended unless it ends in "
+                                            "punctuation",
+                       "content_order": ["video", "image", "text"],
+                       "empty_input": VL_EMPTY_TEXT,
+                       "add_generation_prompt": True},
+            "tokenizer": {**tokenizer, "max_length": max_length,
+                          "files": [a["path"] for a in artifacts if a.get("role") == "tokenizer"]},
+            "vision": _vision_facts(family),
+            "onnx": {spec.name: spec.to_dict() for spec in specs},
+            "artifacts": artifacts,
+            "parity": {"status": "not-run"},
+            "versions": _versions(),
+        }
+        write_json_atomic(stage / MANIFEST_FILE, manifest)
+        report = None
+        if validate:
+            report = _validate_vl_into(stage, checkpoint.path, manifest, backbone)
+    logger.info("bundle written to %s", out_path)
+    return ExportResult(bundle=out_path, manifest=manifest, report=report)
+
+
+def _validate_vl_into(stage: Path, checkpoint: Path, manifest: dict[str, Any],
+                      backbone: Any) -> Any:
+    from qwen3emb.validate.report import write_report
+    from qwen3emb.validate.vl import validate_vl_bundle
+
+    report = validate_vl_bundle(stage, checkpoint, model=backbone)
+    reports = stage / REPORTS_DIR
+    write_report(report, json_path=reports / "parity.json", markdown_path=reports / "parity.md",
+                 junit_path=reports / "parity.junit.xml")
+    manifest["parity"] = {
+        "status": "passed" if report.passed else "failed",
+        "report": f"{REPORTS_DIR}/parity.json",
+        "markdown": f"{REPORTS_DIR}/parity.md",
+        "junit": f"{REPORTS_DIR}/parity.junit.xml",
+        "reference_precision": report.reference["precision"],
+        "min_cosine": {a.artifact: round(a.min_cosine, 8) for a in report.artifacts},
+    }
+    write_json_atomic(stage / MANIFEST_FILE, manifest)
+    return report

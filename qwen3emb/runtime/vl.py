@@ -1,0 +1,323 @@
+"""VLEmbedder: run a Qwen3-VL bundle (vision.onnx + decoder.onnx) with onnxruntime. No torch.
+
+    >>> from qwen3emb.runtime import VLEmbedder
+    >>> embedder = VLEmbedder("bundle/")
+    >>> vectors = embedder.encode([{"text": "a cat"}, {"image": "cat.png"}])
+
+Errors in one item never lose the others: :meth:`VLEmbedder.encode` processes every item and
+then raises one :class:`ItemErrors` that lists each bad item and carries the embeddings of the
+good ones; :meth:`VLEmbedder.encode_with_errors` returns both without raising.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from qwen3emb.constants import (
+    ATTENTION_MASK,
+    DEEPSTACK_EMBEDS,
+    INPUT_IDS,
+    MROPE_POSITION_IDS,
+    PIXEL_PATCHES,
+    POS_EMBED_INDICES,
+    POS_EMBED_WEIGHTS,
+    VISION_POSITION_IDS,
+    VISUAL_EMBEDS,
+    VL_EMPTY_TEXT,
+    VL_MAX_PIXELS,
+    VL_MAX_SOURCE_PIXELS,
+    VL_MIN_PIXELS,
+)
+from qwen3emb.errors import BundleError, InputError, Qwen3EmbError
+from qwen3emb.manifest import read_manifest
+from qwen3emb.runtime.common import check_dimensions, length_batches, truncate_normalize
+from qwen3emb.runtime.session import open_session
+from qwen3emb.runtime.vl_prompt import format_instruction, mrope_positions, render_prompt
+from qwen3emb.runtime.vl_video import VideoOptions, video_input
+from qwen3emb.runtime.vl_vision import VisionGeometry, VisualInput, image_input, vision_tables
+
+logger = logging.getLogger(__name__)
+
+ITEM_KEYS = ("text", "image", "video")
+
+
+class ItemErrors(InputError):
+    """Some items could not be embedded. ``errors`` maps item index → one-line reason;
+    ``embeddings`` holds every row (NaN for failed items) and ``ok`` marks the good rows."""
+
+    def __init__(self, errors: dict[int, str], embeddings: np.ndarray) -> None:
+        first = next(iter(errors.items()))
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        super().__init__(f"{len(errors)} of {len(embeddings)} item(s) failed: {first[1]}{more}",
+                         hint="The other items were embedded: see .embeddings and .errors")
+        self.errors = errors
+        self.embeddings = embeddings
+        self.ok = ~np.isnan(embeddings).any(axis=1)
+
+
+@dataclass
+class PreparedItem:
+    """One item after host-side preprocessing: token ids, M-RoPE positions, its visuals."""
+
+    ids: list[int]
+    positions: np.ndarray
+    visuals: list[VisualInput] = field(default_factory=list)
+
+
+class VLEmbedder:
+    """Embed text, images, videos and mixtures with a Qwen3-VL bundle.
+
+    Args:
+        bundle: the bundle directory (``qwen3emb-export export`` of a qwen3_vl checkpoint).
+        providers: onnxruntime providers (``"cpu"``, ``"cuda"``, ...); CPU when ``None``.
+        verify: check every file's sha256 against the manifest on load.
+        strict: refuse bundles whose recorded parity check failed.
+        threads: onnxruntime intra-op threads.
+        min_pixels, max_pixels: image pixel budget (reference: 4096 and 1843200).
+        max_frames, fps: video sampling (reference: 64 frames at 1 fps).
+        video_max_pixels: per-frame pixel cap for videos (reference: 786432).
+        max_tokens: longest prompt in tokens (default and upper bound: the bundle's).
+        max_source_pixels: refuse decoded images/frames larger than this (decompression bombs).
+
+    Raises:
+        BundleError: missing/corrupt bundle, not a VL bundle, failed parity with ``strict``.
+        InputError: a limit out of range.
+    """
+
+    def __init__(self, bundle: str | os.PathLike[str], providers: Sequence[str] | str | None = None,
+                 *, verify: bool = True, strict: bool = True, threads: int | None = None,
+                 min_pixels: int = VL_MIN_PIXELS, max_pixels: int = VL_MAX_PIXELS,
+                 max_frames: int | None = None, fps: float | None = None,
+                 video_max_pixels: int | None = None, max_tokens: int | None = None,
+                 max_source_pixels: int = VL_MAX_SOURCE_PIXELS) -> None:
+        manifest = read_manifest(bundle)
+        if "vision" not in manifest.data or "onnx" not in manifest.data:
+            raise BundleError(f"'{bundle}' holds a '{manifest.family}' bundle without a vision "
+                              "graph", hint="Use TextEmbedder for text bundles")
+        if verify and (problems := manifest.verify()):
+            raise BundleError(f"bundle '{bundle}' fails its hash check: {'; '.join(problems)}",
+                              hint="Re-run the export; do not edit bundle files by hand")
+        if strict and manifest.parity.get("status") == "failed":
+            raise BundleError(
+                f"bundle '{bundle}' failed its parity check against the reference",
+                hint="See reports/parity.md in the bundle; pass strict=False to load it anyway")
+        if not 0 < min_pixels <= max_pixels:
+            raise InputError(f"pixel limits {min_pixels}..{max_pixels} are not a valid range",
+                             hint="Use 0 < min_pixels <= max_pixels")
+        limit = manifest.max_length
+        if max_tokens is not None and not 16 <= max_tokens <= limit:
+            raise InputError(f"max_tokens={max_tokens} is outside 16..{limit} for this bundle")
+        vision = manifest.data["vision"]
+        video = vision.get("video", {})
+        self.manifest = manifest
+        self.geometry = VisionGeometry(
+            patch_size=int(vision["patch_size"]), merge_size=int(vision["merge_size"]),
+            temporal_patch_size=int(vision["temporal_patch_size"]),
+            position_table_side=int(vision["position_table_side"]),
+            mean=tuple(vision["image_mean"]), std=tuple(vision["image_std"]))
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.max_source_pixels = max_source_pixels
+        self.video_options = VideoOptions(
+            fps=fps or float(video.get("fps", 1.0)),
+            max_frames=max_frames or int(video.get("max_frames", 64)),
+            min_pixels=int(video.get("min_pixels", 128 * 32 * 32)),
+            max_pixels=video_max_pixels or int(video.get("max_pixels", 768 * 32 * 32)),
+            total_pixels=int(video.get("total_pixels", 10 * 768 * 32 * 32)),
+            max_source_pixels=max_source_pixels)
+        self.max_tokens = max_tokens or limit
+        self.dim = int(manifest.embedding["output_dim"])
+        self.mrl_min = manifest.mrl_min
+        info = manifest.tokenizer
+        self.image_token_id = int(info["image_token_id"])
+        self.video_token_id = int(info["video_token_id"])
+        self.deepstack = int(vision["deepstack_layers"])
+        self.hidden = int(manifest.embedding["dim"])
+        self.tokenizer = self._load_tokenizer()
+        graphs = {a.get("graph"): a for a in manifest.artifacts if a.get("kind") == "onnx"}
+        self.vision = open_session(manifest.root / graphs["vision"]["path"], providers, threads)
+        self.decoder = open_session(manifest.root / graphs["decoder"]["path"], providers, threads)
+
+    def _load_tokenizer(self) -> Any:
+        from tokenizers import Tokenizer
+
+        path = self.manifest.root / "tokenizer.json"
+        try:
+            tokenizer = Tokenizer.from_file(os.fspath(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad files
+            raise BundleError(f"cannot load '{path}': {e}", hint="Re-run the export") from e
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        if tokenizer.token_to_id("<|image_pad|>") != self.image_token_id:
+            raise BundleError("tokenizer.json and the manifest disagree on <|image_pad|>",
+                              hint="The bundle's files do not belong together; re-export")
+        return tokenizer
+
+    # --- preprocessing --------------------------------------------------------------------
+
+    def prepare(self, item: Mapping[str, Any], index: int, instruction: str) -> PreparedItem:
+        """Preprocess one item (videos, then images, then text; empty → ``NULL``).
+
+        Raises:
+            InputError: naming the item and the input that failed.
+        """
+        if not isinstance(item, Mapping):
+            raise InputError(f"item {index} is a {type(item).__name__}, not a dict",
+                             hint="Pass dicts with 'text', 'image' and/or 'video'")
+        unknown = sorted(set(item) - set(ITEM_KEYS))
+        if unknown:
+            raise InputError(f"item {index} has unknown keys {unknown}",
+                             hint="Use 'text', 'image' and 'video'")
+        text = item.get("text")
+        if text is not None and not isinstance(text, str):
+            raise InputError(f"item {index} text is a {type(text).__name__}, not a string")
+        visuals: list[VisualInput] = []
+        if item.get("video") is not None:
+            visuals.append(video_input(item["video"], geometry=self.geometry,
+                                       options=self.video_options, name=f"item {index} video"))
+        if item.get("image") is not None:
+            visuals.append(image_input(item["image"], geometry=self.geometry,
+                                       min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                                       name=f"item {index} image",
+                                       max_source_pixels=self.max_source_pixels))
+        if not text and not visuals:
+            text = VL_EMPTY_TEXT
+        ids = self.tokenizer.encode(render_prompt(instruction, visuals, text)).ids
+        if len(ids) > self.max_tokens:
+            needed = sum(v.tokens for v in visuals)
+            if needed and self._visual_count(ids[:self.max_tokens]) < needed:
+                raise InputError(
+                    f"item {index} needs {len(ids)} tokens, above max_tokens={self.max_tokens}, "
+                    "and cutting it would cut its image/video",
+                    hint="Lower max_pixels / max_frames, or raise max_tokens")
+            ids = ids[:self.max_tokens]  # the reference truncates on the right too
+        positions = mrope_positions(ids, visuals, image_token_id=self.image_token_id,
+                                    video_token_id=self.video_token_id,
+                                    merge_size=self.geometry.merge_size)
+        return PreparedItem(ids, positions, visuals)
+
+    def _visual_count(self, ids: Sequence[int]) -> int:
+        arr = np.asarray(ids)
+        return int(((arr == self.image_token_id) | (arr == self.video_token_id)).sum())
+
+    # --- graphs ---------------------------------------------------------------------------
+
+    def run_vision(self, patches: np.ndarray, grid_h: int, grid_w: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Run vision.onnx on [groups, h*w, 1536] patches of one grid → (embeds, deepstack)."""
+        indices, weights, rotary = vision_tables(grid_h, grid_w, self.geometry)
+        embeds, deepstack = self.vision.run(None, {
+            PIXEL_PATCHES: patches.astype(np.float32, copy=False), POS_EMBED_INDICES: indices,
+            POS_EMBED_WEIGHTS: weights, VISION_POSITION_IDS: rotary})
+        return np.asarray(embeds, np.float32), np.asarray(deepstack, np.float32)
+
+    def _encode_visuals(self, items: list[PreparedItem]) -> dict[int, tuple[np.ndarray, ...]]:
+        """Vision features per visual (keyed by id()); same-size images share one call."""
+        out: dict[int, tuple[np.ndarray, ...]] = {}
+        images: dict[tuple[int, int], list[VisualInput]] = {}
+        for item in items:
+            for visual in item.visuals:
+                if visual.kind == "image":
+                    images.setdefault(visual.grid[1:], []).append(visual)
+                else:
+                    out[id(visual)] = self.run_vision(visual.patches, *visual.grid[1:])
+        for (gh, gw), stack in images.items():
+            embeds, deepstack = self.run_vision(np.concatenate([v.patches for v in stack]), gh, gw)
+            step = stack[0].tokens
+            for i, visual in enumerate(stack):
+                rows = slice(i * step, (i + 1) * step)
+                out[id(visual)] = (embeds[rows], deepstack[:, rows])
+        return out
+
+    def run_decoder(self, batch: list[PreparedItem], features: dict[int, tuple[np.ndarray, ...]]
+                    ) -> np.ndarray:
+        """Right-pad ``batch`` and run decoder.onnx → [len(batch), dim]."""
+        width = max(len(item.ids) for item in batch)
+        ids = np.zeros((len(batch), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        positions = np.zeros((3, len(batch), width), dtype=np.int64)
+        embeds = [np.zeros((0, self.hidden), np.float32)]
+        deepstack = [np.zeros((self.deepstack, 0, self.hidden), np.float32)]
+        for row, item in enumerate(batch):
+            n = len(item.ids)
+            ids[row, :n], mask[row, :n], positions[:, row, :n] = item.ids, 1, item.positions
+            kept = self._visual_count(item.ids)
+            for visual in item.visuals:
+                e, d = features[id(visual)]
+                embeds.append(e)
+                deepstack.append(d)
+            if kept != sum(v.tokens for v in item.visuals):  # pragma: no cover - prepare() checks
+                raise InputError("visual tokens were cut by truncation")
+        feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, MROPE_POSITION_IDS: positions,
+                 VISUAL_EMBEDS: np.concatenate(embeds),
+                 DEEPSTACK_EMBEDS: np.concatenate(deepstack, axis=1)}
+        return np.asarray(self.decoder.run(None, feeds)[0], dtype=np.float32)
+
+    # --- public API -----------------------------------------------------------------------
+
+    def encode_with_errors(self, items: Sequence[Mapping[str, Any]], *,
+                           instruction: str | None = None, dimensions: int | None = None,
+                           batch_size: int = 8) -> tuple[np.ndarray, dict[int, str]]:
+        """Like :meth:`encode`, but returns ``(embeddings, errors)`` instead of raising.
+
+        Rows of failed items are NaN; ``errors`` maps their index to a one-line reason.
+        """
+        if isinstance(items, Mapping) or isinstance(items, str):
+            raise InputError("expected a list of items, got a single item",
+                             hint="Wrap it in a list: encode([item])")
+        items = list(items)
+        if not items:
+            raise InputError("no items to embed: the input list is empty",
+                             hint="Pass at least one dict with 'text', 'image' or 'video'")
+        width = check_dimensions(dimensions, dim=self.dim, mrl_min=self.mrl_min)
+        system = format_instruction(instruction)
+        prepared: dict[int, PreparedItem] = {}
+        errors: dict[int, str] = {}
+        for i, item in enumerate(items):
+            try:
+                prepared[i] = self.prepare(item, i, system)
+            except Qwen3EmbError as e:
+                errors[i] = e.one_line()
+        out = np.full((len(items), self.dim), np.nan, dtype=np.float32)
+        order = list(prepared)
+        for batch in length_batches([len(prepared[i].ids) for i in order], batch_size):
+            chosen = [prepared[order[j]] for j in batch]
+            features = self._encode_visuals(chosen)
+            out[[order[j] for j in batch]] = self.run_decoder(chosen, features)
+        if width != self.dim:
+            good = ~np.isnan(out).any(axis=1)
+            cut = np.full((len(items), width), np.nan, dtype=np.float32)
+            if good.any():
+                cut[good] = truncate_normalize(out[good], width)
+            out = cut
+        return out, errors
+
+    def encode(self, items: Sequence[Mapping[str, Any]], *, instruction: str | None = None,
+               dimensions: int | None = None, batch_size: int = 8) -> np.ndarray:
+        """Embed items: dicts with any of ``text``, ``image`` (path, bytes or PIL image) and
+        ``video`` (file path or list of frames).
+
+        Args:
+            items: the inputs; an empty dict embeds the text ``NULL`` like the reference.
+            instruction: system instruction (default ``Represent the user's input.``).
+            dimensions: Matryoshka width (``mrl_min..dim``).
+            batch_size: items per decoder call.
+
+        Returns:
+            float32 [len(items), dimensions or dim], unit L2 norm per row.
+
+        Raises:
+            ItemErrors: after processing every item, when some failed; it carries the
+                embeddings of the others.
+            InputError: an empty list, a bare dict, bad ``dimensions``.
+        """
+        out, errors = self.encode_with_errors(items, instruction=instruction,
+                                              dimensions=dimensions, batch_size=batch_size)
+        if errors:
+            raise ItemErrors(errors, out)
+        return out
