@@ -92,6 +92,9 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+ProgressOpt = Annotated[bool | None, typer.Option(
+    "--progress/--no-progress",
+    help="Progress bars on stderr (default: only at a terminal, never in CI).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")]
 Provider = Annotated[

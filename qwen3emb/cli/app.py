@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +13,7 @@ import typer
 
 from qwen3emb.cli._common import (
     Precision,
+    ProgressOpt,
     Provider,
     Quiet,
     Verbose,
@@ -61,6 +63,7 @@ def export(
     gguf_type: Annotated[list[str] | None, typer.Option(
         "--gguf-type", help="GGUF type: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k "
         "(repeatable; default f16; implies --format gguf).")] = None,
+    progress: ProgressOpt = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -84,9 +87,14 @@ def export(
 
     quiet_libraries()
 
+    from qwen3emb.progress import peak_rss_bytes, progress_default
+
+    start = time.perf_counter()
+    show = (progress if progress is not None else progress_default()) and not quiet
     result = export_bundle(model, output, dimensions=dimensions, max_length=max_length,
                            opset=opset, validate=validate, force=force, revision=revision,
-                           formats=format or ["onnx"], gguf_types=gguf_type or [])
+                           formats=format or ["onnx"], gguf_types=gguf_type or [],
+                           progress=show)
     if not quiet:
         typer.echo(f"bundle: {result.bundle}")
         for a in result.manifest["artifacts"]:
@@ -95,6 +103,9 @@ def export(
         if not quiet:
             typer.echo("parity:")
             _print_report_summary(result.report, str(result.bundle / "reports" / "parity.md"))
+    if not quiet:
+        typer.echo(f"done in {time.perf_counter() - start:.1f} s, peak memory "
+                   f"{peak_rss_bytes() / 1e9:.2f} GB")
         if not result.report.passed:
             raise fail("an artifact is below its fidelity floor (see the report)",
                        EXIT_PARITY_FAILED)
@@ -112,6 +123,10 @@ def validate(
     precision: Annotated[list[str] | None, typer.Option(
         help="Only these precisions (repeatable; default: all).")] = None,
     provider: Provider = None,
+    reference_dtype: Annotated[str, typer.Option(
+        help="Reference precision: auto (fp32 when it fits in half the free memory, else "
+        "bf16), float32 or bfloat16.")] = "auto",
+    progress: ProgressOpt = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -131,8 +146,14 @@ def validate(
     quiet_libraries()
 
     extra = read_texts_file(texts) if texts else None
+    from qwen3emb.progress import progress_default
+
+    if reference_dtype not in ("auto", "float32", "bfloat16"):
+        raise fail(f"--reference-dtype {reference_dtype!r} is not one of auto, float32, "
+                   "bfloat16", EXIT_USAGE)
+    show = (progress if progress is not None else progress_default()) and not quiet
     report = validate_bundle(bundle, reference, texts=extra, precisions=precision,
-                             providers=provider)
+                             providers=provider, reference_dtype=reference_dtype, progress=show)
     write_report(report, json_path=json_path, markdown_path=markdown, junit_path=junit)
     if not quiet:
         typer.echo(f"parity {'PASS' if report.passed else 'FAIL'} for {bundle} "

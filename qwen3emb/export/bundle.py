@@ -200,6 +200,7 @@ def export_bundle(
     revision: str | None = None,
     formats: Sequence[str] = ("onnx",),
     gguf_types: Sequence[str] = (),
+    progress: bool = False,
 ) -> ExportResult:
     """Export a checkpoint to a bundle directory: ONNX graph, tokenizer, manifest, report.
 
@@ -215,6 +216,7 @@ def export_bundle(
         formats: any of ``"onnx"`` and ``"gguf"``.
         gguf_types: GGUF types to write (f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k); implies
             ``"gguf"``; default ``f16`` when ``"gguf"`` is asked for.
+        progress: show progress bars on stderr (tracing, writing, validating).
 
     Returns:
         The bundle path, its manifest, and the parity report when validated.
@@ -257,7 +259,7 @@ def export_bundle(
             from qwen3emb.export.onnx import export_onnx
 
             onnx_path = export_onnx(family, stage / ONNX_DIR / "model.onnx", spec,
-                                    dimensions=dimensions)
+                                    dimensions=dimensions, progress=progress)
             artifacts.append(file_entry(stage, onnx_path, kind="onnx", role="model",
                                         precision="fp32", scheme="fp32 weights and activations"))
             data = onnx_path.with_name(onnx_path.name + ".data")
@@ -268,7 +270,7 @@ def export_bundle(
             from qwen3emb.export.gguf import export_gguf
 
             for entry in export_gguf(checkpoint.path, stage / GGUF_DIR, gguf_list,
-                                     max_length=limit):
+                                     max_length=limit, progress=progress):
                 path = stage / GGUF_DIR / entry.pop("path")
                 artifacts.append(file_entry(stage, path, **entry))
         for name in TOKENIZER_FILES:
@@ -283,17 +285,18 @@ def export_bundle(
         write_json_atomic(stage / MANIFEST_FILE, manifest)
         report = None
         if validate:
-            report = _validate_into(stage, checkpoint.path, manifest)
+            report = _validate_into(stage, checkpoint.path, manifest, progress)
     logger.info("bundle written to %s", out_path)
     return ExportResult(bundle=out_path, manifest=manifest, report=report)
 
 
-def _validate_into(stage: Path, checkpoint: Path, manifest: dict[str, Any]) -> Any:
+def _validate_into(stage: Path, checkpoint: Path, manifest: dict[str, Any],
+                   progress: bool = False) -> Any:
     """Validate the staged bundle and record the verdict and report paths in its manifest."""
     from qwen3emb.validate import validate_bundle
     from qwen3emb.validate.report import write_report
 
-    report = validate_bundle(stage, checkpoint)
+    report = validate_bundle(stage, checkpoint, progress=progress)
     reports = stage / REPORTS_DIR
     write_report(report, json_path=reports / "parity.json", markdown_path=reports / "parity.md",
                  junit_path=reports / "parity.junit.xml")

@@ -207,6 +207,7 @@ def export_onnx(
     *,
     dimensions: int | None = None,
     weights: str = "stream",
+    progress: bool = False,
 ) -> Path:
     """Export the family's embedding graph to ``out_path`` (fp32, dynamic batch and sequence).
 
@@ -218,6 +219,7 @@ def export_onnx(
         weights: ``"stream"`` reads each tensor from its shard while writing (flat memory);
             ``"memory"`` loads the whole fp32 model first (the naive path, kept to prove that
             both give the same bytes).
+        progress: show bars for tracing and for writing the weights.
 
     Returns:
         ``out_path``.
@@ -232,7 +234,11 @@ def export_onnx(
 
     if weights not in ("stream", "memory"):
         raise InputError(f"unknown weights mode '{weights}'", hint="Use 'stream' or 'memory'")
-    model = trace_graph(family, spec, dimensions)
+    from qwen3emb.progress import bar
+
+    with bar(1, "trace graph (meta)", progress, unit="graph") as tracing:
+        model = trace_graph(family, spec, dimensions)
+        tracing.update(1)
     shards = ShardedWeights(family.checkpoint.weight_files)
     if weights == "memory":
         backbone = family.load_backbone()
@@ -250,10 +256,12 @@ def export_onnx(
     data_name = out_path.name + ".data"
     logger.info("writing %s (%.1f MB of fp32 weights%s)", out_path, total / 1e6,
                 ", external data" if external else "")
-    if external:
-        ir.save(model, os.fspath(out_path), external_data=data_name)
-    else:
-        ir.save(model, os.fspath(out_path))
+    with bar(total, f"write {out_path.name}", progress and external, unit="B") as writing:
+        if external:
+            ir.save(model, os.fspath(out_path), external_data=data_name,
+                    callback=lambda tensor, info: writing.update(int(tensor.nbytes)))
+        else:
+            ir.save(model, os.fspath(out_path))
     shards.close()
     check_graph_contract(out_path, spec)
     return out_path

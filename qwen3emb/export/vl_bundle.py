@@ -7,6 +7,7 @@ import contextlib
 import datetime as _dt
 import io
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -43,7 +44,7 @@ from qwen3emb.constants import (
 from qwen3emb.convert.checkpoint import Checkpoint
 from qwen3emb.errors import CheckpointError, OutputError
 from qwen3emb.export.bundle import ExportResult, _versions, staged_directory
-from qwen3emb.export.onnx import EXTERNAL_DATA_THRESHOLD, _numel, check_graph_contract
+from qwen3emb.export.onnx import EXTERNAL_DATA_THRESHOLD, check_graph_contract
 from qwen3emb.export.spec import GraphSpec, vl_graph_specs
 from qwen3emb.manifest import file_entry, write_json_atomic
 
@@ -131,7 +132,7 @@ def _export_graph(module: Any, example: tuple[Any, ...], dynamic: dict[str, Any]
                 if not axis.isdigit():
                     dim.dim_param = axis
     weight_bytes = sum(
-        int(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize) * _numel(t)
+        int(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize) * math.prod(t.dims)
         for t in model.graph.initializer
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)

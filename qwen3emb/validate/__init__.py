@@ -99,8 +99,10 @@ def validate_bundle(
     probe_max_length: int | None = None,
     model: Any = None,
     providers: Sequence[str] | None = None,
+    reference_dtype: str = "auto",
+    progress: bool = False,
 ) -> ParityReport:
-    """Compare every ONNX model in ``bundle`` with the reference computed by transformers.
+    """Compare every model (ONNX and GGUF) in ``bundle`` with the reference from transformers.
 
     Args:
         bundle: a bundle directory.
@@ -110,6 +112,9 @@ def validate_bundle(
         probe_max_length: truncation length for probes (default: min(256, bundle max_length)).
         model: an already loaded fp32 backbone of ``reference`` (saves a second load).
         providers: onnxruntime providers for the artifacts.
+        reference_dtype: ``"float32"``, ``"bfloat16"``, or ``"auto"``: fp32 when it fits in
+            half the available memory, else bf16 (the report says which was used).
+        progress: a bar over the artifacts on stderr.
 
     Returns:
         The report; ``report.passed`` says whether every artifact met its floor.
@@ -118,7 +123,6 @@ def validate_bundle(
         BundleError / CheckpointError / InputError: unusable inputs (not a parity failure).
     """
     from qwen3emb.convert import load_checkpoint
-    from qwen3emb.runtime.text import TextEmbedder
 
     start = time.perf_counter()
     manifest = read_manifest(bundle)
@@ -136,7 +140,8 @@ def validate_bundle(
     if not 8 <= limit <= manifest.max_length:
         raise InputError(f"probe max length {limit} is outside 8..{manifest.max_length}")
     probes = build_probes(limit, list(texts or []))
-    ref = ReferenceEmbedder(checkpoint.path, model=model)
+    dtype = reference_dtype if reference_dtype != "auto" else choose_reference_dtype(checkpoint)
+    ref = ReferenceEmbedder(checkpoint.path, model=model, dtype=dtype)
     if ref.model.config.hidden_size != manifest.dim:
         raise InputError(
             f"reference hidden size {ref.model.config.hidden_size} != bundle dim {manifest.dim}",
@@ -153,28 +158,14 @@ def validate_bundle(
         models = [m for m in models if m[1] in precisions]
     if not models:
         raise InputError(f"bundle '{bundle}' has no model to validate", hint="Re-run the export")
-    results: list[ArtifactResult] = []
-    embedding = manifest.embedding
-    for kind, precision, entry in models:
-        result = ArtifactResult(artifact=entry["path"], kind=kind, precision=precision,
-                                floor=FLOORS.get(precision, FLOORS["int4"]))
-        try:
-            if kind == "onnx":
-                runner: Any = TextEmbedder(bundle, providers, precision=precision, verify=False,
-                                           max_length=limit, strict=False)
-                out_dim = int(embedding["output_dim"])
-            else:
-                from qwen3emb.runtime.gguf import GGUFTextEmbedder
+    from qwen3emb.progress import bar
 
-                runner = GGUFTextEmbedder(bundle, gguf_type=precision, max_length=limit)
-                out_dim = runner.dim
-            check_artifact(runner, ref, probes, result, limit, out_dim, manifest.dim,
-                           manifest.mrl_min)
-        except Qwen3EmbError as e:
-            result.error = e.one_line()
-        logger.info("%s: min cosine %.6f (floor %s)", entry["path"], result.min_cosine,
-                    result.floor)
-        results.append(result)
+    results: list[ArtifactResult] = []
+    with bar(len(models), "validate", progress, unit="artifact") as ticker:
+        for kind, precision, entry in models:
+            results.append(_check_one(bundle, kind, precision, entry, ref, probes, limit,
+                                      providers, manifest))
+            ticker.update(1)
     import transformers
 
     return ParityReport(
@@ -188,6 +179,58 @@ def validate_bundle(
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         seconds=time.perf_counter() - start,
     )
+
+
+def _check_one(bundle: Any, kind: str, precision: str, entry: dict[str, Any],
+               ref: ReferenceEmbedder, probes: ProbeSet, limit: int, providers: Any,
+               manifest: Any) -> ArtifactResult:
+    """Validate one artifact; an artifact that cannot even run is recorded as failed."""
+    from qwen3emb.runtime.text import TextEmbedder
+
+    result = ArtifactResult(artifact=entry["path"], kind=kind, precision=precision,
+                            floor=FLOORS.get(precision, FLOORS["int4"]))
+    try:
+        if kind == "onnx":
+            runner: Any = TextEmbedder(bundle, providers, precision=precision, verify=False,
+                                       max_length=limit, strict=False)
+            out_dim = int(manifest.embedding["output_dim"])
+        else:
+            from qwen3emb.runtime.gguf import GGUFTextEmbedder
+
+            runner = GGUFTextEmbedder(bundle, gguf_type=precision, max_length=limit)
+            out_dim = runner.dim
+        check_artifact(runner, ref, probes, result, limit, out_dim, manifest.dim,
+                       manifest.mrl_min)
+    except Qwen3EmbError as e:
+        result.error = e.one_line()
+    logger.info("%s: min cosine %.6f (floor %s)", entry["path"], result.min_cosine,
+                result.floor)
+    return result
+
+
+def choose_reference_dtype(checkpoint: Any) -> str:
+    """fp32 when the model fits in half the available memory (the artifacts need the rest),
+    else bf16: an 8B reference is 32 GB in fp32 and 16 GB in bf16."""
+    stored = sum(f.stat().st_size for f in checkpoint.weight_files)
+    fp32_bytes = stored * (2 if checkpoint.config.get("torch_dtype", checkpoint.config.get(
+        "dtype")) in ("bfloat16", "float16") else 1)
+    available = _available_memory()
+    if available is None or fp32_bytes <= available / 2:
+        return "float32"
+    logger.warning("reference runs in bfloat16: fp32 needs %.1f GB, %.1f GB available",
+                   fp32_bytes / 1e9, available / 1e9)
+    return "bfloat16"
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 __all__ = ["ParityReport", "build_probes", "validate_bundle"]

@@ -23,10 +23,11 @@ class ReferenceEmbedder:
 
     Args:
         checkpoint: the checkpoint directory.
-        model: an already loaded fp32 backbone of the same checkpoint (optional).
+        model: an already loaded backbone of the same checkpoint (optional).
+        dtype: ``"float32"`` (the default) or ``"bfloat16"`` for models too big for fp32.
     """
 
-    def __init__(self, checkpoint: Path, model: Any = None) -> None:
+    def __init__(self, checkpoint: Path, model: Any = None, dtype: str = "float32") -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -34,7 +35,7 @@ class ReferenceEmbedder:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(checkpoint)
             self.model = model if model is not None else AutoModel.from_pretrained(
-                checkpoint, dtype=torch.float32).eval()
+                checkpoint, dtype=getattr(torch, dtype)).eval()
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"transformers cannot load the reference '{checkpoint}': {e}",
                                   hint="Pass the checkpoint the bundle was exported from") from e
