@@ -177,3 +177,16 @@ def test_demo_refuses_a_foreign_directory(tmp_path: Path) -> None:
     result = invoke("demo", "-o", tmp_path)
     assert result.exit_code == 2 and "not a demo directory" in result.stderr
     assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_export_exits_1_when_validation_fails(tiny_checkpoint: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import qwen3emb.validate.compare as compare
+
+    monkeypatch.setattr(compare.ArtifactResult, "failures", property(lambda self: ["forced"]))
+    out = tmp_path / "b"
+    result = invoke("export", tiny_checkpoint, "-o", out, "--max-length", "64")
+    assert result.exit_code == 1
+    assert "below its fidelity floor" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parity"]["status"] == "failed"  # kept, marked, and refused by the runtime

@@ -106,9 +106,9 @@ def export(
     if not quiet:
         typer.echo(f"done in {time.perf_counter() - start:.1f} s, peak memory "
                    f"{peak_rss_bytes() / 1e9:.2f} GB")
-        if not result.report.passed:
-            raise fail("an artifact is below its fidelity floor (see the report)",
-                       EXIT_PARITY_FAILED)
+    if result.report is not None and not result.report.passed:
+        raise fail("an artifact is below its fidelity floor (see the report)",
+                   EXIT_PARITY_FAILED)
 
 
 def validate(
