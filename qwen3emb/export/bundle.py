@@ -294,9 +294,20 @@ def _validate_into(stage: Path, checkpoint: Path, manifest: dict[str, Any],
                    progress: bool = False) -> Any:
     """Validate the staged bundle and record the verdict and report paths in its manifest."""
     from qwen3emb.validate import validate_bundle
-    from qwen3emb.validate.report import write_report
 
     report = validate_bundle(stage, checkpoint, progress=progress)
+    record_parity(stage, manifest, report, key="precision")
+    return report
+
+
+def record_parity(stage: Path, manifest: dict[str, Any], report: Any, key: str) -> None:
+    """Write the three report formats into the staged bundle and the verdict into its manifest.
+
+    Args:
+        key: the artifact attribute that keys ``min_cosine`` (``precision`` or ``artifact``).
+    """
+    from qwen3emb.validate.report import write_report
+
     reports = stage / REPORTS_DIR
     write_report(report, json_path=reports / "parity.json", markdown_path=reports / "parity.md",
                  junit_path=reports / "parity.junit.xml")
@@ -306,7 +317,6 @@ def _validate_into(stage: Path, checkpoint: Path, manifest: dict[str, Any],
         "markdown": f"{REPORTS_DIR}/parity.md",
         "junit": f"{REPORTS_DIR}/parity.junit.xml",
         "reference_precision": report.reference["precision"],
-        "min_cosine": {a.precision: round(a.min_cosine, 8) for a in report.artifacts},
+        "min_cosine": {getattr(a, key): round(a.min_cosine, 8) for a in report.artifacts},
     }
     write_json_atomic(stage / MANIFEST_FILE, manifest)
-    return report

@@ -22,7 +22,6 @@ from qwen3emb.constants import (
     NORMALIZATION,
     ONNX_DIR,
     POOLING,
-    REPORTS_DIR,
     TOKENIZER_FILES,
     VIDEO_PAD_TOKEN,
     VISION_END_TOKEN,
@@ -43,7 +42,7 @@ from qwen3emb.constants import (
 )
 from qwen3emb.convert.checkpoint import Checkpoint
 from qwen3emb.errors import CheckpointError, OutputError
-from qwen3emb.export.bundle import ExportResult, _versions, staged_directory
+from qwen3emb.export.bundle import ExportResult, _versions, record_parity, staged_directory
 from qwen3emb.export.onnx import EXTERNAL_DATA_THRESHOLD, check_graph_contract
 from qwen3emb.export.spec import GraphSpec, vl_graph_specs
 from qwen3emb.manifest import file_entry, write_json_atomic
@@ -278,20 +277,8 @@ def export_vl_bundle(checkpoint: Checkpoint, family: Any, out_path: Path, *,
 
 def _validate_vl_into(stage: Path, checkpoint: Path, manifest: dict[str, Any],
                       backbone: Any) -> Any:
-    from qwen3emb.validate.report import write_report
     from qwen3emb.validate.vl import validate_vl_bundle
 
     report = validate_vl_bundle(stage, checkpoint, model=backbone)
-    reports = stage / REPORTS_DIR
-    write_report(report, json_path=reports / "parity.json", markdown_path=reports / "parity.md",
-                 junit_path=reports / "parity.junit.xml")
-    manifest["parity"] = {
-        "status": "passed" if report.passed else "failed",
-        "report": f"{REPORTS_DIR}/parity.json",
-        "markdown": f"{REPORTS_DIR}/parity.md",
-        "junit": f"{REPORTS_DIR}/parity.junit.xml",
-        "reference_precision": report.reference["precision"],
-        "min_cosine": {a.artifact: round(a.min_cosine, 8) for a in report.artifacts},
-    }
-    write_json_atomic(stage / MANIFEST_FILE, manifest)
+    record_parity(stage, manifest, report, key="artifact")
     return report
