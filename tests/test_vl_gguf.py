@@ -192,3 +192,35 @@ def test_bad_resize_mode_names_the_choices(bundle: Path) -> None:
     with pytest.raises(InputError, match="resize='bicubic'") as caught:
         GGUFVLEmbedder(bundle, resize="bicubic")
     assert "reference, llama.cpp" in str(caught.value.hint)
+
+
+@pytest.mark.slow
+def test_gguf_runtime_embeds_text_and_image_without_torch(bundle: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    blocker = textwrap.dedent("""
+        import importlib.abc, sys
+        BLOCKED = ("torch", "transformers", "onnx", "onnxscript", "safetensors")
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"blocked import of {name}")
+                return None
+        sys.meta_path.insert(0, Block())
+    """)
+    code = blocker + textwrap.dedent(f"""
+        import sys
+        from PIL import Image
+        from qwen3emb.runtime.gguf_vl import GGUFVLEmbedder
+        image = Image.new("RGB", (50, 40), (200, 30, 60))
+        vectors = GGUFVLEmbedder({str(bundle)!r}).encode([{{"text": "hi"}}, {{"image": image}}])
+        assert vectors.shape == (2, 64), vectors.shape
+        assert not any(m.split(".")[0] in BLOCKED for m in sys.modules)
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"

@@ -280,7 +280,7 @@ def validate_vl_bundle(bundle: str | os.PathLike[str], reference: str | os.PathL
 
 
 def _validate_onnx(bundle: Any, manifest: Any, ref: ReferenceVLEmbedder, probes: list[Any],
-                   refs: np.ndarray, artifacts: dict[str, str], providers: Any,
+                   refs: np.ndarray, artifacts: dict[Any, Any], providers: Any,
                    floor: float) -> list[ArtifactResult]:
     from qwen3emb.runtime.vl import VLEmbedder
 
@@ -289,34 +289,33 @@ def _validate_onnx(bundle: Any, manifest: Any, ref: ReferenceVLEmbedder, probes:
     vision = ArtifactResult(artifact=artifacts["vision"], kind="onnx", precision="fp32",
                             floor=floor)
     out_dim = int(manifest.embedding["output_dim"])
-    if True:
-        try:
-            runner = VLEmbedder(bundle, providers, verify=False, strict=False)
-            names = [f"{p.kind}:{p.name}" for p in probes]
-            for i, probe in enumerate(probes):
-                out = runner.encode([probe.item], instruction=probe.instruction)
-                full.add("single", [names[i]], out, refs[i:i + 1])
-            plain = [i for i, p in enumerate(probes) if p.instruction is None]
-            batch = runner.encode([probes[i].item for i in plain], batch_size=len(plain))
-            full.add("batch", [names[i] for i in plain], batch, refs[plain])
-            if out_dim == manifest.dim:
-                width = max(manifest.mrl_min, out_dim // 2)
-                cut = runner.encode([probes[i].item for i in plain], dimensions=width)
-                full.add(f"mrl-{width}", [names[i] for i in plain], cut, _cut(refs[plain], width))
-            for probe in probes:
-                visual = [k for k in ("video", "image") if probe.item.get(k) is not None]
-                if len(visual) != 1:
-                    continue
-                inputs = ref.inputs(probe.item, probe.instruction)
-                image = "pixel_values" in inputs
-                pixels = inputs["pixel_values" if image else "pixel_values_videos"].numpy()
-                grid = inputs["image_grid_thw" if image else "video_grid_thw"][0].tolist()
-                groups = pixels.reshape(grid[0], grid[1] * grid[2], -1)
-                embeds, deepstack = runner.run_vision(groups, grid[1], grid[2])
-                ours = np.concatenate([embeds.reshape(-1), deepstack.reshape(-1)])
-                vision.add("vision", [probe.name], ours[None], ref.visual(inputs)[None])
-        except Qwen3EmbError as e:
-            full.error = full.error or e.one_line()
+    try:
+        runner = VLEmbedder(bundle, providers, verify=False, strict=False)
+        names = [f"{p.kind}:{p.name}" for p in probes]
+        for i, probe in enumerate(probes):
+            out = runner.encode([probe.item], instruction=probe.instruction)
+            full.add("single", [names[i]], out, refs[i:i + 1])
+        plain = [i for i, p in enumerate(probes) if p.instruction is None]
+        batch = runner.encode([probes[i].item for i in plain], batch_size=len(plain))
+        full.add("batch", [names[i] for i in plain], batch, refs[plain])
+        if out_dim == manifest.dim:
+            width = max(manifest.mrl_min, out_dim // 2)
+            cut = runner.encode([probes[i].item for i in plain], dimensions=width)
+            full.add(f"mrl-{width}", [names[i] for i in plain], cut, _cut(refs[plain], width))
+        for probe in probes:
+            visual = [k for k in ("video", "image") if probe.item.get(k) is not None]
+            if len(visual) != 1:
+                continue
+            inputs = ref.inputs(probe.item, probe.instruction)
+            image = "pixel_values" in inputs
+            pixels = inputs["pixel_values" if image else "pixel_values_videos"].numpy()
+            grid = inputs["image_grid_thw" if image else "video_grid_thw"][0].tolist()
+            groups = pixels.reshape(grid[0], grid[1] * grid[2], -1)
+            embeds, deepstack = runner.run_vision(groups, grid[1], grid[2])
+            ours = np.concatenate([embeds.reshape(-1), deepstack.reshape(-1)])
+            vision.add("vision", [probe.name], ours[None], ref.visual(inputs)[None])
+    except Qwen3EmbError as e:
+        full.error = full.error or e.one_line()
     return [full, vision]
 
 
