@@ -59,7 +59,8 @@ class Family:
         """A function that writes this family's bundle, or ``None`` for the text bundle.
 
         Multi-graph families return ``f(checkpoint, family, out, **options) -> ExportResult``
-        taking the options of :func:`qwen3emb.export.export_bundle`.
+        taking the options of :func:`qwen3emb.export.export_bundle` (``formats`` checked,
+        ``gguf_types`` lower-cased, ``max_length`` resolved).
         """
         return None
 

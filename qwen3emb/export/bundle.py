@@ -240,11 +240,9 @@ def export_bundle(
                          hint=f"Choose a Matryoshka width from {family.mrl_min} to {full}")
     writer = family.bundle_writer()
     if writer is not None:  # a multi-graph family writes its own bundle
-        if gguf_list or "onnx" not in wanted:
-            raise InputError(f"'{family.model_type}' checkpoints export to ONNX only for now",
-                             hint="Drop --format gguf / --gguf-type")
         return writer(checkpoint, family, out_path, dimensions=dimensions, max_length=limit,
-                      opset=opset, validate=validate, force=force, source=str(source))
+                      opset=opset, validate=validate, force=force, source=str(source),
+                      formats=wanted, gguf_types=gguf_list)
     out_dim = dimensions or full
     spec = TextGraphSpec(dim=out_dim, opset=opset)
     tokenizer = check_tokenizer(checkpoint.path)

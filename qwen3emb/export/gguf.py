@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,6 +232,9 @@ class _Tensor:
     gguf_name: str
     shard: Path
     shape: tuple[int, ...]
+    """Shape as written to the GGUF (after ``transform``)."""
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    """Applied to the float32 checkpoint tensor before it is written (e.g. a slice)."""
 
 
 def _list_tensors(checkpoint_dir: Path, config: Qwen3TextConfig) -> list[_Tensor]:
@@ -295,7 +298,8 @@ def _stream(tensors: list[_Tensor]) -> Iterator[tuple[_Tensor, np.ndarray]]:
     for shard in dict.fromkeys(t.shard for t in tensors):
         with safe_open(shard, framework="pt") as f:
             for t in (t for t in tensors if t.shard == shard):
-                yield t, f.get_tensor(t.hf_name).to(torch.float32).numpy()
+                data = f.get_tensor(t.hf_name).to(torch.float32).numpy()
+                yield t, (t.transform(data) if t.transform is not None else data)
 
 
 def _write_gguf(path: Path, gtype: GGUFType, config: Qwen3TextConfig, vocab: GGUFVocab,
@@ -304,6 +308,16 @@ def _write_gguf(path: Path, gtype: GGUFType, config: Qwen3TextConfig, vocab: GGU
     writer = GGUFWriter(None, MODEL_ARCH_NAMES[ARCH])
     _add_metadata(writer, gtype, config, vocab, max_length)
     storage = {t.gguf_name: _storage(t, gtype) for t in tensors}
+    write_tensors(path, writer, tensors, storage, desc=f"GGUF {gtype.name}", progress=progress)
+
+
+def write_tensors(path: Path, writer: GGUFWriter, tensors: list[_Tensor],
+                  storage: dict[str, GGMLQuantizationType], *, desc: str,
+                  progress: bool) -> None:
+    """Write ``writer``'s metadata, then ``tensors`` streamed one at a time in ``storage`` types.
+
+    Shared by every GGUF this package writes; the caller has added all metadata already.
+    """
     for t in tensors:
         qtype = storage[t.gguf_name]
         if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
@@ -318,7 +332,7 @@ def _write_gguf(path: Path, gtype: GGUFType, config: Qwen3TextConfig, vocab: GGU
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(tensors), desc=f"GGUF {gtype.name}", unit="tensor")
+        bar = tqdm(total=len(tensors), desc=desc, unit="tensor")
     try:
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()

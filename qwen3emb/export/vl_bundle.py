@@ -1,5 +1,6 @@
-"""Write a Qwen3-VL-Embedding bundle: ``onnx/vision.onnx`` + ``onnx/decoder.onnx`` + tokenizer,
-chat template, preprocessor config, manifest and parity report, atomically."""
+"""Write a Qwen3-VL-Embedding bundle: ``onnx/vision.onnx`` + ``onnx/decoder.onnx`` and/or
+``gguf/model-<type>.gguf`` + ``gguf/mmproj-<type>.gguf``, tokenizer, chat template, preprocessor
+config, manifest and parity report, atomically."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from qwen3emb.constants import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
+    GGUF_DIR,
     IM_START_TOKEN,
     IMAGE_PAD_TOKEN,
     MANIFEST_FILE,
@@ -214,8 +217,17 @@ def _vision_facts(family: Any) -> dict[str, Any]:
 
 def export_vl_bundle(checkpoint: Checkpoint, family: Any, out_path: Path, *,
                      dimensions: int | None, max_length: int, opset: int, validate: bool,
-                     force: bool, source: str) -> ExportResult:
-    """Export a Qwen3-VL checkpoint to a bundle (called by :func:`export_bundle`)."""
+                     force: bool, source: str, formats: Sequence[str] = ("onnx",),
+                     gguf_types: Sequence[str] = ()) -> ExportResult:
+    """Export a Qwen3-VL checkpoint to a bundle (called by :func:`export_bundle`).
+
+    ``formats`` may hold ``"onnx"`` and/or ``"gguf"``; ``gguf_types`` are the text GGUF
+    types (each paired with an f32 or f16 mmproj, see :func:`export_vl_gguf`).
+    """
+    if gguf_types:
+        from qwen3emb.export.gguf import check_types
+
+        check_types(gguf_types)
     tokenizer = check_vl_tokenizer(checkpoint)
     out_dim = dimensions or family.embedding_dim
     vision = family.vision_config
@@ -224,20 +236,12 @@ def export_vl_bundle(checkpoint: Checkpoint, family: Any, out_path: Path, *,
     specs = vl_graph_specs(patch_dim=patch_dim, hidden=family.embedding_dim,
                            deepstack=family.deepstack_layers, dim=out_dim, opset=opset)
     with staged_directory(out_path, force=force) as stage:
-        backbone = family.load_backbone()
-        vision_path, decoder_path = export_vl_graphs(family, backbone, stage / ONNX_DIR, specs,
-                                                     dimensions)
-        artifacts = [
-            file_entry(stage, decoder_path, kind="onnx", role="model", precision="fp32",
-                       scheme="fp32 weights and activations", graph="decoder"),
-            file_entry(stage, vision_path, kind="onnx", role="vision", precision="fp32",
-                       graph="vision"),
-        ]
-        for path in (vision_path, decoder_path):
-            data = path.with_name(path.name + ".data")
-            if data.exists():
-                artifacts.append(file_entry(stage, data, kind="onnx", role="external-data",
-                                            precision="fp32"))
+        backbone = family.load_backbone() if "onnx" in formats or validate else None
+        artifacts: list[dict[str, Any]] = []
+        if "onnx" in formats:
+            artifacts += _export_onnx_artifacts(family, backbone, stage, specs, dimensions)
+        if gguf_types:
+            artifacts += _export_gguf_artifacts(checkpoint, stage, gguf_types, max_length)
         for name in (*TOKENIZER_FILES, *PROCESSOR_FILES):
             if (checkpoint.path / name).is_file():
                 shutil.copyfile(checkpoint.path / name, stage / name)
@@ -262,7 +266,9 @@ def export_vl_bundle(checkpoint: Checkpoint, family: Any, out_path: Path, *,
             "tokenizer": {**tokenizer, "max_length": max_length,
                           "files": [a["path"] for a in artifacts if a.get("role") == "tokenizer"]},
             "vision": _vision_facts(family),
-            "onnx": {spec.name: spec.to_dict() for spec in specs},
+            **({"onnx": {spec.name: spec.to_dict() for spec in specs}}
+               if "onnx" in formats else {}),
+            **({"gguf": _gguf_facts()} if gguf_types else {}),
             "artifacts": artifacts,
             "parity": {"status": "not-run"},
             "versions": _versions(),
@@ -273,6 +279,56 @@ def export_vl_bundle(checkpoint: Checkpoint, family: Any, out_path: Path, *,
             report = _validate_vl_into(stage, checkpoint.path, manifest, backbone)
     logger.info("bundle written to %s", out_path)
     return ExportResult(bundle=out_path, manifest=manifest, report=report)
+
+
+def _export_onnx_artifacts(family: Any, backbone: Any, stage: Path,
+                           specs: tuple[GraphSpec, ...], dimensions: int | None
+                           ) -> list[dict[str, Any]]:
+    vision_path, decoder_path = export_vl_graphs(family, backbone, stage / ONNX_DIR, specs,
+                                                 dimensions)
+    artifacts = [
+        file_entry(stage, decoder_path, kind="onnx", role="model", precision="fp32",
+                   scheme="fp32 weights and activations", graph="decoder"),
+        file_entry(stage, vision_path, kind="onnx", role="vision", precision="fp32",
+                   graph="vision"),
+    ]
+    for path in (vision_path, decoder_path):
+        data = path.with_name(path.name + ".data")
+        if data.exists():
+            artifacts.append(file_entry(stage, data, kind="onnx", role="external-data",
+                                        precision="fp32"))
+    return artifacts
+
+
+def _export_gguf_artifacts(checkpoint: Checkpoint, stage: Path, gguf_types: Sequence[str],
+                           max_length: int) -> list[dict[str, Any]]:
+    """Text GGUFs (``role`` model, ``mmproj`` = bundle path of their pair) and mmprojs."""
+    from qwen3emb.export.gguf_vl import export_vl_gguf
+
+    artifacts = []
+    for entry in export_vl_gguf(checkpoint.path, stage / GGUF_DIR, gguf_types,
+                                max_length=max_length):
+        path = stage / GGUF_DIR / entry.pop("path")
+        if "mmproj" in entry:
+            entry["mmproj"] = f"{GGUF_DIR}/{entry['mmproj']}"
+        artifacts.append(file_entry(stage, path, **entry))
+    return artifacts
+
+
+def _gguf_facts() -> dict[str, Any]:
+    """How llama.cpp must be run to reproduce the reference (docs/gguf.md)."""
+    return {
+        "text_architecture": "qwen3vl",
+        "projector_type": "qwen3vl_merger",
+        "pooling": "last (the prompt's final newline; no end token appended)",
+        "image_min_tokens": VL_MIN_PIXELS // 1024,
+        "image_max_tokens": VL_MAX_PIXELS // 1024,
+        "note": "llama.cpp ignores clip.vision.image_{min,max}_pixels for this projector; "
+                "pass --image-min-tokens / --image-max-tokens (mtmd_context_params)",
+        "resize": "reference resize (qwen-vl-utils smart_resize, Pillow BICUBIC) on the host; "
+                  "llama.cpp's own resize differs (see reports/parity.md)",
+        "video": "not supported by the GGUF runtime",
+    }
 
 
 def _validate_vl_into(stage: Path, checkpoint: Path, manifest: dict[str, Any],

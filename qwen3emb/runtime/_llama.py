@@ -64,6 +64,33 @@ def llama_library() -> Any:
         return lib
 
 
+def mtmd_library() -> Any:
+    """Return llama-cpp-python's ctypes mirror of libmtmd (``llama_cpp.mtmd_cpp``), its log
+    routed like llama.cpp's.
+
+    Raises:
+        MissingDependencyError: the binding or its libmtmd is missing; names the extra.
+    """
+    lib = llama_library()
+    with _lock:
+        if "mtmd" in _loaded:
+            return _loaded["mtmd"]
+        try:
+            from llama_cpp import mtmd_cpp as mtmd
+        except (ImportError, OSError, RuntimeError) as e:
+            raise MissingDependencyError(
+                f"the multimodal library (libmtmd) of '{BINDING}' could not be loaded: {e}",
+                hint="Reinstall it with: pip install --force-reinstall --no-cache-dir "
+                     "'qwen3emb-export[gguf]'",
+            ) from e
+        callback = _loaded["callback"]
+        mtmd.mtmd_log_set(callback, ctypes.c_void_p(0))
+        mtmd.mtmd_helper_log_set(callback, ctypes.c_void_p(0))
+        del lib
+        _loaded["mtmd"] = mtmd
+        return mtmd
+
+
 def last_llama_errors(n: int = 3) -> str:
     """The last ``n`` error or warning lines llama.cpp logged, joined; empty if none."""
     lines = [line for line in _recent if line.startswith(("E ", "W "))]

@@ -39,6 +39,10 @@ class ArtifactResult:
     retrieval_top1_agreement: float | None = None
     batch_vs_single_max_diff: float | None = None
     error: str | None = None
+    informational: bool = False
+    """Measured and reported, never gated: the report passes whatever its cosines are."""
+    note: str | None = None
+    """What this artifact measures or leaves out, shown in the report."""
 
     def add(self, label: str, names: list[str], output: np.ndarray, reference: np.ndarray) -> None:
         """Record per-row cosines of ``output`` vs ``reference`` under ``label:name`` keys."""
@@ -109,7 +113,7 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return bool(self.artifacts) and all(a.passed for a in self.artifacts)
+        return bool(self.artifacts) and all(a.passed or a.informational for a in self.artifacts)
 
     def to_dict(self) -> dict[str, Any]:
         return {

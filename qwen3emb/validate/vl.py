@@ -232,16 +232,19 @@ def validate_vl_bundle(bundle: str | os.PathLike[str], reference: str | os.PathL
                        model: Any = None, providers: Any = None, **_: Any) -> ParityReport:
     """Compare a Qwen3-VL bundle with the transformers reference on the multimodal probes.
 
-    Two artifacts are reported: ``decoder.onnx`` (the whole pipeline: host preprocessing +
+    ONNX bundles report ``decoder.onnx`` (the whole pipeline: host preprocessing +
     vision.onnx + decoder.onnx, each probe alone and all in one mixed batch, and a
     Matryoshka cut) and ``vision.onnx`` alone (its visual and deepstack outputs vs the HF
-    vision tower, same patches).
+    vision tower, same patches). Each GGUF text model (with its mmproj) is run through
+    llama.cpp on the text and image probes, images resized on the host as the reference does,
+    against its floor; the highest-precision one is also run with llama.cpp's own image
+    resizing, reported as an informational artifact (measured, not gated). Video probes are
+    outside the GGUF runtime and are listed as skipped.
 
     Raises:
         BundleError / CheckpointError: unusable inputs (not a parity failure).
     """
     from qwen3emb.convert import load_checkpoint
-    from qwen3emb.runtime.vl import VLEmbedder
 
     start = time.perf_counter()
     manifest = read_manifest(bundle)
@@ -252,42 +255,15 @@ def validate_vl_bundle(bundle: str | os.PathLike[str], reference: str | os.PathL
     ref = ReferenceVLEmbedder(checkpoint.path, model=model)
     floor = FLOORS["fp32"]
     artifacts = {a.get("graph"): a["path"] for a in manifest.artifacts if a.get("graph")}
-    full = ArtifactResult(artifact=artifacts["decoder"], kind="onnx", precision="fp32",
-                          floor=floor)
-    vision = ArtifactResult(artifact=artifacts["vision"], kind="onnx", precision="fp32",
-                            floor=floor)
+    results: list[ArtifactResult] = []
     out_dim = int(manifest.embedding["output_dim"])
     with tempfile.TemporaryDirectory(prefix="qwen3emb-vl-probes-") as tmp:
         probes = build_vl_probes(Path(tmp))
-        try:
-            runner = VLEmbedder(bundle, providers, verify=False, strict=False)
-            refs = np.stack([ref.embed(p.item, p.instruction) for p in probes])
-            refs = _cut(refs, out_dim)
-            names = [f"{p.kind}:{p.name}" for p in probes]
-            for i, probe in enumerate(probes):
-                out = runner.encode([probe.item], instruction=probe.instruction)
-                full.add("single", [names[i]], out, refs[i:i + 1])
-            plain = [i for i, p in enumerate(probes) if p.instruction is None]
-            batch = runner.encode([probes[i].item for i in plain], batch_size=len(plain))
-            full.add("batch", [names[i] for i in plain], batch, refs[plain])
-            if out_dim == manifest.dim:
-                width = max(manifest.mrl_min, out_dim // 2)
-                cut = runner.encode([probes[i].item for i in plain], dimensions=width)
-                full.add(f"mrl-{width}", [names[i] for i in plain], cut, _cut(refs[plain], width))
-            for probe in probes:
-                visual = [k for k in ("video", "image") if probe.item.get(k) is not None]
-                if len(visual) != 1:
-                    continue
-                inputs = ref.inputs(probe.item, probe.instruction)
-                image = "pixel_values" in inputs
-                pixels = inputs["pixel_values" if image else "pixel_values_videos"].numpy()
-                grid = inputs["image_grid_thw" if image else "video_grid_thw"][0].tolist()
-                groups = pixels.reshape(grid[0], grid[1] * grid[2], -1)
-                embeds, deepstack = runner.run_vision(groups, grid[1], grid[2])
-                ours = np.concatenate([embeds.reshape(-1), deepstack.reshape(-1)])
-                vision.add("vision", [probe.name], ours[None], ref.visual(inputs)[None])
-        except Qwen3EmbError as e:
-            full.error = full.error or e.one_line()
+        refs = _cut(np.stack([ref.embed(p.item, p.instruction) for p in probes]), out_dim)
+        if "onnx" in manifest.data:
+            results += _validate_onnx(bundle, manifest, ref, probes, refs, artifacts,
+                                      providers, floor)
+        results += _validate_gguf(bundle, manifest, probes, refs)
     import transformers
 
     return ParityReport(
@@ -296,11 +272,107 @@ def validate_vl_bundle(bundle: str | os.PathLike[str], reference: str | os.PathL
                    "precision": ref.precision, "transformers": transformers.__version__},
         probe_max_length=manifest.max_length,
         probe_count=len(probes),
-        artifacts=[full, vision],
+        artifacts=results,
         tool_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         seconds=time.perf_counter() - start,
     )
+
+
+def _validate_onnx(bundle: Any, manifest: Any, ref: ReferenceVLEmbedder, probes: list[Any],
+                   refs: np.ndarray, artifacts: dict[Any, Any], providers: Any,
+                   floor: float) -> list[ArtifactResult]:
+    from qwen3emb.runtime.vl import VLEmbedder
+
+    full = ArtifactResult(artifact=artifacts["decoder"], kind="onnx", precision="fp32",
+                          floor=floor)
+    vision = ArtifactResult(artifact=artifacts["vision"], kind="onnx", precision="fp32",
+                            floor=floor)
+    out_dim = int(manifest.embedding["output_dim"])
+    try:
+        runner = VLEmbedder(bundle, providers, verify=False, strict=False)
+        names = [f"{p.kind}:{p.name}" for p in probes]
+        for i, probe in enumerate(probes):
+            out = runner.encode([probe.item], instruction=probe.instruction)
+            full.add("single", [names[i]], out, refs[i:i + 1])
+        plain = [i for i, p in enumerate(probes) if p.instruction is None]
+        batch = runner.encode([probes[i].item for i in plain], batch_size=len(plain))
+        full.add("batch", [names[i] for i in plain], batch, refs[plain])
+        if out_dim == manifest.dim:
+            width = max(manifest.mrl_min, out_dim // 2)
+            cut = runner.encode([probes[i].item for i in plain], dimensions=width)
+            full.add(f"mrl-{width}", [names[i] for i in plain], cut, _cut(refs[plain], width))
+        for probe in probes:
+            visual = [k for k in ("video", "image") if probe.item.get(k) is not None]
+            if len(visual) != 1:
+                continue
+            inputs = ref.inputs(probe.item, probe.instruction)
+            image = "pixel_values" in inputs
+            pixels = inputs["pixel_values" if image else "pixel_values_videos"].numpy()
+            grid = inputs["image_grid_thw" if image else "video_grid_thw"][0].tolist()
+            groups = pixels.reshape(grid[0], grid[1] * grid[2], -1)
+            embeds, deepstack = runner.run_vision(groups, grid[1], grid[2])
+            ours = np.concatenate([embeds.reshape(-1), deepstack.reshape(-1)])
+            vision.add("vision", [probe.name], ours[None], ref.visual(inputs)[None])
+    except Qwen3EmbError as e:
+        full.error = full.error or e.one_line()
+    return [full, vision]
+
+
+GGUF_PREFERENCE = ("f32", "bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
+
+
+def _validate_gguf(bundle: Any, manifest: Any, probes: list[Any],
+                   refs: np.ndarray) -> list[ArtifactResult]:
+    """One artifact per GGUF type (host resize, gated by its floor), plus llama.cpp's own
+    image resizing measured on the highest precision (informational)."""
+    models = manifest.models("gguf")
+    if not models:
+        return []
+    from qwen3emb.runtime.gguf_vl import GGUFVLEmbedder
+
+    supported = [i for i, p in enumerate(probes) if p.item.get("video") is None]
+    skipped = [p.name for p in probes if p.item.get("video") is not None]
+    names = [f"{p.kind}:{p.name}" for p in probes]
+    note = f"video probes skipped (not supported by the GGUF runtime): {', '.join(skipped)}"
+    out_dim = int(manifest.embedding["output_dim"])
+    results = []
+    order = sorted(models, key=lambda t: GGUF_PREFERENCE.index(t)
+                   if t in GGUF_PREFERENCE else len(GGUF_PREFERENCE))
+    for gguf_type in order:
+        entry = models[gguf_type]
+        result = ArtifactResult(artifact=entry["path"], kind="gguf", precision=gguf_type,
+                                floor=FLOORS.get(gguf_type, FLOORS["q4_k_m"]),
+                                note=f"mmproj {entry.get('mmproj')}; {note}")
+        results.append(result)
+        try:
+            with GGUFVLEmbedder(bundle, gguf_type=gguf_type) as runner:
+                for i in supported:
+                    out = runner.encode([probes[i].item], instruction=probes[i].instruction)
+                    result.add("single", [names[i]], out, refs[i:i + 1])
+                if out_dim == manifest.dim:
+                    width = max(manifest.mrl_min, out_dim // 2)
+                    plain = [i for i in supported if probes[i].instruction is None][:3]
+                    cut = runner.encode([probes[i].item for i in plain], dimensions=width)
+                    result.add(f"mrl-{width}", [names[i] for i in plain], cut,
+                               _cut(refs[plain], width))
+        except Qwen3EmbError as e:
+            result.error = e.one_line()
+    best = order[0]
+    images = [i for i in supported if probes[i].item.get("image") is not None]
+    own = ArtifactResult(
+        artifact=f"{models[best]['path']} (llama.cpp image resize)", kind="gguf",
+        precision=best, floor=FLOORS.get(best, FLOORS["q4_k_m"]), informational=True,
+        note="images handed to libmtmd at their source size, resized by llama.cpp's own "
+             "algorithm instead of Pillow BICUBIC; measured, not gated (docs/gguf.md)")
+    try:
+        with GGUFVLEmbedder(bundle, gguf_type=best, resize="llama.cpp") as runner:
+            for i in images:
+                out = runner.encode([probes[i].item], instruction=probes[i].instruction)
+                own.add("llama-resize", [names[i]], out, refs[i:i + 1])
+    except Qwen3EmbError as e:
+        own.error = e.one_line()
+    return [*results, own]
 
 
 def _cut(vectors: np.ndarray, width: int) -> np.ndarray:
