@@ -56,6 +56,11 @@ def export(
     )] = True,
     force: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
     revision: Annotated[str | None, typer.Option(help="Hub revision.")] = None,
+    precision: Annotated[list[str] | None, typer.Option(
+        "--precision", help="ONNX precision to write: fp32, fp16, int8, int4 (repeatable; "
+        "fp32 is always written as the reference).")] = None,
+    int8_scheme: Annotated[str | None, typer.Option(
+        help="int8 scheme: dynamic, smoothquant, nbits8 (default: smoothquant).")] = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
@@ -69,6 +74,8 @@ def export(
         qwen3emb-export export Qwen/Qwen3-Embedding-0.6B -o qwen3-0.6b
 
         qwen3emb-export export ./my-checkpoint -o out --dimensions 256 --no-validate
+
+        qwen3emb-export export ./my-checkpoint -o out --precision int8 --precision int4
     """
     configure_logging(verbose, quiet)
     from qwen3emb.export import export_bundle
@@ -76,7 +83,8 @@ def export(
     quiet_libraries()
 
     result = export_bundle(model, output, dimensions=dimensions, max_length=max_length,
-                           opset=opset, validate=validate, force=force, revision=revision)
+                           opset=opset, validate=validate, force=force, revision=revision,
+                           precisions=precision, int8_scheme=int8_scheme)
     if not quiet:
         typer.echo(f"bundle: {result.bundle}")
         for a in result.manifest["artifacts"]:

@@ -8,7 +8,7 @@ import os
 import platform
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +182,8 @@ def export_bundle(
     validate: bool = True,
     force: bool = False,
     revision: str | None = None,
+    precisions: Sequence[str] | None = None,
+    int8_scheme: str | None = None,
 ) -> ExportResult:
     """Export a checkpoint to a bundle directory: ONNX graph, tokenizer, manifest, report.
 
@@ -194,6 +196,10 @@ def export_bundle(
         validate: run the parity validator and write its report into the bundle.
         force: replace an existing ``out``.
         revision: hub revision.
+        precisions: ONNX precisions to write besides fp32 (``fp16``, ``int8``, ``int4``);
+            fp32 is always written as the reference artifact.
+        int8_scheme: how to build the int8 model (``quantize.INT8_SCHEMES``; default
+            ``quantize.DEFAULT_INT8_SCHEME``).
 
     Returns:
         The bundle path, its manifest, and the parity report when validated.
@@ -201,6 +207,10 @@ def export_bundle(
     Raises:
         CheckpointError, UnsupportedModelError, InputError, OutputError: see their docs.
     """
+    from qwen3emb.export.precisions import check_precisions
+    from qwen3emb.export.quantize import DEFAULT_INT8_SCHEME
+
+    wanted = check_precisions(precisions, int8_scheme)
     out_path = Path(out)
     checkpoint = load_checkpoint(source, revision=revision)
     family = family_for(checkpoint)
@@ -219,15 +229,14 @@ def export_bundle(
     with staged_directory(out_path, force=force) as stage:
         from qwen3emb.export.onnx import export_onnx
 
+        from qwen3emb.export.precisions import build_precisions
+
         backbone = family.load_backbone()
         onnx_path = export_onnx(family, stage / ONNX_DIR / "model.onnx", spec,
                                 dimensions=dimensions, backbone=backbone)
-        artifacts = [file_entry(stage, onnx_path, kind="onnx", role="model", precision="fp32",
-                                scheme="fp32 weights and activations")]
-        data = onnx_path.with_name(onnx_path.name + ".data")
-        if data.exists():
-            artifacts.append(file_entry(stage, data, kind="onnx", role="external-data",
-                                        precision="fp32"))
+        artifacts = build_precisions(stage, onnx_path, spec, wanted,
+                                     int8_scheme=int8_scheme or DEFAULT_INT8_SCHEME,
+                                     tokenizer_json=checkpoint.path / "tokenizer.json")
         for name in TOKENIZER_FILES:
             if (checkpoint.path / name).is_file():
                 shutil.copyfile(checkpoint.path / name, stage / name)
