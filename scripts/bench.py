@@ -59,7 +59,16 @@ def prepare(work: Path) -> tuple[Path, Path, dict[str, Path]]:
     from qwen3emb.convert.random_checkpoint import REAL_VOCAB_SIZE, build_random_checkpoint
     from qwen3emb.export import export_bundle
     from qwen3emb.export.precisions import calibration_feeds, int8_variant
-    from qwen3emb.export.quantize import DEFAULT_INT8_SCHEME, INT8_SCHEMES, calibrate
+    from qwen3emb.export.quantize import (
+        DEFAULT_INT8_SCHEME,
+        INT4_ACCURACY_LEVEL,
+        INT4_BLOCK_SIZE,
+        INT8_SCHEMES,
+        calibrate,
+        nbits,
+        quantize_embedding,
+        smooth,
+    )
 
     checkpoint, bundle = work / "checkpoint-0.6B", work / "bundle-0.6B"
     if not (checkpoint / "config.json").is_file():
@@ -72,7 +81,7 @@ def prepare(work: Path) -> tuple[Path, Path, dict[str, Path]]:
     onnx_dir = bundle / "onnx"
     files = {"onnx-fp32": onnx_dir / "model.onnx", "onnx-fp16": onnx_dir / "model_fp16.onnx",
              f"onnx-int8-{DEFAULT_INT8_SCHEME}": onnx_dir / "model_int8.onnx",
-             "onnx-int4": onnx_dir / "model_int4.onnx"}
+             f"onnx-int4-acc{INT4_ACCURACY_LEVEL}": onnx_dir / "model_int4.onnx"}
     others = [s for s in INT8_SCHEMES if s != DEFAULT_INT8_SCHEME]
     missing = [s for s in others if not (work / f"int8-{s}" / "model.onnx").is_file()]
     if missing:
@@ -94,6 +103,22 @@ def prepare(work: Path) -> tuple[Path, Path, dict[str, Path]]:
                 leftover.unlink()
     for scheme in others:
         files[f"onnx-int8-{scheme}"] = work / f"int8-{scheme}" / "model.onnx"
+    # The int4 accuracy level the bundle does not use, to show why it was chosen.
+    other_level = 0 if INT4_ACCURACY_LEVEL else 4
+    alt = work / f"int4-acc{other_level}" / "model.onnx"
+    if not alt.is_file():
+        import onnx
+
+        model = onnx.load(os.fspath(files["onnx-fp32"]))
+        ranges = calibrate(model, calibration_feeds(checkpoint / "tokenizer.json"), workdir=work)
+        smooth(model, ranges)
+        model = nbits(model, bits=4, block_size=INT4_BLOCK_SIZE, accuracy_level=other_level)
+        quantize_embedding(model)
+        alt.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(model, os.fspath(alt), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="model.onnx.data",
+                        size_threshold=1024)
+    files[f"onnx-int4-acc{other_level}"] = alt
     return checkpoint, bundle, files
 
 

@@ -300,13 +300,13 @@ def _int8(bundle, scheme, workdir):
     return int8_variant(fp32, ranges, scheme, scratch)
 
 
-def _run_model(model, bundle, texts):
+def _run_model(model, bundle, texts, max_length=256):
     """Embed ``texts`` one at a time with an in-memory graph and the bundle's tokenizer."""
     import onnxruntime as ort
 
     from qwen3emb.runtime import TextEmbedder
 
-    embedder = TextEmbedder(bundle, threads=1)
+    embedder = TextEmbedder(bundle, threads=1, max_length=max_length)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     rows = []
     for ids in embedder.tokenize(texts):

@@ -132,6 +132,8 @@ def _save(model: Any, path: Path, big: bool) -> list[Path]:
         data = path.with_name(path.name + ".data")
         onnx.save_model(model, os.fspath(path), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+        # Saving moved the weights out of ``model``; the other variants still need them.
+        onnx.load_external_data_for_model(model, os.fspath(path.parent))
         return [path, data]
     onnx.save_model(model, os.fspath(path))
     return [path]
