@@ -109,7 +109,7 @@ def calibrate(model: Any, feeds: Iterable[dict[str, np.ndarray]], *,
     # Fusions could swallow the tapped tensors; basic constant folding keeps them.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        if probe.ByteSize() > (1 << 30):
+        if sum(len(t.raw_data) for t in probe.graph.initializer) > (1 << 30):
             path = Path(tmp) / "calibrate.onnx"
             onnx.save_model(probe, os.fspath(path), save_as_external_data=True,
                             all_tensors_to_one_file=True, location="calibrate.onnx.data",
