@@ -65,9 +65,6 @@ def prepare(work: Path) -> tuple[Path, Path, dict[str, Path]]:
         INT4_BLOCK_SIZE,
         INT8_SCHEMES,
         calibrate,
-        nbits,
-        quantize_embedding,
-        smooth,
     )
 
     checkpoint, bundle = work / "checkpoint-0.6B", work / "bundle-0.6B"
@@ -111,9 +108,9 @@ def prepare(work: Path) -> tuple[Path, Path, dict[str, Path]]:
 
         model = onnx.load(os.fspath(files["onnx-fp32"]))
         ranges = calibrate(model, calibration_feeds(checkpoint / "tokenizer.json"), workdir=work)
-        smooth(model, ranges)
-        model = nbits(model, bits=4, block_size=INT4_BLOCK_SIZE, accuracy_level=other_level)
-        quantize_embedding(model)
+        from qwen3emb.export.precisions import int4_variant
+
+        model, _ = int4_variant(model, ranges, accuracy_level=other_level)
         alt.parent.mkdir(parents=True, exist_ok=True)
         onnx.save_model(model, os.fspath(alt), save_as_external_data=True,
                         all_tensors_to_one_file=True, location="model.onnx.data",
@@ -189,16 +186,17 @@ def main() -> None:
         times: dict[str, list[float]] = {n: [] for n in engines}
         outputs: dict[str, np.ndarray] = {}
         peaks: dict[str, int] = {n: 0 for n in engines}
-        base = rss()
         for name in engines:  # warm-up
             outputs[name] = run(name, ids, mask)
         for _ in range(args.runs):
             for name in engines:
+                before_run = rss()
                 with PeakRss() as peak:
                     start = time.perf_counter()
                     run(name, ids, mask)
                     times[name].append(time.perf_counter() - start)
-                peaks[name] = max(peaks[name], peak.peak - base)
+                # Growth during this engine's own run (arenas kept from earlier runs excluded).
+                peaks[name] = max(peaks[name], peak.peak - before_run)
         reference = outputs["torch-fp32"]
         for name in engines:
             p50 = float(np.median(times[name]))
@@ -232,7 +230,7 @@ def main() -> None:
 
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     head = ("| batch | length | engine | tokens/s | p50 s | × torch | min cos to torch | "
-            "size MB | load RSS MB | run RSS growth MB |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "size MB | load RSS MB | peak RSS growth in run MB |\n|---|---|---|---|---|---|---|---|---|---|\n")
     rows = "".join(
         f"| {r['batch']} | {r['length']} | {r['engine']} | {r['tokens_per_s']:.0f} | "
         f"{r['p50_s']:.3f} | {r['speedup_vs_torch']:.2f} | {r['min_cosine_to_torch']:.6f} | "

@@ -159,6 +159,7 @@ def test_manifest_describes_each_precision(outlier_bundle):
         assert entry["scheme"] and isinstance(entry["settings"], dict), precision
     assert models["int8"]["settings"]["scheme"] == "smoothquant"
     assert models["int4"]["settings"]["block_size"] == 32
+    assert models["int4"]["settings"]["8bit_matmuls"] == ["v_proj/MatMul", "down_proj/MatMul"]
     assert not manifest.verify()
     sizes = {p: e["size"] for p, e in models.items()}
     assert sizes["int4"] < sizes["int8"] < sizes["fp16"] < sizes["fp32"]

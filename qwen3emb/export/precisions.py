@@ -120,8 +120,9 @@ def build_precisions(stage: Path, raw_path: Path, spec: TextGraphSpec, precision
             write(variant, "int8", q.INT8_SCHEMES[int8_scheme], settings)
         if "int4" in precisions:
             variant, settings = int4_variant(model, dict(ranges or {}))
-            write(variant, "int4", "4-bit weight-only MatMulNBits after SmoothQuant-style "
-                  "smoothing; 8-bit GatherBlockQuantized embedding table", settings)
+            write(variant, "int4", "4-bit weight-only MatMulNBits (v_proj and down_proj 8-bit) "
+                  "after SmoothQuant-style smoothing; 8-bit GatherBlockQuantized embeddings",
+                  settings)
     return entries
 
 
@@ -150,7 +151,8 @@ def _copy(model: Any) -> Any:
 def int8_variant(model: Any, ranges: dict[str, np.ndarray], scheme: str, workdir: Path
                  ) -> tuple[Any, dict[str, Any]]:
     """Build the int8 graph for ``scheme`` (see ``quantize.INT8_SCHEMES``)."""
-    q.check_int8_scheme(scheme) if scheme != q.NAIVE_INT8_SCHEME else None
+    if scheme != q.NAIVE_INT8_SCHEME:  # the naive scheme is internal, for tests only
+        q.check_int8_scheme(scheme)
     variant = _copy(model)
     settings: dict[str, Any] = {"scheme": scheme}
     if scheme == "nbits8":
@@ -175,14 +177,20 @@ def int8_variant(model: Any, ranges: dict[str, np.ndarray], scheme: str, workdir
     return variant, settings
 
 
-def int4_variant(model: Any, ranges: dict[str, np.ndarray]) -> tuple[Any, dict[str, Any]]:
-    """Build the int4 graph: smoothing, 4-bit MatMulNBits, 8-bit embedding table."""
+def int4_variant(model: Any, ranges: dict[str, np.ndarray], *,
+                 accuracy_level: int = q.INT4_ACCURACY_LEVEL) -> tuple[Any, dict[str, Any]]:
+    """Build the int4 graph: smoothing, 4-bit MatMulNBits (v/down 8-bit), 8-bit embeddings."""
     variant = _copy(model)
     smoothed = q.smooth(variant, ranges, q.SMOOTH_ALPHA)
+    matmuls = [n.name for n in variant.graph.node if n.op_type == "MatMul"]
+    wide = [name for name in matmuls if name.endswith(q.INT4_8BIT_MATMULS)]
+    variant = q.nbits(variant, bits=8, block_size=q.INT4_BLOCK_SIZE,
+                      accuracy_level=accuracy_level,
+                      exclude=[name for name in matmuls if name not in wide])
     variant = q.nbits(variant, bits=4, block_size=q.INT4_BLOCK_SIZE,
-                      accuracy_level=q.INT4_ACCURACY_LEVEL)
+                      accuracy_level=accuracy_level)
     q.quantize_embedding(variant)
     return variant, {"bits": 4, "block_size": q.INT4_BLOCK_SIZE,
-                     "accuracy_level": q.INT4_ACCURACY_LEVEL, "smoothed_norms": smoothed,
-                     "alpha": q.SMOOTH_ALPHA,
+                     "accuracy_level": accuracy_level, "smoothed_norms": smoothed,
+                     "alpha": q.SMOOTH_ALPHA, "8bit_matmuls": list(q.INT4_8BIT_MATMULS),
                      "embedding": f"8-bit GatherBlockQuantized, block {q.EMBEDDING_BLOCK_SIZE}"}
