@@ -58,6 +58,11 @@ def export(
     )] = True,
     force: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists.")] = False,
     revision: Annotated[str | None, typer.Option(help="Hub revision.")] = None,
+    precision: Annotated[list[str] | None, typer.Option(
+        "--precision", help="ONNX precision to write: fp32, fp16, int8, int4 (repeatable; "
+        "fp32 is always written as the reference).")] = None,
+    int8_scheme: Annotated[str | None, typer.Option(
+        help="int8 scheme: dynamic, smoothquant, nbits8 (default: smoothquant).")] = None,
     format: Annotated[list[str] | None, typer.Option(
         "--format", help="onnx and/or gguf (repeatable; default onnx).")] = None,
     gguf_type: Annotated[list[str] | None, typer.Option(
@@ -81,6 +86,8 @@ def export(
 
         qwen3emb-export export ./my-checkpoint -o out --format onnx --format gguf \\
             --gguf-type f16 --gguf-type q8_0
+
+        qwen3emb-export export ./my-checkpoint -o out --precision int8 --precision int4
     """
     configure_logging(verbose, quiet)
     from qwen3emb.export import export_bundle
@@ -94,7 +101,7 @@ def export(
     result = export_bundle(model, output, dimensions=dimensions, max_length=max_length,
                            opset=opset, validate=validate, force=force, revision=revision,
                            formats=format or ["onnx"], gguf_types=gguf_type or [],
-                           progress=show)
+                           progress=show, precisions=precision, int8_scheme=int8_scheme)
     if not quiet:
         typer.echo(f"bundle: {result.bundle}")
         for a in result.manifest["artifacts"]:

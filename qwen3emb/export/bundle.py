@@ -201,6 +201,8 @@ def export_bundle(
     formats: Sequence[str] = ("onnx",),
     gguf_types: Sequence[str] = (),
     progress: bool = False,
+    precisions: Sequence[str] | None = None,
+    int8_scheme: str | None = None,
 ) -> ExportResult:
     """Export a checkpoint to a bundle directory: ONNX graph, tokenizer, manifest, report.
 
@@ -217,6 +219,10 @@ def export_bundle(
         gguf_types: GGUF types to write (f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k); implies
             ``"gguf"``; default ``f16`` when ``"gguf"`` is asked for.
         progress: show progress bars on stderr (tracing, writing, validating).
+        precisions: ONNX precisions to write besides fp32 (``fp16``, ``int8``, ``int4``);
+            fp32 is always written as the reference artifact.
+        int8_scheme: how to build the int8 model (``quantize.INT8_SCHEMES``; default
+            ``quantize.DEFAULT_INT8_SCHEME``).
 
     Returns:
         The bundle path, its manifest, and the parity report when validated.
@@ -224,6 +230,10 @@ def export_bundle(
     Raises:
         CheckpointError, UnsupportedModelError, InputError, OutputError: see their docs.
     """
+    from qwen3emb.export.precisions import check_precisions
+    from qwen3emb.export.quantize import DEFAULT_INT8_SCHEME
+
+    onnx_precisions = check_precisions(precisions, int8_scheme)
     out_path = Path(out)
     wanted = _check_formats(formats, gguf_types)
     gguf_list = [t.lower() for t in gguf_types] or (
@@ -255,15 +265,13 @@ def export_bundle(
         artifacts: list[dict[str, Any]] = []
         if "onnx" in wanted:
             from qwen3emb.export.onnx import export_onnx
+            from qwen3emb.export.precisions import build_precisions
 
             onnx_path = export_onnx(family, stage / ONNX_DIR / "model.onnx", spec,
                                     dimensions=dimensions, progress=progress)
-            artifacts.append(file_entry(stage, onnx_path, kind="onnx", role="model",
-                                        precision="fp32", scheme="fp32 weights and activations"))
-            data = onnx_path.with_name(onnx_path.name + ".data")
-            if data.exists():
-                artifacts.append(file_entry(stage, data, kind="onnx", role="external-data",
-                                            precision="fp32"))
+            artifacts += build_precisions(stage, onnx_path, spec, onnx_precisions,
+                                          int8_scheme=int8_scheme or DEFAULT_INT8_SCHEME,
+                                          tokenizer_json=checkpoint.path / "tokenizer.json")
         if gguf_list:
             from qwen3emb.export.gguf import export_gguf
 

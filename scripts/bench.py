@@ -1,0 +1,273 @@
+"""Benchmark HuggingFace torch fp32 against every ONNX precision, in one process.
+
+Builds (and caches under --work) a random-weight checkpoint in the real Qwen3-Embedding-0.6B
+shape, exports it with all precisions, builds the other int8 schemes beside the bundle, then
+measures each cell of the grid for every engine, round-robin (one run of each engine in turn),
+so background load hits all engines alike. Reports tokens/s, p50 latency, RSS growth,
+artifact size and cosine to torch fp32, as JSON, a Markdown table and a PNG chart.
+
+    python scripts/bench.py --work /tmp/bench --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GRID_BATCH = (1, 8, 32)
+GRID_LENGTH = (16, 128, 512)
+QUICK_CELLS = ((1, 16), (8, 128), (1, 512))
+
+
+def rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class PeakRss:
+    """Sample the process RSS every 20 ms while a block runs."""
+
+    def __enter__(self) -> PeakRss:
+        self.peak = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+
+def prepare(work: Path) -> tuple[Path, Path, dict[str, Path]]:
+    """Checkpoint, bundle and the ONNX file of each engine (cached under ``work``)."""
+    from qwen3emb.convert.random_checkpoint import REAL_VOCAB_SIZE, build_random_checkpoint
+    from qwen3emb.export import export_bundle
+    from qwen3emb.export.precisions import calibration_feeds, int8_variant
+    from qwen3emb.export.quantize import (
+        DEFAULT_INT8_SCHEME,
+        INT4_ACCURACY_LEVEL,
+        INT8_SCHEMES,
+        calibrate,
+    )
+
+    checkpoint, bundle = work / "checkpoint-0.6B", work / "bundle-0.6B"
+    if not (checkpoint / "config.json").is_file():
+        logging.info("building the random 0.6B checkpoint (a minute)")
+        build_random_checkpoint(checkpoint, preset="0.6B", vocab_size=REAL_VOCAB_SIZE)
+    if not (bundle / "manifest.json").is_file():
+        logging.info("exporting fp32/fp16/int8/int4 (several minutes)")
+        export_bundle(checkpoint, bundle, validate=False, force=True,
+                      precisions=["fp16", "int8", "int4"])
+    onnx_dir = bundle / "onnx"
+    files = {"onnx-fp32": onnx_dir / "model.onnx", "onnx-fp16": onnx_dir / "model_fp16.onnx",
+             f"onnx-int8-{DEFAULT_INT8_SCHEME}": onnx_dir / "model_int8.onnx",
+             f"onnx-int4-acc{INT4_ACCURACY_LEVEL}": onnx_dir / "model_int4.onnx"}
+    others = [s for s in INT8_SCHEMES if s != DEFAULT_INT8_SCHEME]
+    missing = [s for s in others if not (work / f"int8-{s}" / "model.onnx").is_file()]
+    if missing:
+        import onnx
+
+        model = onnx.load(os.fspath(files["onnx-fp32"]))
+        ranges = calibrate(model, calibration_feeds(checkpoint / "tokenizer.json"), workdir=work)
+        for scheme in missing:
+            logging.info("building int8 scheme %s", scheme)
+            out = work / f"int8-{scheme}"
+            out.mkdir(parents=True, exist_ok=True)
+            variant, _ = int8_variant(model, dict(ranges), scheme, out)
+            onnx.save_model(variant, os.fspath(out / "model.onnx"), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location="model.onnx.data",
+                            size_threshold=1024)
+            for leftover in out.glob("input.onnx*"):
+                leftover.unlink()
+            for leftover in out.glob("int8.onnx*"):
+                leftover.unlink()
+    for scheme in others:
+        files[f"onnx-int8-{scheme}"] = work / f"int8-{scheme}" / "model.onnx"
+    # The int4 accuracy level the bundle does not use, to show why it was chosen.
+    other_level = 0 if INT4_ACCURACY_LEVEL else 4
+    alt = work / f"int4-acc{other_level}" / "model.onnx"
+    if not alt.is_file():
+        import onnx
+
+        model = onnx.load(os.fspath(files["onnx-fp32"]))
+        ranges = calibrate(model, calibration_feeds(checkpoint / "tokenizer.json"), workdir=work)
+        from qwen3emb.export.precisions import int4_variant
+
+        model, _ = int4_variant(model, ranges, accuracy_level=other_level)
+        alt.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(model, os.fspath(alt), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="model.onnx.data",
+                        size_threshold=1024)
+    files[f"onnx-int4-acc{other_level}"] = alt
+    return checkpoint, bundle, files
+
+
+def size_of(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("bench-work"))
+    parser.add_argument("--out", type=Path, default=None, help="results dir (default: WORK)")
+    parser.add_argument("--quick", action="store_true", help=f"only cells {QUICK_CELLS}")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per cell and engine")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--engines", nargs="*", default=None, help="subset of engine names")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("onnxscript", "onnx_ir", "torch", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    out = args.out or args.work
+    out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModel
+
+    torch.set_num_threads(args.threads)
+    checkpoint, _, files = prepare(args.work)
+    if args.engines:
+        files = {k: v for k, v in files.items() if k in args.engines}
+    engines: dict[str, Any] = {}
+    load_rss: dict[str, int] = {}
+    before = rss()
+    engines["torch-fp32"] = AutoModel.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    load_rss["torch-fp32"] = rss() - before
+    for name, path in files.items():
+        gc.collect()
+        before = rss()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        engines[name] = ort.InferenceSession(os.fspath(path), options,
+                                             providers=["CPUExecutionProvider"])
+        load_rss[name] = rss() - before
+    sizes = {name: size_of(path) for name, path in files.items()}
+    sizes["torch-fp32"] = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+
+    def run(name: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        engine = engines[name]
+        if name == "torch-fp32":
+            with torch.inference_mode():
+                hidden = engine(input_ids=torch.from_numpy(ids),
+                                attention_mask=torch.from_numpy(mask)).last_hidden_state
+            vec = hidden[:, -1].float()
+            return (vec / vec.norm(dim=-1, keepdim=True)).numpy()
+        return engine.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+    cells = QUICK_CELLS if args.quick else [(b, s) for b in GRID_BATCH for s in GRID_LENGTH]
+    rng = np.random.default_rng(0)
+    results: list[dict[str, Any]] = []
+    for batch, length in cells:
+        ids = rng.integers(0, 151643, (batch, length), dtype=np.int64)
+        ids[:, -1] = 151643  # the end token, as the tokenizer appends it
+        mask = np.ones_like(ids)
+        times: dict[str, list[float]] = {n: [] for n in engines}
+        outputs: dict[str, np.ndarray] = {}
+        peaks: dict[str, int] = {n: 0 for n in engines}
+        for name in engines:  # warm-up
+            outputs[name] = run(name, ids, mask)
+        for _ in range(args.runs):
+            for name in engines:
+                before_run = rss()
+                with PeakRss() as peak:
+                    start = time.perf_counter()
+                    run(name, ids, mask)
+                    times[name].append(time.perf_counter() - start)
+                # Growth during this engine's own run (arenas kept from earlier runs excluded).
+                peaks[name] = max(peaks[name], peak.peak - before_run)
+        reference = outputs["torch-fp32"]
+        for name in engines:
+            p50 = float(np.median(times[name]))
+            cos = (outputs[name] * reference).sum(axis=1) / (
+                np.linalg.norm(outputs[name], axis=1) * np.linalg.norm(reference, axis=1))
+            results.append({
+                "engine": name, "batch": batch, "length": length, "p50_s": round(p50, 4),
+                "min_s": round(float(np.min(times[name])), 4),
+                "tokens_per_s": round(batch * length / p50, 1),
+                "speedup_vs_torch": None,
+                "load_rss_mb": round(load_rss[name] / 2**20),
+                "run_rss_growth_mb": round(peaks[name] / 2**20),
+                "size_mb": round(sizes[name] / 2**20, 1),
+                "min_cosine_to_torch": round(float(np.min(cos)), 6),
+            })
+            logging.info("b=%d s=%d %-26s p50 %.3fs  %.0f tok/s  cos %.6f", batch, length, name,
+                         p50, batch * length / p50, float(np.min(cos)))
+        torch_p50 = next(r["p50_s"] for r in results if r["engine"] == "torch-fp32"
+                         and r["batch"] == batch and r["length"] == length)
+        for r in results:
+            if r["batch"] == batch and r["length"] == length:
+                r["speedup_vs_torch"] = round(torch_p50 / r["p50_s"], 2)
+    meta = {"threads": args.threads, "runs": args.runs, "cpu_count": os.cpu_count(),
+            "onnxruntime": ort.__version__, "torch": torch.__version__,
+            "note": "round-robin timing in one process; p50 of the timed runs after 1 warm-up"}
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    (out / "bench.md").write_text(markdown(results, meta))
+    chart(results, out / "bench.png")
+    print(markdown(results, meta))
+
+
+def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    head = ("| batch | length | engine | tokens/s | p50 s | × torch | min cos to torch | "
+            "size MB | load RSS MB | peak RSS growth in run MB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = "".join(
+        f"| {r['batch']} | {r['length']} | {r['engine']} | {r['tokens_per_s']:.0f} | "
+        f"{r['p50_s']:.3f} | {r['speedup_vs_torch']:.2f} | {r['min_cosine_to_torch']:.6f} | "
+        f"{r['size_mb']:.0f} | {r['load_rss_mb']} | {r['run_rss_growth_mb']} |\n"
+        for r in results)
+    return (f"{meta['threads']} intra-op threads, {meta['runs']} timed runs per cell "
+            f"(round-robin), onnxruntime {meta['onnxruntime']}, torch {meta['torch']}\n\n"
+            + head + rows)
+
+
+def chart(results: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.warning("matplotlib is not installed; no chart")
+        return
+    batches = sorted({r["batch"] for r in results})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for engine in sorted({r["engine"] for r in results}):
+            rows = sorted((r for r in results if r["engine"] == engine and r["batch"] == batch),
+                          key=lambda r: r["length"])
+            if rows:
+                ax.plot([r["length"] for r in rows], [r["tokens_per_s"] for r in rows],
+                        marker="o", label=engine)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("tokens/s")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
