@@ -347,8 +347,13 @@ def write_tensors(path: Path, writer: GGUFWriter, tensors: list[_Tensor],
             bar.close()
 
 
-def _add_metadata(writer: GGUFWriter, gtype: GGUFType, config: Qwen3TextConfig,
-                  vocab: GGUFVocab, max_length: int) -> None:
+def add_decoder_metadata(writer: GGUFWriter, gtype: GGUFType, config: Any, vocab: GGUFVocab,
+                         max_length: int) -> None:
+    """Hyperparameters, pooling and the BPE vocabulary shared by the qwen3 and qwen3vl GGUFs.
+
+    ``config`` is any object with the Qwen3 decoder fields (``Qwen3TextConfig`` or the VL one).
+    The special-token ids and flags are left to the caller: they differ between the families.
+    """
     writer.add_type("model")
     writer.add_file_type(int(gtype.file_type))
     writer.add_quantization_version(GGML_QUANT_VERSION)
@@ -367,12 +372,17 @@ def _add_metadata(writer: GGUFWriter, gtype: GGUFType, config: Qwen3TextConfig,
     writer.add_uint32(MAX_LENGTH_KEY, max_length)
     if vocab.normalizer:
         writer.add_string(NORMALIZER_KEY, vocab.normalizer)
-    # Tokenizer: llama.cpp appends <|endoftext|> itself only when add_eos_token is true.
     writer.add_tokenizer_model(TOKENIZER_MODEL)
     writer.add_tokenizer_pre(PRE_TOKENIZER)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(vocab.merges)
+
+
+def _add_metadata(writer: GGUFWriter, gtype: GGUFType, config: Qwen3TextConfig,
+                  vocab: GGUFVocab, max_length: int) -> None:
+    add_decoder_metadata(writer, gtype, config, vocab, max_length)
+    # llama.cpp appends <|endoftext|> itself only when add_eos_token is true.
     writer.add_bos_token_id(vocab.end_id)
     writer.add_eos_token_id(vocab.end_id)
     writer.add_pad_token_id(vocab.end_id)

@@ -27,7 +27,6 @@ from gguf import (
     MODEL_ARCH_NAMES,
     GGMLQuantizationType,
     GGUFWriter,
-    PoolingType,
     VisionProjectorType,
     get_tensor_name_map,
 )
@@ -43,18 +42,17 @@ from qwen3emb.constants import (
 from qwen3emb.errors import CheckpointError, InputError, OutputError, UnsupportedModelError
 from qwen3emb.export.gguf import (
     GGUF_TYPES,
-    MAX_LENGTH_KEY,
-    NORMALIZER_KEY,
     GGUFType,
     _atomic,
     _llama_quantize,
     _read_json,
     _storage,
     _Tensor,
+    add_decoder_metadata,
     check_types,
     write_tensors,
 )
-from qwen3emb.export.gguf_vocab import PRE_TOKENIZER, TOKENIZER_MODEL, GGUFVocab, read_vocab
+from qwen3emb.export.gguf_vocab import GGUFVocab, read_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -359,33 +357,11 @@ def _vision_tensors(hf_name: str, name: str, shard: Path, shape: tuple[int, ...]
 
 def _add_text_metadata(writer: GGUFWriter, gtype: GGUFType, config: Qwen3VLConfig,
                        vocab: GGUFVocab, max_length: int) -> None:
-    writer.add_type("model")
-    writer.add_file_type(int(gtype.file_type))
-    writer.add_quantization_version(GGML_QUANT_VERSION)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_freq_base(config.rope_theta)
+    add_decoder_metadata(writer, gtype, config, vocab, max_length)
     writer.add_rope_dimension_count(config.head_dim)
     sections = list(config.mrope_section) + [0] * (4 - len(config.mrope_section))
     writer.add_rope_dimension_sections(sections)
     writer.add_num_deepstack_layers(len(config.deepstack_visual_indexes))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_pooling_type(PoolingType.LAST)
-    writer.add_uint32(MAX_LENGTH_KEY, max_length)
-    if vocab.normalizer:
-        writer.add_string(NORMALIZER_KEY, vocab.normalizer)
-    writer.add_tokenizer_model(TOKENIZER_MODEL)
-    writer.add_tokenizer_pre(PRE_TOKENIZER)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.types)
-    writer.add_token_merges(vocab.merges)
     if vocab.tokens[config.end_token_id] != IM_END_TOKEN:
         raise CheckpointError(
             f"token {config.end_token_id} (text_config.eos_token_id) is "
