@@ -61,6 +61,9 @@ def trace_graph(family: Family, spec: TextGraphSpec, dimensions: int | None = No
             f"torch.onnx.export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}",
             hint="Run with QWEN3EMB_DEBUG=1 for the traceback; check torch/transformers versions",
         ) from e
+    if program is None:  # only the legacy exporter returns None
+        raise OutputError("torch.onnx.export returned no program",
+                          hint="This is a bug in qwen3emb-export; please report it")
     model = program.model
     model.graph.meta["host_buffers"] = family.host_buffers(backbone)
     return model

@@ -153,7 +153,7 @@ def fuse_rms_norms(model: Any) -> int:
         sqrt = None if add is None else g.only_consumer(add.output[0], "Sqrt")
         recip = None if sqrt is None else g.only_consumer(sqrt.output[0], "Reciprocal")
         scale = None if recip is None else g.only_consumer(recip.output[0], "Mul")
-        if eps is None or scale is None or _other(scale, recip.output[0]) != x:
+        if eps is None or scale is None or recip is None or _other(scale, recip.output[0]) != x:
             continue
         weigh = g.only_consumer(scale.output[0], "Mul")
         weight = None if weigh is None else _other(weigh, scale.output[0])
