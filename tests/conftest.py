@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,38 @@ import pytest
 # Nothing in the tests may reach the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+TORCH_BLOCKER = textwrap.dedent("""
+    import importlib.abc, sys
+    BLOCKED = ("torch", "transformers", "onnx", "onnxscript", "safetensors")
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"blocked import of {name}")
+            return None
+    sys.meta_path.insert(0, Block())
+""")
+"""Prepended to subprocess code: importing torch & co. raises, so a torch-free claim is tested."""
+
+
+@pytest.fixture(scope="session")
+def run_without_torch() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run Python ``code`` in a subprocess where torch, transformers and onnx cannot import."""
+
+    def run(code: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", TORCH_BLOCKER + textwrap.dedent(code)],
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def vl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3-VL checkpoint with the real geometry."""
+    from qwen3emb.convert.random_vl_checkpoint import build_random_vl_checkpoint
+
+    return build_random_vl_checkpoint(tmp_path_factory.mktemp("vl-ckpt") / "tiny-vl")
 
 
 @pytest.fixture(scope="session")

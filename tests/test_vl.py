@@ -10,9 +10,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import subprocess
-import sys
-import textwrap
 import zlib
 from pathlib import Path
 
@@ -33,13 +30,6 @@ from qwen3emb.validate.vl_probes import synthetic_image, write_test_video
 
 FLOOR = 0.99999
 runner = CliRunner()
-
-
-@pytest.fixture(scope="session")
-def vl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from qwen3emb.convert.random_vl_checkpoint import build_random_vl_checkpoint
-
-    return build_random_vl_checkpoint(tmp_path_factory.mktemp("vl-ckpt") / "tiny-vl")
 
 
 @pytest.fixture(scope="session")
@@ -342,24 +332,13 @@ def test_bad_items_do_not_lose_the_good_ones(vl_embedder, tmp_path: Path) -> Non
 
 # --- torch-free runtime ------------------------------------------------------------------
 
-BLOCKER = textwrap.dedent("""
-    import importlib.abc, sys
-    BLOCKED = ("torch", "transformers", "onnx", "onnxscript", "safetensors")
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"blocked import of {name}")
-            return None
-    sys.meta_path.insert(0, Block())
-""")
-
-
 @pytest.mark.slow
-def test_vl_runtime_and_cli_work_without_torch(vl_bundle: Path, tmp_path: Path) -> None:
+def test_vl_runtime_and_cli_work_without_torch(vl_bundle: Path, tmp_path: Path,
+                                               run_without_torch) -> None:
     video = write_test_video(tmp_path / "clip.mp4")
     image = tmp_path / "img.png"
     synthetic_image(80, 60).save(image)
-    code = BLOCKER + textwrap.dedent(f"""
+    result = run_without_torch(f"""
         import sys
         from qwen3emb.runtime import VLEmbedder
         out = VLEmbedder({str(vl_bundle)!r}).encode(
@@ -372,8 +351,6 @@ def test_vl_runtime_and_cli_work_without_torch(vl_bundle: Path, tmp_path: Path) 
         assert result.exit_code == 0, (result.output, result.exception)
         assert not any(m.split(".")[0] in BLOCKED for m in sys.modules)
         print("ok")
-    """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
+    """, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")

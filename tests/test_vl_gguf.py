@@ -23,10 +23,8 @@ TEXTS = [{"text": "A photo of a cat sitting on a red sofa."},
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from qwen3emb.convert.random_vl_checkpoint import build_random_vl_checkpoint
-
-    return build_random_vl_checkpoint(tmp_path_factory.mktemp("vl-gguf-ckpt") / "tiny-vl")
+def checkpoint(vl_checkpoint: Path) -> Path:
+    return vl_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -195,22 +193,9 @@ def test_bad_resize_mode_names_the_choices(bundle: Path) -> None:
 
 
 @pytest.mark.slow
-def test_gguf_runtime_embeds_text_and_image_without_torch(bundle: Path) -> None:
-    import subprocess
-    import sys
-    import textwrap
-
-    blocker = textwrap.dedent("""
-        import importlib.abc, sys
-        BLOCKED = ("torch", "transformers", "onnx", "onnxscript", "safetensors")
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in BLOCKED:
-                    raise ImportError(f"blocked import of {name}")
-                return None
-        sys.meta_path.insert(0, Block())
-    """)
-    code = blocker + textwrap.dedent(f"""
+def test_gguf_runtime_embeds_text_and_image_without_torch(bundle: Path,
+                                                          run_without_torch) -> None:
+    result = run_without_torch(f"""
         import sys
         from PIL import Image
         from qwen3emb.runtime.gguf_vl import GGUFVLEmbedder
@@ -220,7 +205,5 @@ def test_gguf_runtime_embeds_text_and_image_without_torch(bundle: Path) -> None:
         assert not any(m.split(".")[0] in BLOCKED for m in sys.modules)
         print("ok")
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"

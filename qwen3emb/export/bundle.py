@@ -103,6 +103,24 @@ def _check_formats(formats: Sequence[str], gguf_types: Sequence[str]) -> list[st
     return wanted
 
 
+def load_tokenizer_json(checkpoint_dir: Path) -> Any:
+    """The checkpoint's ``tokenizer.json`` as a ``tokenizers.Tokenizer``.
+
+    Raises:
+        CheckpointError: the file is missing or does not load.
+    """
+    from tokenizers import Tokenizer
+
+    path = checkpoint_dir / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointError(f"'{checkpoint_dir}' has no tokenizer.json",
+                              hint="Use the checkpoint's original tokenizer files")
+    try:
+        return Tokenizer.from_file(os.fspath(path))
+    except Exception as e:  # tokenizers raises bare Exceptions
+        raise CheckpointError(f"cannot load '{path}': {e}", hint="Re-download it") from e
+
+
 def check_tokenizer(checkpoint_dir: Path) -> dict[str, Any]:
     """Verify that ``tokenizer.json`` appends ``<|endoftext|>`` and keeps it on truncation.
 
@@ -112,16 +130,7 @@ def check_tokenizer(checkpoint_dir: Path) -> dict[str, Any]:
     Raises:
         CheckpointError: no tokenizer.json, no end token, or the end token is not appended.
     """
-    from tokenizers import Tokenizer
-
-    path = checkpoint_dir / "tokenizer.json"
-    if not path.is_file():
-        raise CheckpointError(f"'{checkpoint_dir}' has no tokenizer.json",
-                              hint="Use the checkpoint's original tokenizer files")
-    try:
-        tokenizer = Tokenizer.from_file(os.fspath(path))
-    except Exception as e:  # tokenizers raises bare Exceptions
-        raise CheckpointError(f"cannot load '{path}': {e}", hint="Re-download it") from e
+    tokenizer = load_tokenizer_json(checkpoint_dir)
     end_id = tokenizer.token_to_id(END_TOKEN)
     if end_id is None:
         raise CheckpointError(f"tokenizer.json has no {END_TOKEN} token",

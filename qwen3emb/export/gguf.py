@@ -72,8 +72,8 @@ GGUF_TYPES: dict[str, GGUFType] = {t.name: t for t in (
 
 
 @dataclass(frozen=True)
-class Qwen3TextConfig:
-    """The config.json keys a qwen3 GGUF needs; unknown keys are ignored."""
+class DecoderConfig:
+    """The Qwen3 decoder keys every GGUF of this project needs; unknown keys are ignored."""
 
     vocab_size: int
     hidden_size: int
@@ -85,6 +85,33 @@ class Qwen3TextConfig:
     max_position_embeddings: int
     rms_norm_eps: float
     rope_theta: float
+
+    @staticmethod
+    def fields(text: dict[str, Any]) -> dict[str, Any]:
+        """The decoder fields from a (text) config dict.
+
+        Raises:
+            KeyError: a required key is missing.
+        """
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        heads = int(text["num_attention_heads"])
+        return {
+            "vocab_size": int(text["vocab_size"]),
+            "hidden_size": int(text["hidden_size"]),
+            "intermediate_size": int(text["intermediate_size"]),
+            "num_hidden_layers": int(text["num_hidden_layers"]),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(text.get("num_key_value_heads") or heads),
+            "head_dim": int(text.get("head_dim") or int(text["hidden_size"]) // heads),
+            "max_position_embeddings": int(text["max_position_embeddings"]),
+            "rms_norm_eps": float(text["rms_norm_eps"]),
+            "rope_theta": float(rope.get("rope_theta") or text["rope_theta"]),
+        }
+
+
+@dataclass(frozen=True)
+class Qwen3TextConfig(DecoderConfig):
+    """The config.json keys a qwen3 GGUF needs."""
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], where: Path) -> Qwen3TextConfig:
@@ -108,19 +135,7 @@ class Qwen3TextConfig:
                 hint="Qwen3-Embedding checkpoints use default RoPE; check config.json",
             )
         try:
-            heads = int(config["num_attention_heads"])
-            return cls(
-                vocab_size=int(config["vocab_size"]),
-                hidden_size=int(config["hidden_size"]),
-                intermediate_size=int(config["intermediate_size"]),
-                num_hidden_layers=int(config["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-                head_dim=int(config.get("head_dim") or int(config["hidden_size"]) // heads),
-                max_position_embeddings=int(config["max_position_embeddings"]),
-                rms_norm_eps=float(config["rms_norm_eps"]),
-                rope_theta=float(rope.get("rope_theta") or config["rope_theta"]),
-            )
+            return cls(**DecoderConfig.fields(config))
         except KeyError as e:
             raise CheckpointError(f"'{where}' lacks the key {e}",
                                   hint="Download the checkpoint's config.json again") from e
@@ -154,51 +169,77 @@ def export_gguf(checkpoint_dir: Path, out_dir: Path, types: Sequence[str], *,
     wanted = check_types(types)
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     config = Qwen3TextConfig.from_dict(_read_json(checkpoint_dir / "config.json"), checkpoint_dir)
-    limit = config.max_position_embeddings
+    max_length = prepare_output(out_dir, wanted, config.max_position_embeddings, max_length)
+    vocab = read_vocab(checkpoint_dir, config.vocab_size)
+    tensors = _list_tensors(checkpoint_dir, config)
+    written = write_models(out_dir, wanted, lambda path, g: _write_gguf(
+        path, g, config, vocab, tensors, max_length, progress))
+    return [{"path": written[t.name].name, "kind": "gguf", "role": "model",
+             "precision": t.name, "scheme": t.scheme} for t in wanted]
+
+
+def prepare_output(out_dir: Path, wanted: Sequence[GGUFType], limit: int,
+                   max_length: int | None) -> int:
+    """Resolve ``max_length``, check the llama.cpp binding when k-quants are wanted, and create
+    ``out_dir`` — all before anything is written.
+
+    Raises:
+        InputError: max_length outside 2..limit.
+        MissingDependencyError: a k-quant without the ``gguf`` extra.
+        OutputError: ``out_dir`` cannot be created.
+    """
     if max_length is None:
         max_length = min(DEFAULT_MAX_LENGTH, limit)
     elif isinstance(max_length, bool) or not 1 < int(max_length) <= limit:
         raise InputError(f"max_length={max_length} is outside 2..{limit} for this checkpoint",
                          hint=f"Choose at most max_position_embeddings ({limit})")
-    vocab = read_vocab(checkpoint_dir, config.vocab_size)
-    tensors = _list_tensors(checkpoint_dir, config)
-    kquants = [t for t in wanted if t.weights is None]
-    if kquants:
+    if any(t.weights is None for t in wanted):
         from qwen3emb.runtime._llama import llama_library
 
-        llama_library()  # fail before writing anything when the binding is missing
+        llama_library()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create '{out_dir}': {e}",
                           hint="Choose a writable output directory") from e
+    return int(max_length)
 
+
+def write_models(out_dir: Path, wanted: Sequence[GGUFType],
+                 write: Callable[[Path, GGUFType], None]) -> dict[str, Path]:
+    """Write ``model-<type>.gguf`` for each type, atomically.
+
+    Types gguf-py writes directly go through ``write``; k-quants are made by llama.cpp's
+    quantizer from the f32 file (written to a scratch file first when f32 was not asked for).
+
+    Returns:
+        Type name → written path.
+    """
     written: dict[str, Path] = {}
     for gtype in [t for t in wanted if t.weights is not None]:
         path = out_dir / f"model-{gtype.name}.gguf"
-        _atomic(path, lambda tmp, g=gtype: _write_gguf(tmp, g, config, vocab, tensors,
-                                                          int(max_length), progress))
+        _atomic(path, lambda tmp, g=gtype: write(tmp, g))
         written[gtype.name] = path
-    if kquants:
-        source = written.get("f32")
-        scratch = out_dir / ".kquant-source-f32.gguf.partial"
-        try:
-            if source is None:
-                try:
-                    _write_gguf(scratch, GGUF_TYPES["f32"], config, vocab, tensors,
-                                int(max_length), progress)
-                except OSError as e:
-                    raise OutputError(f"writing the f32 source for k-quants failed: {e}",
-                                      hint="Check free disk space (4 bytes per parameter)") from e
-                source = scratch
-            for gtype in kquants:
-                path = out_dir / f"model-{gtype.name}.gguf"
-                _atomic(path, lambda tmp, g=gtype, s=source: _llama_quantize(s, tmp, g))
-                written[gtype.name] = path
-        finally:
-            scratch.unlink(missing_ok=True)
-    return [{"path": written[t.name].name, "kind": "gguf", "role": "model",
-             "precision": t.name, "scheme": t.scheme} for t in wanted]
+    kquants = [t for t in wanted if t.weights is None]
+    if not kquants:
+        return written
+    source = written.get("f32")
+    scratch = out_dir / ".kquant-source-f32.gguf.partial"
+    try:
+        if source is None:
+            try:
+                write(scratch, GGUF_TYPES["f32"])
+            except OSError as e:
+                raise OutputError(f"writing the f32 source for k-quants failed: {e}",
+                                  hint="Check free disk space (4 bytes per parameter)") from e
+            source = scratch
+        for gtype in kquants:
+            path = out_dir / f"model-{gtype.name}.gguf"
+            _atomic(path, lambda tmp, g=gtype, s=source: _llama_quantize(s, tmp, g))
+            written[gtype.name] = path
+    finally:
+        scratch.unlink(missing_ok=True)
+    return written
 
 
 def check_types(types: Sequence[str]) -> list[GGUFType]:
@@ -347,11 +388,10 @@ def write_tensors(path: Path, writer: GGUFWriter, tensors: list[_Tensor],
             bar.close()
 
 
-def add_decoder_metadata(writer: GGUFWriter, gtype: GGUFType, config: Any, vocab: GGUFVocab,
-                         max_length: int) -> None:
+def add_decoder_metadata(writer: GGUFWriter, gtype: GGUFType, config: DecoderConfig,
+                         vocab: GGUFVocab, max_length: int) -> None:
     """Hyperparameters, pooling and the BPE vocabulary shared by the qwen3 and qwen3vl GGUFs.
 
-    ``config`` is any object with the Qwen3 decoder fields (``Qwen3TextConfig`` or the VL one).
     The special-token ids and flags are left to the caller: they differ between the families.
     """
     writer.add_type("model")

@@ -32,24 +32,25 @@ from gguf import (
 )
 
 from qwen3emb.constants import (
-    DEFAULT_MAX_LENGTH,
     IM_END_TOKEN,
     VL_IMAGE_MEAN,
     VL_IMAGE_STD,
     VL_MAX_PIXELS,
     VL_MIN_PIXELS,
 )
-from qwen3emb.errors import CheckpointError, InputError, OutputError, UnsupportedModelError
+from qwen3emb.errors import CheckpointError, UnsupportedModelError
 from qwen3emb.export.gguf import (
     GGUF_TYPES,
+    DecoderConfig,
     GGUFType,
     _atomic,
-    _llama_quantize,
     _read_json,
     _storage,
     _Tensor,
     add_decoder_metadata,
     check_types,
+    prepare_output,
+    write_models,
     write_tensors,
 )
 from qwen3emb.export.gguf_vocab import GGUFVocab, read_vocab
@@ -64,19 +65,9 @@ MMPROJ_TYPES = ("f32", "f16")
 
 
 @dataclass(frozen=True)
-class Qwen3VLConfig:
+class Qwen3VLConfig(DecoderConfig):
     """The config.json keys the two GGUFs need (``text_config`` and ``vision_config``)."""
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    max_position_embeddings: int
-    rms_norm_eps: float
-    rope_theta: float
     mrope_section: tuple[int, ...]
     vision_depth: int
     vision_hidden_size: int
@@ -107,18 +98,8 @@ class Qwen3VLConfig:
         vision = dict(config.get("vision_config") or {})
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
         try:
-            heads = int(text["num_attention_heads"])
             made = cls(
-                vocab_size=int(text["vocab_size"]),
-                hidden_size=int(text["hidden_size"]),
-                intermediate_size=int(text["intermediate_size"]),
-                num_hidden_layers=int(text["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(text.get("num_key_value_heads") or heads),
-                head_dim=int(text.get("head_dim") or int(text["hidden_size"]) // heads),
-                max_position_embeddings=int(text["max_position_embeddings"]),
-                rms_norm_eps=float(text["rms_norm_eps"]),
-                rope_theta=float(rope.get("rope_theta") or text["rope_theta"]),
+                **DecoderConfig.fields(text),
                 mrope_section=tuple(int(x) for x in rope["mrope_section"]),
                 vision_depth=int(vision["depth"]),
                 vision_hidden_size=int(vision["hidden_size"]),
@@ -187,51 +168,18 @@ def export_vl_gguf(checkpoint_dir: Path, out_dir: Path, types: Sequence[str], *,
     wanted = check_types(types)
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     config = Qwen3VLConfig.from_dict(_read_json(checkpoint_dir / "config.json"), checkpoint_dir)
-    limit = config.max_position_embeddings
-    if max_length is None:
-        max_length = min(DEFAULT_MAX_LENGTH, limit)
-    elif isinstance(max_length, bool) or not 1 < int(max_length) <= limit:
-        raise InputError(f"max_length={max_length} is outside 2..{limit} for this checkpoint",
-                         hint=f"Choose at most max_position_embeddings ({limit})")
+    max_length = prepare_output(out_dir, wanted, config.max_position_embeddings, max_length)
     vocab = read_vocab(checkpoint_dir, config.vocab_size)
     text_tensors, vision_tensors = list_vl_tensors(checkpoint_dir, config)
-    kquants = [t for t in wanted if t.weights is None]
-    if kquants:
-        from qwen3emb.runtime._llama import llama_library
-
-        llama_library()  # fail before writing anything when the binding is missing
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create '{out_dir}': {e}",
-                          hint="Choose a writable output directory") from e
 
     def write_text(path: Path, gtype: GGUFType) -> None:
         writer = GGUFWriter(None, MODEL_ARCH_NAMES[TEXT_ARCH])
-        _add_text_metadata(writer, gtype, config, vocab, int(max_length))
+        _add_text_metadata(writer, gtype, config, vocab, max_length)
         storage = {t.gguf_name: _storage(t, gtype) for t in text_tensors}
         write_tensors(path, writer, text_tensors, storage, desc=f"GGUF {gtype.name}",
                       progress=progress)
 
-    written: dict[str, Path] = {}
-    for gtype in [t for t in wanted if t.weights is not None]:
-        path = out_dir / f"model-{gtype.name}.gguf"
-        _atomic(path, lambda tmp, g=gtype: write_text(tmp, g))
-        written[gtype.name] = path
-    if kquants:
-        source = written.get("f32")
-        scratch = out_dir / ".kquant-source-f32.gguf.partial"
-        try:
-            if source is None:
-                write_text(scratch, GGUF_TYPES["f32"])
-                source = scratch
-            for gtype in kquants:
-                path = out_dir / f"model-{gtype.name}.gguf"
-                _atomic(path, lambda tmp, g=gtype, s=source: _llama_quantize(s, tmp, g))
-                written[gtype.name] = path
-        finally:
-            scratch.unlink(missing_ok=True)
-
+    written = write_models(out_dir, wanted, write_text)
     pairs = {t.name: mmproj_type_for(t.name) for t in wanted}
     for name in dict.fromkeys(pairs.values()):
         path = out_dir / f"mmproj-{name}.gguf"

@@ -45,7 +45,13 @@ from qwen3emb.constants import (
 )
 from qwen3emb.convert.checkpoint import Checkpoint
 from qwen3emb.errors import CheckpointError, OutputError
-from qwen3emb.export.bundle import ExportResult, _versions, record_parity, staged_directory
+from qwen3emb.export.bundle import (
+    ExportResult,
+    _versions,
+    load_tokenizer_json,
+    record_parity,
+    staged_directory,
+)
 from qwen3emb.export.onnx import EXTERNAL_DATA_THRESHOLD, check_graph_contract
 from qwen3emb.export.spec import GraphSpec, vl_graph_specs
 from qwen3emb.manifest import file_entry, write_json_atomic
@@ -66,16 +72,7 @@ def check_vl_tokenizer(checkpoint: Checkpoint) -> dict[str, Any]:
     Raises:
         CheckpointError: no tokenizer.json, or a special token missing or at another id.
     """
-    from tokenizers import Tokenizer
-
-    path = checkpoint.path / "tokenizer.json"
-    if not path.is_file():
-        raise CheckpointError(f"'{checkpoint.path}' has no tokenizer.json",
-                              hint="Use the checkpoint's original tokenizer files")
-    try:
-        tokenizer = Tokenizer.from_file(os.fspath(path))
-    except Exception as e:  # tokenizers raises bare Exceptions
-        raise CheckpointError(f"cannot load '{path}': {e}", hint="Re-download it") from e
+    tokenizer = load_tokenizer_json(checkpoint.path)
     config = checkpoint.config
     wanted = {
         IMAGE_PAD_TOKEN: config.get("image_token_id"),

@@ -111,3 +111,44 @@ def _on_log(level: int, text: bytes | None, _user_data: Any) -> None:
     if line:
         _recent.append(f"{_TAGS.get(_partial_level[0], 'I')} {line}")
         logger.debug("llama.cpp: %s", line)
+
+
+class NativeHandle:
+    """Context-manager plumbing for objects that own llama.cpp memory: ``close()`` frees it,
+    on ``with`` exit and on garbage collection."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def embedding_context(lib: Any, model: Any, size: int, n_seqs: int, n_threads: int,
+                      hint: str) -> Any:
+    """A llama.cpp context for last-token-pooled embeddings whose physical batch equals its
+    context (``size`` tokens), so no input is split across micro-batches.
+
+    Raises:
+        Qwen3EmbError: llama.cpp could not allocate it (its own reason quoted).
+    """
+    from qwen3emb.errors import Qwen3EmbError
+
+    params = lib.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = size
+    params.n_seq_max = n_seqs
+    params.kv_unified = True  # sequences share the cells, so any one of them can be long
+    params.embeddings = True
+    params.pooling_type = lib.LLAMA_POOLING_TYPE_LAST
+    params.n_threads = params.n_threads_batch = n_threads
+    ctx = lib.llama_init_from_model(model, params)
+    if not ctx:
+        raise Qwen3EmbError(f"llama.cpp could not create a context of {size} tokens: "
+                            f"{last_llama_errors() or 'no message'}", hint=hint)
+    return ctx

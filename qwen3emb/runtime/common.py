@@ -40,6 +40,24 @@ def check_texts(texts: Sequence[str] | str) -> list[str]:
     return items
 
 
+def check_items(items: Any, accepted: str) -> list[Any]:
+    """Validate a list of multimodal items (dicts); ``accepted`` names the keys for the hint.
+
+    Raises:
+        InputError: a single item instead of a list, or an empty list.
+    """
+    from collections.abc import Mapping
+
+    if isinstance(items, (Mapping, str)):
+        raise InputError("expected a list of items, got a single item",
+                         hint="Wrap it in a list: encode([item])")
+    out = list(items)
+    if not out:
+        raise InputError("no items to embed: the input list is empty",
+                         hint=f"Pass at least one dict with {accepted}")
+    return out
+
+
 def check_dimensions(dimensions: int | None, *, dim: int, mrl_min: int) -> int:
     """Return the output width, checking ``dimensions`` against the bundle's MRL range.
 

@@ -22,7 +22,12 @@ import numpy as np
 from qwen3emb.constants import END_TOKEN, TEXT_MRL_MIN
 from qwen3emb.errors import BundleError, InputError, Qwen3EmbError
 from qwen3emb.manifest import Manifest, read_manifest
-from qwen3emb.runtime._llama import last_llama_errors, llama_library
+from qwen3emb.runtime._llama import (
+    NativeHandle,
+    embedding_context,
+    last_llama_errors,
+    llama_library,
+)
 from qwen3emb.runtime.common import (
     check_dimensions,
     check_texts,
@@ -32,7 +37,7 @@ from qwen3emb.runtime.common import (
 )
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +84,7 @@ def resolve_gguf(path_or_bundle: str | os.PathLike[str],
     return path / models[gguf_type]["path"], manifest
 
 
-class GGUFTextEmbedder:
+class GGUFTextEmbedder(NativeHandle):
     """Qwen3-Embedding on llama.cpp: unit-norm float32 vectors, last-token pooled.
 
     One llama.cpp context per instance, so an instance is not thread-safe.
@@ -213,15 +218,6 @@ class GGUFTextEmbedder:
             lib.llama_model_free(self._model)
             self._model = None
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
-
     # --- llama.cpp plumbing ------------------------------------------------------------------
     def _meta(self, key: bytes) -> str | None:
         buf = ctypes.create_string_buffer(256)
@@ -239,18 +235,8 @@ class GGUFTextEmbedder:
             lib.llama_free(self._ctx)
             self._ctx = None
         size = -(-want_tokens // 256) * 256
-        params = lib.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = size
-        params.n_seq_max = want_seqs
-        params.kv_unified = True  # sequences share the cells, so any one can be long
-        params.embeddings = True
-        params.pooling_type = lib.LLAMA_POOLING_TYPE_LAST
-        params.n_threads = params.n_threads_batch = self.n_threads
-        self._ctx = lib.llama_init_from_model(self._model, params)
-        if not self._ctx:
-            raise Qwen3EmbError(f"llama.cpp could not create a context of {size} tokens: "
-                                f"{last_llama_errors() or 'no message'}",
-                                hint="Lower batch_size or max_length, or free memory")
+        self._ctx = embedding_context(lib, self._model, size, want_seqs, self.n_threads,
+                                      hint="Lower batch_size or max_length, or free memory")
         self._ctx_shape = (want_tokens, want_seqs)
         return self._ctx
 

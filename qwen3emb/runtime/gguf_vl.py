@@ -37,13 +37,19 @@ from qwen3emb.constants import (
 )
 from qwen3emb.errors import BundleError, InputError, Qwen3EmbError
 from qwen3emb.manifest import Manifest
-from qwen3emb.runtime._llama import last_llama_errors, llama_library, mtmd_library
-from qwen3emb.runtime.common import check_dimensions, truncate_normalize
+from qwen3emb.runtime._llama import (
+    NativeHandle,
+    embedding_context,
+    last_llama_errors,
+    llama_library,
+    mtmd_library,
+)
+from qwen3emb.runtime.common import check_dimensions, check_items, truncate_normalize
 from qwen3emb.runtime.gguf import resolve_gguf
 from qwen3emb.runtime.vl_prompt import format_instruction
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +59,7 @@ _TOKENS_PER_PIXEL_BLOCK = VL_IMAGE_FACTOR * VL_IMAGE_FACTOR
 """Pixels per visual token after the 2x2 merge (32 x 32): llama.cpp counts limits in tokens."""
 
 
-class GGUFVLEmbedder:
+class GGUFVLEmbedder(NativeHandle):
     """Qwen3-VL-Embedding on llama.cpp: unit-norm float32 vectors for text and image items.
 
     One llama.cpp context per instance, so an instance is not thread-safe.
@@ -178,13 +184,7 @@ class GGUFVLEmbedder:
                            instruction: str | None = None, dimensions: int | None = None
                            ) -> tuple[np.ndarray, dict[int, str]]:
         """Like :meth:`encode`, but returns ``(embeddings, errors)``; failed rows are NaN."""
-        if isinstance(items, (Mapping, str)):
-            raise InputError("expected a list of items, got a single item",
-                             hint="Wrap it in a list: encode([item])")
-        items = list(items)
-        if not items:
-            raise InputError("no items to embed: the input list is empty",
-                             hint="Pass at least one dict with 'text' or 'image'")
+        items = check_items(items, "'text' or 'image'")
         width = check_dimensions(dimensions, dim=self.dim, mrl_min=self.mrl_min)
         system = format_instruction(instruction)
         out = np.full((len(items), self.dim), np.nan, dtype=np.float32)
@@ -212,15 +212,6 @@ class GGUFVLEmbedder:
         if getattr(self, "_model", None) and lib is not None:
             lib.llama_model_free(self._model)
             self._model = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
     # --- preprocessing ---------------------------------------------------------------------
     def prompt(self, item: Mapping[str, Any], index: int, system: str) -> tuple[str, Any]:
@@ -312,17 +303,8 @@ class GGUFVLEmbedder:
             lib.llama_free(self._ctx)
             self._ctx = None
         size = -(-max(n_tokens, 256) // 256) * 256
-        params = lib.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = size
-        params.n_seq_max = 1
-        params.embeddings = True
-        params.pooling_type = lib.LLAMA_POOLING_TYPE_LAST
-        params.n_threads = params.n_threads_batch = self.n_threads
-        self._ctx = lib.llama_init_from_model(self._model, params)
-        if not self._ctx:
-            raise Qwen3EmbError(f"llama.cpp could not create a context of {size} tokens: "
-                                f"{last_llama_errors() or 'no message'}",
-                                hint="Lower max_pixels or max_tokens, or free memory")
+        self._ctx = embedding_context(lib, self._model, size, 1, self.n_threads,
+                                      hint="Lower max_pixels or max_tokens, or free memory")
         self._ctx_size = size
         return self._ctx
 

@@ -36,7 +36,12 @@ from qwen3emb.constants import (
 )
 from qwen3emb.errors import BundleError, InputError, Qwen3EmbError
 from qwen3emb.manifest import read_manifest
-from qwen3emb.runtime.common import check_dimensions, length_batches, truncate_normalize
+from qwen3emb.runtime.common import (
+    check_dimensions,
+    check_items,
+    length_batches,
+    truncate_normalize,
+)
 from qwen3emb.runtime.session import open_session
 from qwen3emb.runtime.vl_prompt import format_instruction, mrope_positions, render_prompt
 from qwen3emb.runtime.vl_video import VideoOptions, video_input
@@ -267,13 +272,7 @@ class VLEmbedder:
 
         Rows of failed items are NaN; ``errors`` maps their index to a one-line reason.
         """
-        if isinstance(items, Mapping) or isinstance(items, str):
-            raise InputError("expected a list of items, got a single item",
-                             hint="Wrap it in a list: encode([item])")
-        items = list(items)
-        if not items:
-            raise InputError("no items to embed: the input list is empty",
-                             hint="Pass at least one dict with 'text', 'image' or 'video'")
+        items = check_items(items, "'text', 'image' or 'video'")
         width = check_dimensions(dimensions, dim=self.dim, mrl_min=self.mrl_min)
         system = format_instruction(instruction)
         prepared: dict[int, PreparedItem] = {}
