@@ -290,26 +290,25 @@ def test_other_int8_schemes_stay_selectable_and_faithful(outlier_bundle, referen
 
 
 def _int8(bundle, scheme, workdir):
-    import onnx
+    from qwen3emb.export.calibrate import calibrate
+    from qwen3emb.export.precisions import calibration_feeds
+    from qwen3emb.export.variants import build_variant
 
-    from qwen3emb.export.precisions import calibration_feeds, int8_variant
-    from qwen3emb.export.quantize import calibrate
-
-    fp32 = onnx.load(str(bundle / "onnx" / "model.onnx"))
-    ranges = calibrate(fp32, calibration_feeds(bundle / "tokenizer.json"))
-    scratch = workdir / f"scratch-{scheme}"
-    scratch.mkdir(exist_ok=True)
-    return int8_variant(fp32, ranges, scheme, scratch)
+    source = bundle / "onnx" / "model.onnx"
+    calibration = calibrate(source, calibration_feeds(bundle / "tokenizer.json"))
+    variant = build_variant(source, "int8", calibration=calibration, int8_scheme=scheme,
+                            target=workdir / f"int8-{scheme}.onnx")
+    return variant.path, variant.settings
 
 
-def _run_model(model, bundle, texts, max_length=256):
-    """Embed ``texts`` one at a time with an in-memory graph and the bundle's tokenizer."""
+def _run_model(path, bundle, texts, max_length=256):
+    """Embed ``texts`` one at a time with the graph at ``path`` and the bundle's tokenizer."""
     import onnxruntime as ort
 
     from qwen3emb.runtime import TextEmbedder
 
     embedder = TextEmbedder(bundle, threads=1, max_length=max_length)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rows = []
     for ids in embedder.tokenize(texts):
         input_ids, mask = embedder.pad([ids])

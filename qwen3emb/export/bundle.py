@@ -280,7 +280,8 @@ def export_bundle(
                                     dimensions=dimensions, progress=progress)
             artifacts += build_precisions(stage, onnx_path, spec, onnx_precisions,
                                           int8_scheme=int8_scheme or DEFAULT_INT8_SCHEME,
-                                          tokenizer_json=checkpoint.path / "tokenizer.json")
+                                          tokenizer_json=checkpoint.path / "tokenizer.json",
+                                          progress=progress)
         if gguf_list:
             from qwen3emb.export.gguf import export_gguf
 

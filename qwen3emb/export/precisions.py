@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from qwen3emb.manifest import file_entry
 logger = logging.getLogger(__name__)
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
-EXTERNAL_DATA_THRESHOLD = 1 << 30
 CALIBRATION_TEXTS = 32
 """Texts of the built-in corpus used to find outlier channels (a few hundred tokens)."""
 
@@ -58,14 +56,17 @@ def calibration_feeds(tokenizer_json: Path, texts: Sequence[str] | None = None
     return feeds
 
 
-def _total_bytes(model: Any) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
+FP32_SCHEME = "fp32 weights and activations; RMSNorm and residual Adds fused"
 
 
 def build_precisions(stage: Path, raw_path: Path, spec: TextGraphSpec, precisions: Sequence[str],
-                     *, int8_scheme: str = q.DEFAULT_INT8_SCHEME,
-                     tokenizer_json: Path) -> list[dict[str, Any]]:
+                     *, int8_scheme: str = q.DEFAULT_INT8_SCHEME, tokenizer_json: Path,
+                     progress: bool = False) -> list[dict[str, Any]]:
     """Optimize the exported fp32 graph and write each requested precision into ``stage``.
+
+    Only the graph is rewritten in memory; weights are read one tensor at a time, both for
+    calibration (:mod:`qwen3emb.export.calibrate`) and for the variants
+    (:mod:`qwen3emb.export.variants`), so memory stays flat for any model size.
 
     Args:
         stage: the staged bundle directory.
@@ -74,138 +75,44 @@ def build_precisions(stage: Path, raw_path: Path, spec: TextGraphSpec, precision
         precisions: from :func:`check_precisions`.
         int8_scheme: one of ``quantize.INT8_SCHEMES``.
         tokenizer_json: the checkpoint tokenizer, for calibration texts.
+        progress: bars for calibration and for writing each variant.
 
     Returns:
         Manifest artifact entries (models and their external data files).
 
     Raises:
-        OutputError: a converter or quantizer failed, or a graph breaks the contract.
+        OutputError: a graph breaks the contract.
     """
     import onnx
 
+    from qwen3emb.export.calibrate import calibrate
     from qwen3emb.export.onnx import check_graph_contract
     from qwen3emb.export.optimize import optimize_graph
+    from qwen3emb.export.variants import build_variants
 
     data_path = raw_path.with_name(raw_path.name + ".data")
-    streamed = data_path.exists()
-    # The rewrite needs the graph, not the weights: streamed weights stay on disk.
+    # The rewrite needs the graph, not the weights: external weights stay on disk.
     model = onnx.load(os.fspath(raw_path), load_external_data=False)
     stats = optimize_graph(model)
-    big = streamed or _total_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    entries: list[dict[str, Any]] = []
-
-    def write(variant: Any, precision: str, scheme: str, settings: dict[str, Any]) -> None:
-        name = "model.onnx" if precision == "fp32" else f"model_{precision}.onnx"
-        path = raw_path.with_name(name)
-        files = _save(variant, path, big)
-        check_graph_contract(path, spec, schema_check=False)
-        entries.append(file_entry(stage, files[0], kind="onnx", role="model",
-                                  precision=precision, scheme=scheme, settings=settings))
-        for extra in files[1:]:
-            entries.append(file_entry(stage, extra, kind="onnx", role="external-data",
-                                      precision=precision))
-        logger.info("wrote %s (%s)", path.name, scheme)
-
-    fp32_scheme = "fp32 weights and activations; RMSNorm and residual Adds fused"
-    if streamed:
-        # Only the graph changed; model.onnx.data is already what the streaming writer wrote.
-        onnx.save_model(model, os.fspath(raw_path))
-        check_graph_contract(raw_path, spec, schema_check=False)
-        entries.append(file_entry(stage, raw_path, kind="onnx", role="model", precision="fp32",
-                                  scheme=fp32_scheme, settings={"fusions": stats.to_dict()}))
+    onnx.save_model(model, os.fspath(raw_path))
+    del model
+    check_graph_contract(raw_path, spec, schema_check=False)
+    entries = [file_entry(stage, raw_path, kind="onnx", role="model", precision="fp32",
+                          scheme=FP32_SCHEME, settings={"fusions": stats.to_dict()})]
+    if data_path.exists():
         entries.append(file_entry(stage, data_path, kind="onnx", role="external-data",
                                   precision="fp32"))
-        if set(precisions) <= {"fp32"}:
-            return entries
-        # The variants below are built in memory (streaming them is not done yet).
-        onnx.load_external_data_for_model(model, os.fspath(raw_path.parent))
-    else:
-        raw_path.unlink()
-        write(model, "fp32", fp32_scheme, {"fusions": stats.to_dict()})
-    ranges = None
-    if "int8" in precisions or "int4" in precisions:
-        ranges = q.calibrate(model, calibration_feeds(tokenizer_json), workdir=stage)
-    if "fp16" in precisions:
-        from qwen3emb.export.fp16 import FP32_OPS, SCHEME, convert_fp16
-
-        write(convert_fp16(model), "fp16", SCHEME, {"fp32_ops": list(FP32_OPS)})
-    with tempfile.TemporaryDirectory(dir=stage) as tmp:
-        if "int8" in precisions:
-            variant, settings = int8_variant(model, dict(ranges or {}), int8_scheme, Path(tmp))
-            write(variant, "int8", q.INT8_SCHEMES[int8_scheme], settings)
-        if "int4" in precisions:
-            variant, settings = int4_variant(model, dict(ranges or {}))
-            write(variant, "int4", "4-bit weight-only MatMulNBits (v_proj and down_proj 8-bit) "
-                  "after SmoothQuant-style smoothing; 8-bit GatherBlockQuantized embeddings",
-                  settings)
+    wanted = [p for p in precisions if p != "fp32"]
+    calibration = None
+    if "int4" in wanted or ("int8" in wanted and int8_scheme != "nbits8"):
+        calibration = calibrate(raw_path, calibration_feeds(tokenizer_json), progress=progress)
+    for variant in build_variants(raw_path, wanted, calibration=calibration,
+                                  int8_scheme=int8_scheme, progress=progress):
+        check_graph_contract(variant.path, spec, schema_check=False)
+        entries.append(file_entry(stage, variant.path, kind="onnx", role="model",
+                                  precision=variant.precision, scheme=variant.scheme,
+                                  settings=variant.settings))
+        for extra in variant.files[1:]:
+            entries.append(file_entry(stage, extra, kind="onnx", role="external-data",
+                                      precision=variant.precision))
     return entries
-
-
-def _save(model: Any, path: Path, big: bool) -> list[Path]:
-    import onnx
-
-    if big:
-        data = path.with_name(path.name + ".data")
-        onnx.save_model(model, os.fspath(path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
-        # Saving moved the weights out of ``model``; the other variants still need them.
-        onnx.load_external_data_for_model(model, os.fspath(path.parent))
-        return [path, data]
-    onnx.save_model(model, os.fspath(path))
-    return [path]
-
-
-def _copy(model: Any) -> Any:
-    import onnx
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
-
-
-def int8_variant(model: Any, ranges: dict[str, np.ndarray], scheme: str, workdir: Path
-                 ) -> tuple[Any, dict[str, Any]]:
-    """Build the int8 graph for ``scheme`` (see ``quantize.INT8_SCHEMES``)."""
-    if scheme != q.NAIVE_INT8_SCHEME:  # the naive scheme is internal, for tests only
-        q.check_int8_scheme(scheme)
-    variant = _copy(model)
-    settings: dict[str, Any] = {"scheme": scheme}
-    if scheme == "nbits8":
-        variant = q.nbits(variant, bits=8, block_size=q.NBITS8_BLOCK_SIZE,
-                          accuracy_level=q.NBITS8_ACCURACY_LEVEL)
-        settings.update(block_size=q.NBITS8_BLOCK_SIZE, accuracy_level=q.NBITS8_ACCURACY_LEVEL)
-    else:
-        if scheme == "smoothquant":
-            settings["smoothed_norms"] = q.smooth(variant, ranges, q.SMOOTH_ALPHA)
-            settings["alpha"] = q.SMOOTH_ALPHA
-        exclude: list[str] = []
-        if scheme != q.NAIVE_INT8_SCHEME:
-            users = q.matmul_inputs(variant)
-            exclude = sorted(n.name for t in q.outlier_inputs(ranges) for n in users.get(t, []))
-        settings.update(per_channel=scheme != q.NAIVE_INT8_SCHEME, outlier_ratio=q.OUTLIER_RATIO,
-                        fp32_matmuls=exclude)
-        variant = q.dynamic_int8(variant, per_channel=scheme != q.NAIVE_INT8_SCHEME,
-                                 exclude=exclude, workdir=workdir)
-    if scheme != q.NAIVE_INT8_SCHEME:
-        q.quantize_embedding(variant)
-        settings["embedding"] = f"8-bit GatherBlockQuantized, block {q.EMBEDDING_BLOCK_SIZE}"
-    return variant, settings
-
-
-def int4_variant(model: Any, ranges: dict[str, np.ndarray], *,
-                 accuracy_level: int = q.INT4_ACCURACY_LEVEL) -> tuple[Any, dict[str, Any]]:
-    """Build the int4 graph: smoothing, 4-bit MatMulNBits (v/down 8-bit), 8-bit embeddings."""
-    variant = _copy(model)
-    smoothed = q.smooth(variant, ranges, q.SMOOTH_ALPHA)
-    matmuls = [n.name for n in variant.graph.node if n.op_type == "MatMul"]
-    wide = [name for name in matmuls if name.endswith(q.INT4_8BIT_MATMULS)]
-    variant = q.nbits(variant, bits=8, block_size=q.INT4_BLOCK_SIZE,
-                      accuracy_level=accuracy_level,
-                      exclude=[name for name in matmuls if name not in wide])
-    variant = q.nbits(variant, bits=4, block_size=q.INT4_BLOCK_SIZE,
-                      accuracy_level=accuracy_level)
-    q.quantize_embedding(variant)
-    return variant, {"bits": 4, "block_size": q.INT4_BLOCK_SIZE,
-                     "accuracy_level": accuracy_level, "smoothed_norms": smoothed,
-                     "alpha": q.SMOOTH_ALPHA, "8bit_matmuls": list(q.INT4_8BIT_MATMULS),
-                     "embedding": f"8-bit GatherBlockQuantized, block {q.EMBEDDING_BLOCK_SIZE}"}

@@ -1,4 +1,4 @@
-"""int8 and int4 variants of the optimized fp32 graph, built with onnxruntime's quantizers.
+"""The int8 and int4 recipes: schemes, their constants, outlier detection and smoothing.
 
 Real Qwen3 checkpoints carry a few hidden channels thousands of times larger than the rest.
 Per-tensor dynamic int8 quantization of MatMul inputs then rounds every ordinary channel to
@@ -15,20 +15,22 @@ and scripts/bench.py):
 
 int4 is 4-bit weight-only MatMulNBits after the same smoothing, with v_proj and down_proj at
 8 bits (the Q4_K_M recipe) and an 8-bit ``GatherBlockQuantized`` embedding table.
+
+Everything here works on a :class:`~qwen3emb.export.lazy.LazyGraph`, reading one weight at a
+time; :mod:`qwen3emb.export.quant_ops` emits the quantized nodes and
+:mod:`qwen3emb.export.variants` puts the recipes together.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
-from collections.abc import Iterable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from qwen3emb.errors import InputError, OutputError
+from qwen3emb.errors import InputError
+from qwen3emb.export.lazy import LazyGraph, Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -79,62 +81,7 @@ def check_int8_scheme(scheme: str) -> str:
     return scheme
 
 
-# --- calibration --------------------------------------------------------------------------
-
-
-def matmul_inputs(model: Any) -> dict[str, list[Any]]:
-    """Activation tensors that feed weight MatMuls → the MatMul nodes reading them."""
-    inits = {t.name for t in model.graph.initializer}
-    out: dict[str, list[Any]] = {}
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits:
-            out.setdefault(node.input[0], []).append(node)
-    return out
-
-
-def calibrate(model: Any, feeds: Iterable[dict[str, np.ndarray]], *,
-              workdir: Path | None = None) -> dict[str, np.ndarray]:
-    """Per-channel max |x| of every weight-MatMul input over the calibration feeds.
-
-    Args:
-        model: the optimized fp32 graph (weights in memory).
-        feeds: onnxruntime input dicts (``input_ids``, ``attention_mask``), unpadded.
-        workdir: where to write a temporary copy of graphs too large to pass in memory.
-
-    Returns:
-        ``{tensor name: [K] float32 channel maxima}``.
-    """
-    import onnx
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    names = list(matmul_inputs(model))
-    known = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in known:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # Fusions could swallow the tapped tensors; basic constant folding keeps them.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        if sum(len(t.raw_data) for t in probe.graph.initializer) > (1 << 30):
-            path = Path(tmp) / "calibrate.onnx"
-            onnx.save_model(probe, os.fspath(path), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location="calibrate.onnx.data",
-                            size_threshold=1024)
-            source: Any = os.fspath(path)
-        else:
-            source = probe.SerializeToString()
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    wanted = [o.name for o in session.get_outputs() if o.name in set(names)]
-    ranges: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        for name, value in zip(wanted, session.run(wanted, feed)):
-            peak = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0).astype(np.float32)
-            ranges[name] = np.maximum(ranges[name], peak) if name in ranges else peak
-    return ranges
+# --- outliers and SmoothQuant-style smoothing --------------------------------------------
 
 
 def outlier_inputs(ranges: dict[str, np.ndarray], ratio: float = OUTLIER_RATIO) -> list[str]:
@@ -143,184 +90,69 @@ def outlier_inputs(ranges: dict[str, np.ndarray], ratio: float = OUTLIER_RATIO) 
             if float(peak.max()) > ratio * max(float(np.median(peak)), 1e-12)]
 
 
-# --- SmoothQuant-style smoothing ----------------------------------------------------------
+@dataclass(frozen=True)
+class Smoothing:
+    """One norm output moved into its MatMuls: divide ``norm_weight`` by ``factors`` per
+    channel, multiply the rows of each of ``matmul_weights`` by them."""
+
+    activation: str
+    norm_weight: str
+    matmul_weights: tuple[str, ...]
+    factors: np.ndarray
 
 
-def smooth(model: Any, ranges: dict[str, np.ndarray], alpha: float = SMOOTH_ALPHA) -> int:
-    """Move activation outliers into the weights, in place, exactly (in real arithmetic).
+def plan_smoothing(graph: LazyGraph, ranges: dict[str, np.ndarray],
+                   alpha: float = SMOOTH_ALPHA) -> list[Smoothing]:
+    """Smoothing factors ``s = max|x|^alpha / max|W|^(1-alpha)`` for each eligible norm.
 
-    For each norm output that only feeds weight MatMuls, divide the norm weight by
-    ``s = max|x|^alpha / max|W|^(1-alpha)`` per channel and multiply the MatMuls' weight rows
-    by ``s``. The fp32 graph computes the same function; the int8 one sees tamer inputs.
-
-    Returns:
-        How many norm outputs were smoothed.
+    A norm output is eligible when it has calibrated ranges and feeds only weight MatMuls,
+    and its weight feeds nothing else. Reads each of those MatMul weights once (one at a
+    time) for its row maxima.
     """
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in model.graph.initializer}
     consumers: dict[str, list[Any]] = {}
-    for node in model.graph.node:
+    for node in graph.model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    count = 0
-    for node in model.graph.node:
+    plan = []
+    for node in graph.model.graph.node:
         if not node.op_type.endswith("SimplifiedLayerNormalization"):
             continue
         out = node.output[0]
         users = consumers.get(out, [])
         weight_name = node.input[2] if node.op_type.startswith("Skip") else node.input[1]
-        if (out not in ranges or not users or weight_name not in inits
-                or any(u.op_type != "MatMul" or u.input[1] not in inits for u in users)
+        if (out not in ranges or not users or not graph.is_lazy(weight_name)
+                or any(u.op_type != "MatMul" or not graph.is_lazy(u.input[1])
+                       or len(graph.shape(u.input[1])) != 2 for u in users)
                 or len(consumers.get(weight_name, [])) != 1):
             continue
-        weights = [numpy_helper.to_array(inits[u.input[1]]) for u in users]  # [K, N] each
-        w_peak = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        w_peak = np.max([np.abs(graph.read(u.input[1])).max(axis=1) for u in users], axis=0)
         x_peak = ranges[out]
         s = np.power(np.maximum(x_peak, 1e-5), alpha) / np.power(np.maximum(w_peak, 1e-5),
                                                                     1 - alpha)
-        s = np.clip(s, 1e-5, 1e5).astype(np.float32)
-        gamma = numpy_helper.to_array(inits[weight_name]).astype(np.float32)
-        inits[weight_name].CopyFrom(numpy_helper.from_array(gamma / s, weight_name))
-        for user, w in zip(users, weights):
-            name = user.input[1]
-            inits[name].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(w.dtype), name))
-        ranges[out] = x_peak / s
-        count += 1
-    return count
+        plan.append(Smoothing(out, weight_name, tuple(u.input[1] for u in users),
+                              np.clip(s, 1e-5, 1e5).astype(np.float32)))
+    return plan
 
 
-# --- the quantizers -----------------------------------------------------------------------
-
-
-def _save_for_quantizer(model: Any, folder: Path) -> Path:
-    """Write ``model`` with external data so quantizers can load >2 GB graphs by path."""
-    import onnx
-
-    path = folder / "input.onnx"
-    onnx.save_model(model, os.fspath(path), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="input.onnx.data", size_threshold=1024)
-    return path
-
-
-def dynamic_int8(model: Any, *, per_channel: bool = True, exclude: Iterable[str] = (),
-                 workdir: Path) -> Any:
-    """Dynamic int8 on weight MatMuls (onnxruntime ``quantize_dynamic``), except ``exclude``.
+def apply_smoothing(graph: LazyGraph, plan: list[Smoothing], ranges: dict[str, np.ndarray]
+                    ) -> dict[str, np.ndarray]:
+    """Fold ``plan`` into the graph's recipes (exact in real arithmetic).
 
     Returns:
-        The quantized ``onnx.ModelProto`` (external data loaded into memory).
+        The ranges the smoothed MatMuls now see (``max|x| / s``); the others unchanged.
     """
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    source = _save_for_quantizer(model, workdir)
-    target = workdir / "int8.onnx"
-    # quantize_dynamic logs advice on the root logger; library code keeps it quiet.
-    hush = _DropRecords("pre-processing before quantization")
-    logging.getLogger().addFilter(hush)
-    try:
-        quantize_dynamic(os.fspath(source), os.fspath(target), op_types_to_quantize=["MatMul"],
-                         per_channel=per_channel, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=list(exclude), use_external_data_format=True,
-                         extra_options={"MatMulConstBOnly": True})
-    except Exception as e:  # onnxruntime's quantizer raises bare exceptions
-        raise OutputError(f"int8 quantization failed: {type(e).__name__}: {str(e)[:200]}",
-                          hint="Try another --int8-scheme") from e
-    finally:
-        logging.getLogger().removeFilter(hush)
-    return onnx.load(os.fspath(target))
+    smoothed = dict(ranges)
+    for item in plan:
+        for name in item.matmul_weights:
+            graph.row_scales[name] = item.factors
+        gamma = item.norm_weight
+        graph.replace(gamma, Recipe(onnx.TensorProto.FLOAT, graph.shape(gamma),
+                                    _divided(graph, gamma, item.factors)))
+        smoothed[item.activation] = ranges[item.activation] / item.factors
+    return smoothed
 
 
-class _DropRecords(logging.Filter):
-    """Drop log records whose message contains ``text``."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
-def nbits(model: Any, *, bits: int, block_size: int, accuracy_level: int | None,
-          embedding: bool = False, exclude: Iterable[str] = ()) -> Any:
-    """Weight-only MatMulNBits (and optionally a GatherBlockQuantized embedding table).
-
-    Args:
-        model: the optimized fp32 graph (modified in place and returned).
-        bits: 4 or 8.
-        block_size: weights per quantization block along K.
-        accuracy_level: MatMulNBits compute type (0/1 fp32, 4 int8 activations per block).
-        embedding: also quantize the token embedding Gather to 4 bits.
-        exclude: node names to leave in fp32.
-
-    Returns:
-        The quantized ``onnx.ModelProto``.
-    """
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
-
-    ops = ("MatMul", "Gather") if embedding else ("MatMul",)
-    config = mnq.DefaultWeightOnlyQuantConfig(
-        block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
-        op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)), bits=bits)
-    try:
-        quantizer = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size,
-                                             is_symmetric=True, accuracy_level=accuracy_level,
-                                             nodes_to_exclude=list(exclude),
-                                             op_types_to_quantize=ops, algo_config=config)
-        quantizer.process()
-    except Exception as e:  # onnxruntime's quantizer raises bare exceptions
-        raise OutputError(f"{bits}-bit quantization failed: {type(e).__name__}: {str(e)[:200]}",
-                          hint="Export without this precision and report the problem") from e
-    return quantizer.model.model
-
-
-def quantize_embedding(model: Any, *, block_size: int = EMBEDDING_BLOCK_SIZE) -> str | None:
-    """Replace the token-embedding ``Gather`` with an 8-bit ``GatherBlockQuantized``.
-
-    Symmetric per-block quantization along the hidden axis, stored as uint8 codes with a
-    fixed zero point of 128. 8 bits, not 4: a 4-bit table loses every ordinary channel of a
-    block that holds an outlier column (measured on the outlier fixture); the 4-bit
-    variant is ``nbits(..., embedding=True)``.
-
-    Returns:
-        The quantized table's name, or None when the graph has no embedding Gather.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in model.graph.initializer}
-    gather = next((n for n in model.graph.node if n.op_type == "Gather"
-                   and n.input[0] in inits and len(inits[n.input[0]].dims) == 2), None)
-    if gather is None:
-        return None
-    name = gather.input[0]
-    table = numpy_helper.to_array(inits[name]).astype(np.float32)
-    rows, width = table.shape
-    if width % block_size:
-        return None
-    bits = 8
-    levels = (1 << (bits - 1)) - 1
-    blocks = table.reshape(rows, width // block_size, block_size)
-    scales = np.maximum(np.abs(blocks).max(axis=-1), 1e-12) / levels
-    codes = np.clip(np.rint(blocks / scales[..., None]), -levels, levels).astype(np.int16)
-    offset = 1 << (bits - 1)
-    codes = (codes + offset).astype(np.uint8).reshape(rows, width)
-    zero = np.full((rows, width // block_size), offset, np.uint8)
-    new = [numpy_helper.from_array(codes, f"{name}.q{bits}"),
-           numpy_helper.from_array(scales.astype(np.float32), f"{name}.scales"),
-           numpy_helper.from_array(zero, f"{name}.zero_points")]
-    node = onnx.helper.make_node(
-        "GatherBlockQuantized", [t.name for t in new[:1]] + [gather.input[1]]
-        + [t.name for t in new[1:]], list(gather.output), name=f"{name}/GatherBlockQuantized",
-        domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block_size,
-        bits=bits)
-    index = list(model.graph.node).index(gather)
-    model.graph.node.remove(gather)
-    model.graph.node.insert(index, node)
-    kept = [t for t in model.graph.initializer if t.name != name]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + new)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    return name
+def _divided(graph: LazyGraph, name: str, factors: np.ndarray) -> Any:
+    return lambda: graph.read(name) / factors

@@ -1,0 +1,243 @@
+"""Quantized replacements for weight MatMuls and the embedding Gather, one tensor at a time.
+
+Each ``rewrite_*`` function edits the weightless graph of a :class:`LazyGraph` and gives every
+new initializer a recipe that computes it from one fp32 source tensor when the writer asks.
+The node patterns are the ones onnxruntime's own quantizers emit, so its kernels and fusions
+apply unchanged:
+
+- int8: ``DynamicQuantizeLinear`` (one per activation, shared by its MatMuls) →
+  ``MatMulInteger`` → ``Cast`` → ``Mul`` by ``x_scale * w_scale`` (``quantize_dynamic``'s
+  pattern; onnxruntime fuses it into ``MatMulIntegerToFloat`` / ``DynamicQuantizeMatMul``).
+- n-bit: ``com.microsoft`` ``MatMulNBits`` with weights packed by onnxruntime's own
+  ``quantize_matmul_{4,8}bits`` (what its ``MatMulNBitsQuantizer`` calls).
+- embedding: ``com.microsoft`` ``GatherBlockQuantized`` with 8-bit blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from qwen3emb.export.lazy import LazyGraph, OneSlot, Recipe
+
+MS_DOMAIN = "com.microsoft"
+INT8_LEVELS = 127
+
+
+def weight_matmuls(graph: LazyGraph) -> list[Any]:
+    """MatMul nodes whose second input is a 2-D weight initializer, in graph order."""
+    return [n for n in graph.model.graph.node if n.op_type == "MatMul"
+            and graph.is_lazy(n.input[1]) and len(graph.shape(n.input[1])) == 2]
+
+
+# --- per-tensor numerics ------------------------------------------------------------------
+
+
+def int8_weights(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes of a ``[K, N]`` weight: per output column, or one scale.
+
+    Returns:
+        ``(codes int8 [K, N], scales float32 [N] or [])``.
+    """
+    peak = np.abs(w).max(axis=0) if per_channel else np.abs(w).max()
+    scales = (np.maximum(peak, 1e-12) / INT8_LEVELS).astype(np.float32)
+    codes = np.clip(np.rint(w / scales), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+    return codes, np.asarray(scales, np.float32)
+
+
+def nbits_weights(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pack a ``[K, N]`` weight for ``MatMulNBits`` (symmetric, blocks along K).
+
+    Uses onnxruntime's C++ packer, as ``MatMulNBitsQuantizer`` does.
+
+    Returns:
+        ``(packed uint8 [N, K/block, block*bits/8], scales float32 [N, K/block])``.
+    """
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    rows, cols = w.shape
+    per_byte = 8 // bits
+    blocks = -(-rows // block_size)
+    if blocks * block_size != rows:
+        w = np.pad(w, ((0, blocks * block_size - rows), (0, 0)))
+    packed = np.zeros((cols, blocks, -(-block_size // per_byte)), np.uint8)
+    zero_points = np.zeros((cols, -(-blocks // per_byte)), np.uint8)  # unused: symmetric
+    scales = np.zeros((cols, blocks), np.float32)
+    pack = quantize_matmul_8bits if bits == 8 else quantize_matmul_4bits
+    pack(packed, np.ascontiguousarray(w, np.float32), scales, zero_points, block_size, cols,
+         rows, True)
+    return packed, scales
+
+
+def embedding_blocks(table: np.ndarray, block_size: int, bits: int = 8
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-block codes of a ``[rows, width]`` table, stored as uint8 around 2^(b-1).
+
+    Returns:
+        ``(codes uint8 [rows, width], scales float32 [rows, width / block])``.
+    """
+    rows, width = table.shape
+    levels = (1 << (bits - 1)) - 1
+    blocks = table.reshape(rows, width // block_size, block_size)
+    scales = np.maximum(np.abs(blocks).max(axis=-1), 1e-12) / levels
+    codes = np.clip(np.rint(blocks / scales[..., None]), -levels, levels).astype(np.int16)
+    codes = (codes + (1 << (bits - 1))).astype(np.uint8).reshape(rows, width)
+    return codes, scales.astype(np.float32)
+
+
+# --- graph rewrites -----------------------------------------------------------------------
+
+
+def _derived(graph: LazyGraph, slot: OneSlot, source: str, index: int,
+             compute: Callable[[np.ndarray], tuple[np.ndarray, ...]]) -> Callable[[], Any]:
+    """Output ``index`` of ``compute(read(source))``; the sibling outputs share one pass."""
+    return lambda: slot.get(source, lambda: compute(graph.read(source)))[index]
+
+
+def _filled(shape: tuple[int, ...], value: int, dtype: Any) -> Callable[[], np.ndarray]:
+    return lambda: np.full(shape, value, dtype)
+
+
+def _splice(graph: LazyGraph, replaced: dict[str, list[Any]]) -> None:
+    """Replace nodes (keyed by their first output) with lists of nodes, keeping the order."""
+    nodes = []
+    for node in graph.model.graph.node:
+        nodes.extend(replaced.get(node.output[0], [node]) if node.output else [node])
+    del graph.model.graph.node[:]
+    graph.model.graph.node.extend(nodes)
+    graph.drop_unused()
+
+
+def _use_ms_domain(graph: LazyGraph) -> None:
+    import onnx
+
+    if not any(o.domain == MS_DOMAIN for o in graph.model.opset_import):
+        graph.model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = True) -> int:
+    """Dynamic int8 for ``nodes`` (weight MatMuls), with symmetric int8 weights.
+
+    Returns:
+        How many MatMuls were quantized.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    slot = OneSlot()
+    quantized: dict[str, tuple[str, str]] = {}  # activation → (codes, zero point) outputs
+    replaced: dict[str, list[Any]] = {}
+    for node in nodes:
+        x, w, y = node.input[0], node.input[1], node.output[0]
+        k, n = graph.shape(w)
+        width: tuple[int, ...] = (n,) if per_channel else ()
+
+        def compute(array: np.ndarray) -> tuple[np.ndarray, ...]:
+            return int8_weights(array, per_channel)
+
+        graph.replace(f"{w}_quantized", Recipe(TensorProto.INT8, (k, n),
+                                               _derived(graph, slot, w, 0, compute)))
+        graph.replace(f"{w}_scale", Recipe(TensorProto.FLOAT, width,
+                                           _derived(graph, slot, w, 1, compute)))
+        graph.replace(f"{w}_zero_point", Recipe(TensorProto.INT8, width,
+                                                _filled(width, 0, np.int8)))
+        new = []
+        if x not in quantized:
+            quantized[x] = (f"{x}_quantized", f"{x}_zero_point")
+            new.append(helper.make_node("DynamicQuantizeLinear", [x],
+                                        [f"{x}_quantized", f"{x}_scale", f"{x}_zero_point"],
+                                        name=f"{x}_QuantizeLinear"))
+        name = node.name or y
+        new += [
+            helper.make_node("Mul", [f"{x}_scale", f"{w}_scale"], [f"{name}_scales"],
+                             name=f"{name}_quant_scales_mul"),
+            helper.make_node("MatMulInteger", [f"{x}_quantized", f"{w}_quantized",
+                                               f"{x}_zero_point", f"{w}_zero_point"],
+                             [f"{name}_int32"], name=f"{name}_quant"),
+            helper.make_node("Cast", [f"{name}_int32"], [f"{name}_float"],
+                             name=f"{name}_quant_cast", to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{name}_float", f"{name}_scales"], [y],
+                             name=f"{name}_quant_output_scale_mul"),
+        ]
+        replaced[node.output[0]] = new
+    _splice(graph, replaced)
+    return len(replaced)
+
+
+def rewrite_nbits(graph: LazyGraph, nodes: Sequence[Any], *, bits: int, block_size: int,
+                  accuracy_level: int) -> int:
+    """Weight-only ``MatMulNBits`` (symmetric, ``block_size`` along K) for ``nodes``.
+
+    Returns:
+        How many MatMuls were quantized.
+    """
+    from onnx import TensorProto, helper
+
+    slot = OneSlot()
+    replaced: dict[str, list[Any]] = {}
+    for node in nodes:
+        w = node.input[1]
+        k, n = graph.shape(w)
+        blocks = -(-k // block_size)
+
+        def compute(array: np.ndarray) -> tuple[np.ndarray, ...]:
+            return nbits_weights(array, bits, block_size)
+
+        packed, scales = f"{w}_Q{bits}", f"{w}_scales"
+        graph.replace(packed, Recipe(TensorProto.UINT8, (n, blocks, block_size * bits // 8),
+                                     _derived(graph, slot, w, 0, compute)))
+        graph.replace(scales, Recipe(TensorProto.FLOAT, (n, blocks),
+                                     _derived(graph, slot, w, 1, compute)))
+        attrs: dict[str, Any] = {"K": k, "N": n, "bits": bits, "block_size": block_size}
+        if accuracy_level:  # onnxruntime's quantizer omits the attribute when it is 0
+            attrs["accuracy_level"] = accuracy_level
+        replaced[node.output[0]] = [helper.make_node(
+            "MatMulNBits", [node.input[0], packed, scales], [node.output[0]],
+            name=f"{node.name or node.output[0]}_Q{bits}", domain=MS_DOMAIN, **attrs)]
+    _splice(graph, replaced)
+    if replaced:
+        _use_ms_domain(graph)
+    return len(replaced)
+
+
+def rewrite_embedding(graph: LazyGraph, *, block_size: int, bits: int = 8) -> str | None:
+    """Replace the token-embedding ``Gather`` with ``GatherBlockQuantized`` (uint8 blocks).
+
+    Symmetric per-block quantization along the hidden axis with a fixed zero point of
+    ``2^(bits-1)``.
+
+    Returns:
+        The quantized table's name, or None when the graph has no 2-D weight Gather whose
+        width is a multiple of ``block_size``.
+    """
+    from onnx import TensorProto, helper
+
+    gather = next((n for n in graph.model.graph.node if n.op_type == "Gather"
+                   and graph.is_lazy(n.input[0]) and len(graph.shape(n.input[0])) == 2), None)
+    if gather is None:
+        return None
+    name = gather.input[0]
+    rows, width = graph.shape(name)
+    if width % block_size:
+        return None
+    slot = OneSlot()
+
+    def compute(array: np.ndarray) -> tuple[np.ndarray, ...]:
+        return embedding_blocks(array, block_size, bits)
+
+    codes, scales, zeros = f"{name}.q{bits}", f"{name}.scales", f"{name}.zero_points"
+    graph.replace(codes, Recipe(TensorProto.UINT8, (rows, width),
+                                _derived(graph, slot, name, 0, compute)))
+    graph.replace(scales, Recipe(TensorProto.FLOAT, (rows, width // block_size),
+                                 _derived(graph, slot, name, 1, compute)))
+    graph.replace(zeros, Recipe(TensorProto.UINT8, (rows, width // block_size), _filled(
+        (rows, width // block_size), 1 << (bits - 1), np.uint8)))
+    node = helper.make_node("GatherBlockQuantized", [codes, gather.input[1], scales, zeros],
+                            list(gather.output), name=f"{name}/GatherBlockQuantized",
+                            domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                            block_size=block_size, bits=bits)
+    _splice(graph, {gather.output[0]: [node]})
+    _use_ms_domain(graph)
+    return name
