@@ -58,13 +58,10 @@ def prepare(work: Path) -> tuple[Path, Path, dict[str, Path]]:
     """Checkpoint, bundle and the ONNX file of each engine (cached under ``work``)."""
     from qwen3emb.convert.random_checkpoint import REAL_VOCAB_SIZE, build_random_checkpoint
     from qwen3emb.export import export_bundle
-    from qwen3emb.export.precisions import calibration_feeds, int8_variant
-    from qwen3emb.export.quantize import (
-        DEFAULT_INT8_SCHEME,
-        INT4_ACCURACY_LEVEL,
-        INT8_SCHEMES,
-        calibrate,
-    )
+    from qwen3emb.export.calibrate import calibrate
+    from qwen3emb.export.precisions import calibration_feeds
+    from qwen3emb.export.quantize import DEFAULT_INT8_SCHEME, INT4_ACCURACY_LEVEL, INT8_SCHEMES
+    from qwen3emb.export.variants import build_variant
 
     checkpoint, bundle = work / "checkpoint-0.6B", work / "bundle-0.6B"
     if not (checkpoint / "config.json").is_file():
@@ -80,40 +77,24 @@ def prepare(work: Path) -> tuple[Path, Path, dict[str, Path]]:
              f"onnx-int4-acc{INT4_ACCURACY_LEVEL}": onnx_dir / "model_int4.onnx"}
     others = [s for s in INT8_SCHEMES if s != DEFAULT_INT8_SCHEME]
     missing = [s for s in others if not (work / f"int8-{s}" / "model.onnx").is_file()]
-    if missing:
-        import onnx
-
-        model = onnx.load(os.fspath(files["onnx-fp32"]))
-        ranges = calibrate(model, calibration_feeds(checkpoint / "tokenizer.json"), workdir=work)
-        for scheme in missing:
-            logging.info("building int8 scheme %s", scheme)
-            out = work / f"int8-{scheme}"
-            out.mkdir(parents=True, exist_ok=True)
-            variant, _ = int8_variant(model, dict(ranges), scheme, out)
-            onnx.save_model(variant, os.fspath(out / "model.onnx"), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location="model.onnx.data",
-                            size_threshold=1024)
-            for leftover in out.glob("input.onnx*"):
-                leftover.unlink()
-            for leftover in out.glob("int8.onnx*"):
-                leftover.unlink()
-    for scheme in others:
-        files[f"onnx-int8-{scheme}"] = work / f"int8-{scheme}" / "model.onnx"
     # The int4 accuracy level the bundle does not use, to show why it was chosen.
     other_level = 0 if INT4_ACCURACY_LEVEL else 4
     alt = work / f"int4-acc{other_level}" / "model.onnx"
-    if not alt.is_file():
-        import onnx
-
-        model = onnx.load(os.fspath(files["onnx-fp32"]))
-        ranges = calibrate(model, calibration_feeds(checkpoint / "tokenizer.json"), workdir=work)
-        from qwen3emb.export.precisions import int4_variant
-
-        model, _ = int4_variant(model, ranges, accuracy_level=other_level)
-        alt.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save_model(model, os.fspath(alt), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location="model.onnx.data",
-                        size_threshold=1024)
+    if missing or not alt.is_file():
+        feeds = calibration_feeds(checkpoint / "tokenizer.json")
+        calibration = calibrate(files["onnx-fp32"], feeds)
+        for scheme in missing:
+            logging.info("building int8 scheme %s", scheme)
+            out = work / f"int8-{scheme}" / "model.onnx"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            build_variant(files["onnx-fp32"], "int8", calibration=calibration, int8_scheme=scheme,
+                          target=out, external=True)
+        if not alt.is_file():
+            alt.parent.mkdir(parents=True, exist_ok=True)
+            build_variant(files["onnx-fp32"], "int4", calibration=calibration, target=alt,
+                          external=True, int4_accuracy_level=other_level)
+    for scheme in others:
+        files[f"onnx-int8-{scheme}"] = work / f"int8-{scheme}" / "model.onnx"
     files[f"onnx-int4-acc{other_level}"] = alt
     return checkpoint, bundle, files
 

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""Time and peak memory of the ONNX export, streaming vs in-memory, on a checkpoint.
+"""Time and peak memory of the ONNX export, streaming vs in-memory, and of building variants.
 
 Each mode runs in its own subprocess so its peak RSS is its own:
 
     python scripts/measure_export.py /tmp/qwen3-0.6b-random --modes stream memory --json out.json
+    python scripts/measure_export.py /tmp/r06 --modes variants --precisions fp16 int8 int4
+
+``variants`` exports fp32 (streamed) in one process, then optimizes, calibrates and writes the
+requested precisions from it in a second one, and reports that second process alone.
 
 The target from the large-checkpoint issue: streaming peak RSS <= 1.3 x the largest fp32 tensor
 + 1.5 GB, and faster than the in-memory path.
@@ -30,6 +34,43 @@ family = family_for(load_checkpoint(sys.argv[1]))
 export_onnx(family, Path(sys.argv[2]) / "model.onnx", TextGraphSpec(dim=family.embedding_dim),
             weights=sys.argv[3])
 """
+
+
+VARIANTS_CHILD = """
+import sys, time
+from pathlib import Path
+from qwen3emb.convert import family_for, load_checkpoint
+from qwen3emb.export.onnx import export_onnx
+from qwen3emb.export.precisions import build_precisions, check_precisions
+from qwen3emb.export.spec import TextGraphSpec
+checkpoint, out, phase = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+family = family_for(load_checkpoint(checkpoint))
+spec = TextGraphSpec(dim=family.embedding_dim)
+if phase == "export":
+    export_onnx(family, out / "model.onnx", spec)
+else:
+    build_precisions(out, out / "model.onnx", spec, check_precisions(sys.argv[4:]),
+                     tokenizer_json=checkpoint / "tokenizer.json")
+    from qwen3emb.progress import peak_rss_bytes
+    print(peak_rss_bytes())  # this process alone, not the export before it
+"""
+
+
+def measure_variants(checkpoint: Path, precisions: list[str]) -> dict[str, object]:
+    """Build ``precisions`` from a streamed fp32 export; time and peak of that step alone."""
+    with tempfile.TemporaryDirectory(dir=checkpoint.parent) as out:
+        subprocess.run([sys.executable, "-c", VARIANTS_CHILD, str(checkpoint), out, "export"],
+                       capture_output=True, text=True, check=True)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", VARIANTS_CHILD, str(checkpoint), out,
+                               "variants", *precisions], capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"building variants failed:\n{proc.stderr[-2000:]}")
+        sizes = {p.name: round(p.stat().st_size / 1e9, 3) for p in Path(out).iterdir()}
+    peak = int(proc.stdout.strip().splitlines()[-1])
+    return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak / 1e9, 2),
+            "precisions": precisions, "files_gb": sizes}
 
 
 def largest_tensor_bytes(checkpoint: Path) -> int:
@@ -60,18 +101,24 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--modes", nargs="+", default=["stream", "memory"],
-                        choices=["stream", "memory"])
+                        choices=["stream", "memory", "variants"])
+    parser.add_argument("--precisions", nargs="+", default=["fp16", "int8", "int4"],
+                        choices=["fp16", "int8", "int4"])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._one:  # one mode per process, so RUSAGE_CHILDREN is that mode's peak alone
-        print(json.dumps(measure(args.checkpoint, args._one)))
+        if args._one == "variants":
+            print(json.dumps(measure_variants(args.checkpoint, args.precisions)))
+        else:
+            print(json.dumps(measure(args.checkpoint, args._one)))
         return 0
     results: dict[str, object] = {"checkpoint": str(args.checkpoint),
                                   "largest_tensor_gb": round(
                                       largest_tensor_bytes(args.checkpoint) / 1e9, 3)}
     for mode in args.modes:
-        out = subprocess.run([sys.executable, __file__, str(args.checkpoint), "--_one", mode],
+        out = subprocess.run([sys.executable, __file__, str(args.checkpoint), "--_one", mode,
+                              "--precisions", *args.precisions],
                              capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(out.strip().splitlines()[-1])
     largest = float(results["largest_tensor_gb"])  # type: ignore[arg-type]
@@ -80,7 +127,8 @@ def main() -> int:
     print("\n| mode | time (s) | peak RSS (GB) | ONNX size (GB) |\n|---|---|---|---|")
     for mode in args.modes:
         r = results[mode]
-        print(f"| {mode} | {r['seconds']} | {r['peak_rss_gb']} | {r['onnx_gb']} |")  # type: ignore[index]
+        size = r.get("onnx_gb", "-")  # type: ignore[union-attr]
+        print(f"| {mode} | {r['seconds']} | {r['peak_rss_gb']} | {size} |")  # type: ignore[index]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
