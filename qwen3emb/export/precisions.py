@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,6 @@ import numpy as np
 from qwen3emb.constants import ATTENTION_MASK, INPUT_IDS
 from qwen3emb.errors import InputError
 from qwen3emb.export import quantize as q
-from qwen3emb.export.spec import TextGraphSpec
 from qwen3emb.manifest import file_entry
 
 logger = logging.getLogger(__name__)
@@ -62,21 +61,30 @@ def _total_bytes(model: Any) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
-def build_precisions(stage: Path, raw_path: Path, spec: TextGraphSpec, precisions: Sequence[str],
+def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequence[str],
                      *, int8_scheme: str = q.DEFAULT_INT8_SCHEME,
-                     tokenizer_json: Path) -> list[dict[str, Any]]:
-    """Optimize the exported fp32 graph and write each requested precision into ``stage``.
+                     tokenizer_json: Path | None = None,
+                     calibration: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
+                     entry: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Optimize an exported fp32 graph and write each requested precision beside it.
+
+    Generic over graphs: the text model (``model.onnx``), a Qwen3-VL decoder (``decoder.onnx``)
+    or vision tower (``vision.onnx``). Variants are named after the fp32 file's stem
+    (``model_fp16.onnx``, ``decoder_int8.onnx``, ``vision_fp16.onnx``).
 
     Args:
         stage: the staged bundle directory.
-        raw_path: the exporter's fp32 ``model.onnx`` (replaced by its optimized form).
-        spec: the graph contract every variant must keep.
+        raw_path: the exporter's fp32 graph (replaced by its optimized form).
+        spec: the graph contract every variant must keep (``TextGraphSpec`` or ``GraphSpec``).
         precisions: from :func:`check_precisions`.
         int8_scheme: one of ``quantize.INT8_SCHEMES``.
-        tokenizer_json: the checkpoint tokenizer, for calibration texts.
+        tokenizer_json: the checkpoint tokenizer, for calibration texts (text models).
+        calibration: returns the graph's calibration feeds; called only when int8 or int4 is
+            wanted (default: :func:`calibration_feeds` of ``tokenizer_json``).
+        entry: extra manifest keys of each model entry (default ``{"role": "model"}``).
 
     Returns:
-        Manifest artifact entries (models and their external data files).
+        Manifest artifact entries (models and their external data files), fp32 first.
 
     Raises:
         OutputError: a converter or quantizer failed, or a graph breaks the contract.
@@ -86,6 +94,7 @@ def build_precisions(stage: Path, raw_path: Path, spec: TextGraphSpec, precision
     from qwen3emb.export.onnx import check_graph_contract
     from qwen3emb.export.optimize import optimize_graph
 
+    keys = {"role": "model", **(entry or {})}
     data_path = raw_path.with_name(raw_path.name + ".data")
     streamed = data_path.exists()
     # The rewrite needs the graph, not the weights: streamed weights stay on disk.
@@ -95,24 +104,26 @@ def build_precisions(stage: Path, raw_path: Path, spec: TextGraphSpec, precision
     entries: list[dict[str, Any]] = []
 
     def write(variant: Any, precision: str, scheme: str, settings: dict[str, Any]) -> None:
-        name = "model.onnx" if precision == "fp32" else f"model_{precision}.onnx"
+        name = raw_path.name if precision == "fp32" else f"{raw_path.stem}_{precision}.onnx"
         path = raw_path.with_name(name)
         files = _save(variant, path, big)
         check_graph_contract(path, spec, schema_check=False)
-        entries.append(file_entry(stage, files[0], kind="onnx", role="model",
-                                  precision=precision, scheme=scheme, settings=settings))
+        entries.append(file_entry(stage, files[0], kind="onnx", precision=precision,
+                                  scheme=scheme, settings=settings, **keys))
         for extra in files[1:]:
             entries.append(file_entry(stage, extra, kind="onnx", role="external-data",
                                       precision=precision))
         logger.info("wrote %s (%s)", path.name, scheme)
 
-    fp32_scheme = "fp32 weights and activations; RMSNorm and residual Adds fused"
+    fp32_scheme = "fp32 weights and activations" + (
+        "; RMSNorm and residual Adds fused" if stats.rms_norms else "")
     if streamed:
-        # Only the graph changed; model.onnx.data is already what the streaming writer wrote.
+        # Only the graph changed; the .data file is already what the streaming writer wrote.
         onnx.save_model(model, os.fspath(raw_path))
         check_graph_contract(raw_path, spec, schema_check=False)
-        entries.append(file_entry(stage, raw_path, kind="onnx", role="model", precision="fp32",
-                                  scheme=fp32_scheme, settings={"fusions": stats.to_dict()}))
+        entries.append(file_entry(stage, raw_path, kind="onnx", precision="fp32",
+                                  scheme=fp32_scheme, settings={"fusions": stats.to_dict()},
+                                  **keys))
         entries.append(file_entry(stage, data_path, kind="onnx", role="external-data",
                                   precision="fp32"))
         if set(precisions) <= {"fp32"}:
@@ -124,11 +135,18 @@ def build_precisions(stage: Path, raw_path: Path, spec: TextGraphSpec, precision
         write(model, "fp32", fp32_scheme, {"fusions": stats.to_dict()})
     ranges = None
     if "int8" in precisions or "int4" in precisions:
-        ranges = q.calibrate(model, calibration_feeds(tokenizer_json), workdir=stage)
+        if calibration is None:
+            if tokenizer_json is None:
+                raise ValueError("build_precisions needs tokenizer_json or calibration for int8")
+            feeds: Iterable[dict[str, np.ndarray]] = calibration_feeds(tokenizer_json)
+        else:
+            feeds = calibration()
+        ranges = q.calibrate(model, feeds, workdir=stage)
     if "fp16" in precisions:
-        from qwen3emb.export.fp16 import FP32_OPS, SCHEME, convert_fp16
+        from qwen3emb.export.fp16 import FP32_OPS, SCHEME, convert_fp16, residual_adds
 
-        write(convert_fp16(model), "fp16", SCHEME, {"fp32_ops": list(FP32_OPS)})
+        write(convert_fp16(model), "fp16", SCHEME, {
+            "fp32_ops": list(FP32_OPS), "fp32_residual_adds": len(residual_adds(_copy(model)))})
     with tempfile.TemporaryDirectory(dir=stage) as tmp:
         if "int8" in precisions:
             variant, settings = int8_variant(model, dict(ranges or {}), int8_scheme, Path(tmp))
