@@ -261,7 +261,8 @@ def export_bundle(
     if writer is not None:  # a multi-graph family writes its own bundle
         return writer(checkpoint, family, out_path, dimensions=dimensions, max_length=limit,
                       opset=opset, validate=validate, force=force, source=str(source),
-                      formats=wanted, gguf_types=gguf_list)
+                      formats=wanted, gguf_types=gguf_list, precisions=onnx_precisions,
+                      int8_scheme=int8_scheme)
     out_dim = dimensions or full
     spec = TextGraphSpec(dim=out_dim, opset=opset)
     tokenizer = check_tokenizer(checkpoint.path)
