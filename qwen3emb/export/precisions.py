@@ -79,8 +79,9 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
         precisions: from :func:`check_precisions`.
         int8_scheme: one of ``quantize.INT8_SCHEMES``.
         tokenizer_json: the checkpoint tokenizer, for calibration texts (text models).
-        calibration: returns the graph's calibration feeds; called only when int8 or int4 is
-            wanted (default: :func:`calibration_feeds` of ``tokenizer_json``).
+        calibration: returns the graph's calibration feeds; called only when a requested
+            variant needs activation ranges (int4, int8 other than nbits8; default:
+            :func:`calibration_feeds` of ``tokenizer_json``).
         entry: extra manifest keys of each model entry (default ``{"role": "model"}``).
 
     Returns:
@@ -134,7 +135,8 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
         raw_path.unlink()
         write(model, "fp32", fp32_scheme, {"fusions": stats.to_dict()})
     ranges = None
-    if "int8" in precisions or "int4" in precisions:
+    # nbits8 is weight-only: only the smoothing and outlier schemes need activation ranges.
+    if "int4" in precisions or ("int8" in precisions and int8_scheme != "nbits8"):
         if calibration is None:
             if tokenizer_json is None:
                 raise ValueError("build_precisions needs tokenizer_json or calibration for int8")

@@ -289,10 +289,10 @@ def export_vl_bundle(checkpoint: Checkpoint, family: Any, out_path: Path, *,
 
 
 VISION_PRECISIONS = ("fp32", "fp16")
-"""The vision graph's precisions (the issue asks for fp32 and fp16). It holds ~15-20% of the
-2B/8B weights and runs once per image, so int8/int4 decoders run with the fp32 vision graph,
-and fp16 vision is written only with ``--precision fp16``; ``VLEmbedder(vision_precision=...)``
-may pair them otherwise."""
+"""The vision graph's precisions. It holds ~19% of the 2B's weights and ~7% of the 8B's, so
+int8/int4 decoders run with the fp32 vision graph, and fp16 vision is written only with
+``--precision fp16`` (paired with the fp16 decoder); ``VLEmbedder(vision_precision=...)`` may
+pair them otherwise."""
 
 
 VL_DEFAULT_INT8_SCHEME = "nbits8"
@@ -300,8 +300,8 @@ VL_DEFAULT_INT8_SCHEME = "nbits8"
 VL outlier fixture (tests/test_vl_precision.py), each probe alone / all probes in one batch:
 nbits8 0.99962 / 0.99962, smoothquant 0.99706 / 0.98462, dynamic 0.99625 / 0.98750. The
 dynamic schemes quantize activations with one scale per MatMul call, and a batch mixing text
-with images shares the scale of its largest item: the down_proj inputs of image items run
-20x larger than those of short texts, so a text's embedding would depend on its batch."""
+with images shares the scale of its largest item (across the probes, the per-item peak of a
+down_proj input spans 1.0 to 21), so an item's embedding would depend on its batch."""
 
 
 def _export_onnx_artifacts(family: Any, backbone: Any, stage: Path,
