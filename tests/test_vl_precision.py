@@ -168,6 +168,82 @@ def test_fp16_vision_keeps_norms_softmax_and_residual_in_fp32(vl_precision_bundl
     assert weights == {onnx.TensorProto.FLOAT16}
 
 
+def _true_fp16(model, runs_fused_norms: bool = True):
+    """onnx's reference evaluator for ``model``: numpy arithmetic in each tensor's own dtype,
+    as an accelerator computes fp16 (onnxruntime's CPU provider upcasts most fp16 ops)."""
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    from qwen3emb.export.optimize import _topological
+
+    def rms(x, scale, epsilon):
+        return x / np.sqrt(np.mean(np.square(x), -1, keepdims=True) + x.dtype.type(epsilon)) \
+            * scale
+
+    class SimplifiedLayerNormalization(OpRun):
+        op_domain = ""
+
+        def _run(self, x, scale, axis=-1, epsilon=1e-6, stash_type=1):
+            return (rms(x, scale, epsilon).astype(x.dtype),)
+
+    class SkipSimplifiedLayerNormalization(OpRun):
+        op_domain = "com.microsoft"
+
+        def _run(self, x, skip, scale, epsilon=1e-6):
+            total = x + skip
+            empty = np.zeros(0, total.dtype)
+            return rms(total, scale, epsilon).astype(total.dtype), empty, empty, total
+
+    nodes = _topological(model.graph, list(model.graph.node))  # the converter appends Casts
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    ops = [SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization]
+    return ReferenceEvaluator(model, new_ops=ops if runs_fused_norms else None)
+
+
+def _cosine(a, b) -> float:
+    a, b = (np.concatenate([np.ravel(x) for x in v]).astype(np.float64) for v in (a, b))
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+
+
+@pytest.mark.slow
+def test_fp16_vl_graphs_hold_in_true_fp16_where_naive_fp16_breaks(vl_precision_bundle):
+    """Both fp16 graphs, and their naive casts, evaluated with real fp16 arithmetic."""
+    import onnx
+    from test_precision import _unfuse_norms
+
+    from qwen3emb.export.fp16 import convert_fp16
+    from qwen3emb.runtime import VLEmbedder
+    from qwen3emb.runtime.vl_vision import vision_tables
+
+    bundle = vl_precision_bundle.bundle
+    embedder = VLEmbedder(bundle, threads=1)
+    item = embedder.prepare({"image": synthetic_image(96, 64, seed=3), "text": "x"}, 0,
+                            "Represent the user's input.")
+    visual = item.visuals[0]
+    tables = vision_tables(visual.grid[1], visual.grid[2], embedder.geometry)
+    vision_feeds = dict(zip(("pixel_patches", "pos_embed_indices", "pos_embed_weights",
+                             "vision_position_ids"), (visual.patches.astype(np.float32), *tables)))
+    decoder_feeds = embedder.decoder_inputs([item], embedder.encode_visuals([item]))
+    graphs = {name: onnx.load(str(bundle / "onnx" / f"{name}.onnx"))
+              for name in ("vision", "vision_fp16", "decoder", "decoder_fp16")}
+    expected = {"vision": embedder.vision.run(None, vision_feeds),
+                "decoder": embedder.decoder.run(None, decoder_feeds)}
+    feeds = {"vision": vision_feeds, "decoder": decoder_feeds}
+    with np.errstate(all="ignore"):
+        for graph in ("vision", "decoder"):
+            ours = _true_fp16(graphs[f"{graph}_fp16"]).run(None, feeds[graph])
+            assert all(np.isfinite(x).all() for x in ours), graph
+            assert _cosine(ours, expected[graph]) >= FLOORS["fp16"], graph
+            plain = graphs[graph] if graph == "vision" else _unfuse_norms(graphs[graph])
+            naive = _true_fp16(convert_fp16(plain, keep_fp32_ops=()), False).run(
+                None, feeds[graph])
+            print(graph, "ours", _cosine(ours, expected[graph]), "naive",
+                  _cosine(naive, expected[graph]))
+            assert _cosine(naive, expected[graph]) < FLOORS["fp16"], graph
+
+
 @pytest.fixture(scope="module")
 def reference_items(outlier_vl_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     """A text, an image, a video file and a text+image, with their fp32 HF embeddings."""
