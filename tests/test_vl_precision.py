@@ -138,7 +138,12 @@ def test_manifest_describes_each_graph_precision_and_its_vision_pair(vl_precisio
         "fp32": "fp32", "fp16": "fp16", "int8": "fp32", "int4": "fp32"}
     for entry in [*decoders.values(), *visions.values()]:
         assert entry["scheme"] and isinstance(entry["settings"], dict), entry["path"]
-    assert decoders["int8"]["settings"]["scheme"] == "nbits8"
+    assert decoders["int8"]["settings"]["scheme"] == "mixed"
+    weight_only = decoders["int8"]["settings"]["weight_only_matmuls"]
+    assert {name.rsplit(".", 1)[-1] for name in weight_only} >= {"o_proj/MatMul",
+                                                                 "down_proj/MatMul"}
+    assert not any(name.endswith(("q_proj/MatMul", "gate_proj/MatMul")) for name in weight_only
+                   if not name.startswith("lm.layers.0."))  # layer 0's MLP sees outliers
     assert decoders["fp32"]["settings"]["fusions"]["skip_norms"] > 0  # text fusions apply
     assert decoders["fp16"]["settings"]["fp32_residual_adds"] == 3  # the deepstack layers
     assert visions["fp16"]["settings"]["fp32_residual_adds"] > 0

@@ -195,17 +195,27 @@ def int8_variant(model: Any, ranges: dict[str, np.ndarray], scheme: str, workdir
                           accuracy_level=q.NBITS8_ACCURACY_LEVEL)
         settings.update(block_size=q.NBITS8_BLOCK_SIZE, accuracy_level=q.NBITS8_ACCURACY_LEVEL)
     else:
-        if scheme == "smoothquant":
+        if scheme in ("smoothquant", "mixed"):
             settings["smoothed_norms"] = q.smooth(variant, ranges, q.SMOOTH_ALPHA)
             settings["alpha"] = q.SMOOTH_ALPHA
         exclude: list[str] = []
         if scheme != q.NAIVE_INT8_SCHEME:
             users = q.matmul_inputs(variant)
             exclude = sorted(n.name for t in q.outlier_inputs(ranges) for n in users.get(t, []))
-        settings.update(per_channel=scheme != q.NAIVE_INT8_SCHEME, outlier_ratio=q.OUTLIER_RATIO,
-                        fp32_matmuls=exclude)
+        settings.update(per_channel=scheme != q.NAIVE_INT8_SCHEME, outlier_ratio=q.OUTLIER_RATIO)
+        if scheme == "mixed":
+            normed = q.norm_fed_matmuls(variant)
+            weights = {n.name for matmuls in q.matmul_inputs(variant).values() for n in matmuls}
+            exclude = sorted(set(exclude) | (weights - normed))
+            settings.update(weight_only_matmuls=exclude, block_size=q.NBITS8_BLOCK_SIZE,
+                            accuracy_level=q.NBITS8_ACCURACY_LEVEL)
+        else:
+            settings["fp32_matmuls"] = exclude
         variant = q.dynamic_int8(variant, per_channel=scheme != q.NAIVE_INT8_SCHEME,
                                  exclude=exclude, workdir=workdir)
+        if scheme == "mixed":  # the MatMuls left in fp32 above become 8-bit weight-only
+            variant = q.nbits(variant, bits=8, block_size=q.NBITS8_BLOCK_SIZE,
+                              accuracy_level=q.NBITS8_ACCURACY_LEVEL)
     if scheme != q.NAIVE_INT8_SCHEME:
         q.quantize_embedding(variant)
         settings["embedding"] = f"8-bit GatherBlockQuantized, block {q.EMBEDDING_BLOCK_SIZE}"

@@ -12,6 +12,10 @@ and scripts/bench.py):
   ``s = max|x|^a / max|W|^(1-a)``, folded into the preceding norm weight, and multiply the
   matching weight rows by ``s``), then per-channel dynamic int8 on every MatMul.
 - ``nbits8``: 8-bit weight-only MatMulNBits (activations stay fp32 or are quantized per block).
+- ``mixed``: smoothing, then dynamic int8 only on MatMuls fed by a norm (their inputs are
+  normalized per token, so one activation scale per call suits every item of a batch), and
+  8-bit weight-only MatMulNBits on the rest (o_proj, down_proj: unnormalized inputs whose
+  per-item peaks differ ~20x between a short text and an image on the Qwen3-VL fixture).
 
 int4 is 4-bit weight-only MatMulNBits after the same smoothing, with v_proj and down_proj at
 8 bits (the Q4_K_M recipe) and an 8-bit ``GatherBlockQuantized`` embedding table.
@@ -37,6 +41,9 @@ INT8_SCHEMES: dict[str, str] = {
     "smoothquant": "SmoothQuant-style smoothing folded into the norms, then per-channel "
                    "dynamic int8; MatMuls still with outlier inputs kept fp32",
     "nbits8": "8-bit weight-only MatMulNBits (block-wise, fp32 compute)",
+    "mixed": "SmoothQuant-style smoothing folded into the norms, per-channel dynamic int8 on "
+             "the MatMuls a norm feeds; 8-bit weight-only MatMulNBits on the others and on "
+             "those still seeing outliers",
 }
 DEFAULT_INT8_SCHEME = "smoothquant"
 """Chosen by measurement: every candidate but the naive one clears 0.99 on the outlier fixture
@@ -135,6 +142,15 @@ def calibrate(model: Any, feeds: Iterable[dict[str, np.ndarray]], *,
             peak = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0).astype(np.float32)
             ranges[name] = np.maximum(ranges[name], peak) if name in ranges else peak
     return ranges
+
+
+def norm_fed_matmuls(model: Any) -> set[str]:
+    """Names of weight MatMuls whose activation input is the output of a (Skip)Simplified
+    LayerNormalization (q/k/v and gate/up projections in a fused Qwen3 graph)."""
+    normed = {n.output[0] for n in model.graph.node
+              if n.op_type.endswith("SimplifiedLayerNormalization")}
+    return {n.name for tensor, users in matmul_inputs(model).items() if tensor in normed
+            for n in users}
 
 
 def outlier_inputs(ranges: dict[str, np.ndarray], ratio: float = OUTLIER_RATIO) -> list[str]:
