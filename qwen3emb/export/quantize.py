@@ -3,8 +3,8 @@
 Real Qwen3 checkpoints carry a few hidden channels thousands of times larger than the rest.
 Per-tensor dynamic int8 quantization of MatMul inputs then rounds every ordinary channel to
 zero (cosine 0.64 reported for a Qwen3-0.6B embedder). The int8 schemes here avoid that in
-three ways, measured against each other on an outlier fixture (see tests/test_precision.py
-and scripts/bench.py):
+four ways, measured against each other on outlier fixtures (see tests/test_precision.py,
+tests/test_vl_precision.py and scripts/bench.py):
 
 - ``dynamic``: per-channel dynamic int8 (DynamicQuantizeMatMul) on every MatMul whose input
   has no outlier channel; MatMuls whose calibrated input has one stay fp32.
