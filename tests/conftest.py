@@ -51,6 +51,19 @@ def vl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vl_bundle(vl_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The VL checkpoint exported (and validated, fp32) with the same command as a text model."""
+    from typer.testing import CliRunner
+
+    from qwen3emb.cli import create_app
+
+    out = tmp_path_factory.mktemp("vl-bundles") / "tiny-vl"
+    result = CliRunner().invoke(create_app(), ["export", str(vl_checkpoint), "-o", str(out)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Qwen3 embedding checkpoint with a real BPE tokenizer."""
     from qwen3emb.convert.random_checkpoint import build_random_checkpoint

@@ -277,7 +277,7 @@ def test_naive_int8_fails_on_outliers_but_not_the_default(outlier_bundle, refere
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["dynamic", "nbits8"])
+@pytest.mark.parametrize("scheme", ["dynamic", "nbits8", "mixed"])
 def test_other_int8_schemes_stay_selectable_and_faithful(outlier_bundle, reference, workdir,
                                                          scheme):
     from qwen3emb.constants import FLOORS
@@ -333,7 +333,7 @@ def test_unknown_int8_scheme_is_rejected_with_the_supported_values():
     with pytest.raises(InputError) as info:
         check_precisions(["int8"], int8_scheme="awq")
     assert info.value.one_line() == (
-        "unknown int8 scheme 'awq'. Supported: dynamic, smoothquant, nbits8")
+        "unknown int8 scheme 'awq'. Supported: dynamic, smoothquant, nbits8, mixed")
 
 
 def test_precisions_always_start_with_fp32_in_a_fixed_order():

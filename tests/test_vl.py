@@ -33,15 +33,6 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="session")
-def vl_bundle(vl_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Exported (and validated) with the same command as a text model."""
-    out = tmp_path_factory.mktemp("vl-bundles") / "tiny-vl"
-    result = runner.invoke(create_app(), ["export", str(vl_checkpoint), "-o", str(out)])
-    assert result.exit_code == 0, (result.output, result.exception)
-    return out
-
-
-@pytest.fixture(scope="session")
 def vl_embedder(vl_bundle: Path):
     from qwen3emb.runtime import VLEmbedder
 

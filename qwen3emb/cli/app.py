@@ -62,7 +62,8 @@ def export(
         "--precision", help="ONNX precision to write: fp32, fp16, int8, int4 (repeatable; "
         "fp32 is always written as the reference).")] = None,
     int8_scheme: Annotated[str | None, typer.Option(
-        help="int8 scheme: dynamic, smoothquant, nbits8 (default: smoothquant).")] = None,
+        help="int8 scheme: dynamic, smoothquant, nbits8, mixed (default: smoothquant; mixed "
+        "for Qwen3-VL decoders).")] = None,
     format: Annotated[list[str] | None, typer.Option(
         "--format", help="onnx and/or gguf (repeatable; default onnx).")] = None,
     gguf_type: Annotated[list[str] | None, typer.Option(
@@ -206,6 +207,8 @@ def embed(
         qwen3emb-export embed qwen3-0.6b "capital of France?" --query -o q.npy
 
         qwen3emb-export embed qwen3-vl-2b --image cat.jpg --text "a cat" --instruction "Find it"
+
+        qwen3emb-export embed qwen3-vl-2b --image cat.jpg --precision int8
     """
     configure_logging(verbose)
     if text is not None:
@@ -236,7 +239,7 @@ def _embed(bundle: Path, texts: list[str], query: bool, task: str | None, dimens
             raise InputError("--query/--task are for text bundles",
                              hint="With a Qwen3-VL bundle, pass --instruction instead")
         labels, vectors, failures = _embed_vl(bundle, texts, mixed, instruction, dimensions,
-                                              batch_size, provider)
+                                              batch_size, provider, precision)
     else:
         if mixed is not None or instruction is not None:
             raise InputError(f"'{bundle}' is a text bundle; --image, --video and --instruction "
@@ -269,14 +272,15 @@ def _text_embedder(bundle: Path, precision: str, provider: list[str] | None) -> 
 
 def _embed_vl(bundle: Path, texts: list[str], mixed: dict[str, Any] | None,
               instruction: str | None, dimensions: int | None, batch_size: int,
-              provider: list[str] | None) -> tuple[list[str], object, dict[int, str]]:
+              provider: list[str] | None, precision: str = "fp32"
+              ) -> tuple[list[str], object, dict[int, str]]:
     from qwen3emb.runtime import VLEmbedder
 
     items: list[dict[str, object]] = [{"text": t} for t in texts]
     if mixed is not None:
         items.append({k: str(v) if isinstance(v, Path) else v for k, v in mixed.items()})
     labels = [" + ".join(f"{k}={v}" for k, v in item.items()) for item in items]
-    embedder = VLEmbedder(bundle, provider)
+    embedder = VLEmbedder(bundle, provider, precision=precision)
     vectors, failures = embedder.encode_with_errors(items, instruction=instruction,
                                                     dimensions=dimensions,
                                                     batch_size=min(batch_size, 8))

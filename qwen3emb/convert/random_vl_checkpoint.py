@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,8 @@ def write_processor_files(out: Path) -> None:
 
 
 def build_random_vl_checkpoint(out_dir: str | Path, *, preset: str = "tiny", seed: int = 0,
-                               dtype: str = "bfloat16") -> Path:
+                               dtype: str = "bfloat16",
+                               modify: Callable[[Any], None] | None = None) -> Path:
     """Write a random-weight Qwen3-VL-Embedding checkpoint.
 
     Args:
@@ -132,6 +134,7 @@ def build_random_vl_checkpoint(out_dir: str | Path, *, preset: str = "tiny", see
         preset: a shape from ``VL_PRESETS``.
         seed: torch seed for the weights.
         dtype: stored weight dtype (``bfloat16`` like the released checkpoints, or ``float32``).
+        modify: called with the fp32 ``Qwen3VLModel`` before saving (fixtures plant outliers).
 
     Returns:
         The checkpoint directory.
@@ -159,6 +162,8 @@ def build_random_vl_checkpoint(out_dir: str | Path, *, preset: str = "tiny", see
         model.visual.pos_embed.weight.mul_(4.0)
         for merger in model.visual.deepstack_merger_list:
             merger.linear_fc2.weight.mul_(4.0)
+        if modify is not None:
+            modify(model)
     model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
     saved["architectures"] = config["architectures"]

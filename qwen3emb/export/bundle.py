@@ -229,9 +229,11 @@ def export_bundle(
             ``"gguf"``; default ``f16`` when ``"gguf"`` is asked for.
         progress: show progress bars on stderr (tracing, writing, validating).
         precisions: ONNX precisions to write besides fp32 (``fp16``, ``int8``, ``int4``);
-            fp32 is always written as the reference artifact.
+            fp32 is always written as the reference artifact. For Qwen3-VL they are decoder
+            precisions; ``fp16`` also writes an fp16 vision graph.
         int8_scheme: how to build the int8 model (``quantize.INT8_SCHEMES``; default
-            ``quantize.DEFAULT_INT8_SCHEME``).
+            ``quantize.DEFAULT_INT8_SCHEME``, ``vl_bundle.VL_DEFAULT_INT8_SCHEME`` for a
+            Qwen3-VL decoder).
 
     Returns:
         The bundle path, its manifest, and the parity report when validated.
@@ -261,7 +263,8 @@ def export_bundle(
     if writer is not None:  # a multi-graph family writes its own bundle
         return writer(checkpoint, family, out_path, dimensions=dimensions, max_length=limit,
                       opset=opset, validate=validate, force=force, source=str(source),
-                      formats=wanted, gguf_types=gguf_list)
+                      formats=wanted, gguf_types=gguf_list, precisions=onnx_precisions,
+                      int8_scheme=int8_scheme)
     out_dim = dimensions or full
     spec = TextGraphSpec(dim=out_dim, opset=opset)
     tokenizer = check_tokenizer(checkpoint.path)

@@ -5,7 +5,9 @@ squares (inside RMSNorm) exceed fp16's 65504 and turn into Inf, then NaN (report
 8B model). The graph optimizer (:mod:`qwen3emb.export.optimize`) has already folded every
 RMSNorm and residual Add into (Skip)SimplifiedLayerNormalization nodes; keeping those nodes in
 fp32 keeps the norms' statistics and the whole residual stream in fp32, while the MatMuls,
-which hold nearly all the weights and the time, run in fp16.
+which hold nearly all the weights and the time, run in fp16. Residual Adds the optimizer
+could not fold (the Qwen3-VL decoder's deepstack layers add a second term before the next
+norm; the vision tower's LayerNorms are not fused) are kept in fp32 by name instead.
 """
 
 from __future__ import annotations
@@ -42,14 +44,48 @@ FP32_OPS: tuple[str, ...] = (
 
 SCHEME = "fp16 weights and MatMuls; norms, residual stream, softmax, rotary, pooling in fp32"
 
+NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization",
+            "SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
+
+
+def residual_adds(model: Any) -> list[str]:
+    """Names of the residual-stream Adds left unfused: Adds of two computed tensors whose sum
+    feeds a norm, directly or through Reshapes (unnamed ones are named here, in place).
+
+    Returns:
+        The node names, in graph order.
+    """
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+
+    def feeds_norm(tensor: str, depth: int = 0) -> bool:
+        for user in consumers.get(tensor, []):
+            if user.op_type in NORM_OPS or (user.op_type == "Reshape" and depth < 2
+                                            and feeds_norm(user.output[0], depth + 1)):
+                return True
+        return False
+
+    names = []
+    for i, node in enumerate(model.graph.node):
+        if (node.op_type == "Add" and not any(x in constants for x in node.input)
+                and feeds_norm(node.output[0])):
+            node.name = node.name or f"residual_add_{i}"
+            names.append(node.name)
+    return names
+
 
 def convert_fp16(model: Any, *, keep_fp32_ops: tuple[str, ...] = FP32_OPS) -> Any:
     """Return an fp16 copy of an optimized fp32 graph with fp32 inputs and outputs.
 
     Args:
         model: an ``onnx.ModelProto`` after :func:`qwen3emb.export.optimize.optimize_graph`.
-        keep_fp32_ops: op types computed in fp32 (pass ``()`` to get the naive conversion,
-            used by tests to show why the default exists).
+        keep_fp32_ops: op types computed in fp32, besides the unfused residual Adds
+            (:func:`residual_adds`); pass ``()`` to get the naive conversion, used by tests to
+            show why the default exists.
 
     Returns:
         The converted ``onnx.ModelProto`` (``model`` is not modified).
@@ -72,11 +108,13 @@ def convert_fp16(model: Any, *, keep_fp32_ops: tuple[str, ...] = FP32_OPS) -> An
         ) from e
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    keep_nodes = residual_adds(copy) if keep_fp32_ops else []
     try:
         converted = convert_float_to_float16(
             copy,
             keep_io_types=True,
             op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep_fp32_ops),
+            node_block_list=keep_nodes,
             disable_shape_infer=True,
         )
     except Exception as e:  # the converter raises bare exceptions on unexpected graphs
@@ -84,7 +122,8 @@ def convert_fp16(model: Any, *, keep_fp32_ops: tuple[str, ...] = FP32_OPS) -> An
                           hint="Export without --precision fp16 and report the problem") from e
     drop_duplicate_casts(converted)
     unique_node_names(converted)
-    logger.info("fp16: kept %s in fp32", sorted(keep_fp32_ops))
+    logger.info("fp16: kept %s and %d residual Adds in fp32", sorted(keep_fp32_ops),
+                len(keep_nodes))
     return converted
 
 

@@ -1,10 +1,10 @@
-"""Write every requested precision of a bundle's ONNX model: fp32 (reference), fp16, int8, int4."""
+"""Write every requested precision of a bundle's ONNX graphs: fp32 (reference), fp16, int8, int4."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,6 @@ import numpy as np
 from qwen3emb.constants import ATTENTION_MASK, INPUT_IDS
 from qwen3emb.errors import InputError
 from qwen3emb.export import quantize as q
-from qwen3emb.export.spec import TextGraphSpec
 from qwen3emb.manifest import file_entry
 
 logger = logging.getLogger(__name__)
@@ -56,13 +55,21 @@ def calibration_feeds(tokenizer_json: Path, texts: Sequence[str] | None = None
     return feeds
 
 
-FP32_SCHEME = "fp32 weights and activations; RMSNorm and residual Adds fused"
+FP32_SCHEME = "fp32 weights and activations"
+FUSED_SCHEME = "; RMSNorm and residual Adds fused"
 
 
-def build_precisions(stage: Path, raw_path: Path, spec: TextGraphSpec, precisions: Sequence[str],
-                     *, int8_scheme: str = q.DEFAULT_INT8_SCHEME, tokenizer_json: Path,
+def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequence[str],
+                     *, int8_scheme: str = q.DEFAULT_INT8_SCHEME,
+                     tokenizer_json: Path | None = None,
+                     calibration: Callable[[], Sequence[dict[str, np.ndarray]]] | None = None,
+                     entry: dict[str, Any] | None = None,
                      progress: bool = False) -> list[dict[str, Any]]:
-    """Optimize the exported fp32 graph and write each requested precision into ``stage``.
+    """Optimize an exported fp32 graph and write each requested precision beside it.
+
+    Generic over graphs: the text model (``model.onnx``), a Qwen3-VL decoder (``decoder.onnx``)
+    or vision tower (``vision.onnx``). Variants are named after the fp32 file's stem
+    (``model_fp16.onnx``, ``decoder_int8.onnx``, ``vision_fp16.onnx``).
 
     Only the graph is rewritten in memory; weights are read one tensor at a time, both for
     calibration (:mod:`qwen3emb.export.calibrate`) and for the variants
@@ -70,17 +77,22 @@ def build_precisions(stage: Path, raw_path: Path, spec: TextGraphSpec, precision
 
     Args:
         stage: the staged bundle directory.
-        raw_path: the exporter's fp32 ``model.onnx`` (replaced by its optimized form).
-        spec: the graph contract every variant must keep.
+        raw_path: the exporter's fp32 graph (replaced by its optimized form).
+        spec: the graph contract every variant must keep (``TextGraphSpec`` or ``GraphSpec``).
         precisions: from :func:`check_precisions`.
         int8_scheme: one of ``quantize.INT8_SCHEMES``.
-        tokenizer_json: the checkpoint tokenizer, for calibration texts.
+        tokenizer_json: the checkpoint tokenizer, for calibration texts (text models).
+        calibration: returns the graph's calibration feeds (any inputs of the graph); called
+            only when a requested variant needs activation ranges (int4, int8 other than
+            nbits8; default: :func:`calibration_feeds` of ``tokenizer_json``).
+        entry: extra manifest keys of each model entry (default ``{"role": "model"}``).
         progress: bars for calibration and for writing each variant.
 
     Returns:
-        Manifest artifact entries (models and their external data files).
+        Manifest artifact entries (models and their external data files), fp32 first.
 
     Raises:
+        InputError: int8/int4 asked for with neither ``calibration`` nor ``tokenizer_json``.
         OutputError: a graph breaks the contract.
     """
     import onnx
@@ -90,6 +102,7 @@ def build_precisions(stage: Path, raw_path: Path, spec: TextGraphSpec, precision
     from qwen3emb.export.optimize import optimize_graph
     from qwen3emb.export.variants import build_variants
 
+    keys = {"role": "model", **(entry or {})}
     data_path = raw_path.with_name(raw_path.name + ".data")
     # The rewrite needs the graph, not the weights: external weights stay on disk.
     model = onnx.load(os.fspath(raw_path), load_external_data=False)
@@ -97,21 +110,29 @@ def build_precisions(stage: Path, raw_path: Path, spec: TextGraphSpec, precision
     onnx.save_model(model, os.fspath(raw_path))
     del model
     check_graph_contract(raw_path, spec, schema_check=False)
-    entries = [file_entry(stage, raw_path, kind="onnx", role="model", precision="fp32",
-                          scheme=FP32_SCHEME, settings={"fusions": stats.to_dict()})]
+    fp32_scheme = FP32_SCHEME + (FUSED_SCHEME if stats.rms_norms else "")
+    entries = [file_entry(stage, raw_path, kind="onnx", precision="fp32", scheme=fp32_scheme,
+                          settings={"fusions": stats.to_dict()}, **keys)]
     if data_path.exists():
         entries.append(file_entry(stage, data_path, kind="onnx", role="external-data",
                                   precision="fp32"))
     wanted = [p for p in precisions if p != "fp32"]
-    calibration = None
+    ranges = None
+    # nbits8 is weight-only: only the smoothing and outlier schemes need activation ranges.
     if "int4" in wanted or ("int8" in wanted and int8_scheme != "nbits8"):
-        calibration = calibrate(raw_path, calibration_feeds(tokenizer_json), progress=progress)
-    for variant in build_variants(raw_path, wanted, calibration=calibration,
+        if calibration is not None:
+            feeds = calibration()
+        elif tokenizer_json is not None:
+            feeds = calibration_feeds(tokenizer_json)
+        else:
+            raise InputError(f"{raw_path.name}: int8/int4 need calibration inputs",
+                             hint="Pass tokenizer_json (text models) or a calibration callable")
+        ranges = calibrate(raw_path, feeds, progress=progress)
+    for variant in build_variants(raw_path, wanted, calibration=ranges,
                                   int8_scheme=int8_scheme, progress=progress):
         check_graph_contract(variant.path, spec, schema_check=False)
-        entries.append(file_entry(stage, variant.path, kind="onnx", role="model",
-                                  precision=variant.precision, scheme=variant.scheme,
-                                  settings=variant.settings))
+        entries.append(file_entry(stage, variant.path, kind="onnx", precision=variant.precision,
+                                  scheme=variant.scheme, settings=variant.settings, **keys))
         for extra in variant.files[1:]:
             entries.append(file_entry(stage, extra, kind="onnx", role="external-data",
                                       precision=variant.precision))

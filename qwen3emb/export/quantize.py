@@ -3,8 +3,8 @@
 Real Qwen3 checkpoints carry a few hidden channels thousands of times larger than the rest.
 Per-tensor dynamic int8 quantization of MatMul inputs then rounds every ordinary channel to
 zero (cosine 0.64 reported for a Qwen3-0.6B embedder). The int8 schemes here avoid that in
-three ways, measured against each other on an outlier fixture (see tests/test_precision.py
-and scripts/bench.py):
+four ways, measured against each other on outlier fixtures (see tests/test_precision.py,
+tests/test_vl_precision.py and scripts/bench.py):
 
 - ``dynamic``: per-channel dynamic int8 (DynamicQuantizeMatMul) on every MatMul whose input
   has no outlier channel; MatMuls whose calibrated input has one stay fp32.
@@ -12,6 +12,10 @@ and scripts/bench.py):
   ``s = max|x|^a / max|W|^(1-a)``, folded into the preceding norm weight, and multiply the
   matching weight rows by ``s``), then per-channel dynamic int8 on every MatMul.
 - ``nbits8``: 8-bit weight-only MatMulNBits (activations stay fp32 or are quantized per block).
+- ``mixed``: smoothing, then dynamic int8 only on MatMuls fed by a norm (their inputs are
+  normalized per token, so one activation scale per call suits every item of a batch), and
+  8-bit weight-only MatMulNBits on the rest (o_proj, down_proj: unnormalized inputs whose
+  per-item peaks differ ~20x between a short text and an image on the Qwen3-VL fixture).
 
 int4 is 4-bit weight-only MatMulNBits after the same smoothing, with v_proj and down_proj at
 8 bits (the Q4_K_M recipe) and an 8-bit ``GatherBlockQuantized`` embedding table.
@@ -39,7 +43,14 @@ INT8_SCHEMES: dict[str, str] = {
     "smoothquant": "SmoothQuant-style smoothing folded into the norms, then per-channel "
                    "dynamic int8; MatMuls still with outlier inputs kept fp32",
     "nbits8": "8-bit weight-only MatMulNBits (block-wise, fp32 compute)",
+    "mixed": "SmoothQuant-style smoothing folded into the norms, per-channel dynamic int8 on "
+             "the MatMuls a norm feeds; 8-bit weight-only MatMulNBits on the others and on "
+             "those still seeing outliers",
 }
+SMOOTHED_INT8_SCHEMES = ("smoothquant", "mixed")
+"""int8 schemes that fold SmoothQuant-style smoothing into the norms first."""
+CALIBRATED_INT8_SCHEMES = ("dynamic", "smoothquant", "mixed")
+"""int8 schemes that read activation ranges (nbits8 is weight-only)."""
 DEFAULT_INT8_SCHEME = "smoothquant"
 """Chosen by measurement: every candidate but the naive one clears 0.99 on the outlier fixture
 (smoothquant 0.99927, dynamic 0.99804, nbits8 0.99848; scripts/measure_schemes.py). nbits8
@@ -82,6 +93,13 @@ def check_int8_scheme(scheme: str) -> str:
 
 
 # --- outliers and SmoothQuant-style smoothing --------------------------------------------
+
+
+def norm_outputs(model: Any) -> set[str]:
+    """Normalized outputs of (Skip)SimplifiedLayerNormalization nodes: in a fused Qwen3 graph,
+    the inputs of the q/k/v and gate/up projections (the ``mixed`` scheme's int8 MatMuls)."""
+    return {n.output[0] for n in model.graph.node
+            if n.op_type.endswith("SimplifiedLayerNormalization")}
 
 
 def outlier_inputs(ranges: dict[str, np.ndarray], ratio: float = OUTLIER_RATIO) -> list[str]:

@@ -73,7 +73,8 @@ def build_variants(source: Path, precisions: Sequence[str], *,
         precisions: any of ``fp16``, ``int8``, ``int4`` (``fp32`` is skipped: it is
             ``source``).
         calibration: from :func:`qwen3emb.export.calibrate.calibrate` on ``source``; needed
-            for int4 and for the ``smoothquant`` and ``dynamic`` int8 schemes.
+            for int4 and for the int8 schemes that read ranges
+            (``quantize.CALIBRATED_INT8_SCHEMES``).
         int8_scheme: one of ``quantize.INT8_SCHEMES``.
         external: write weights to ``<name>.data`` (default: when ``source`` has external
             data or a variant exceeds 1 GiB).
@@ -90,7 +91,8 @@ def build_variants(source: Path, precisions: Sequence[str], *,
     for precision in precisions:
         if precision == "fp32":
             continue
-        smoothed = precision == "int4" or (precision == "int8" and int8_scheme == "smoothquant")
+        smoothed = precision == "int4" or (precision == "int8"
+                                           and int8_scheme in q.SMOOTHED_INT8_SCHEMES)
         if plan is None and smoothed and calibration is not None:
             plan = q.plan_smoothing(LazyGraph(source), calibration.ranges, q.SMOOTH_ALPHA)
         variants.append(build_variant(source, precision, calibration=calibration,
@@ -130,13 +132,13 @@ def build_variant(source: Path, precision: str, *, calibration: Calibration | No
     elif precision in ("int8", "int4"):
         if int8_scheme != q.NAIVE_INT8_SCHEME:
             q.check_int8_scheme(int8_scheme)
-        needs_ranges = precision == "int4" or int8_scheme in ("smoothquant", "dynamic")
+        needs_ranges = precision == "int4" or int8_scheme in q.CALIBRATED_INT8_SCHEMES
         if needs_ranges and calibration is None:
             raise InputError(f"{precision} ({int8_scheme}) needs calibration ranges",
                              hint="Pass calibration=calibrate(source, feeds)")
         ranges = calibration.ranges if calibration is not None else {}
         if needs_ranges and smoothing is None and (precision == "int4"
-                                                   or int8_scheme == "smoothquant"):
+                                                   or int8_scheme in q.SMOOTHED_INT8_SCHEMES):
             smoothing = q.plan_smoothing(graph, ranges, q.SMOOTH_ALPHA)
         if precision == "int8":
             scheme, settings = _int8(graph, ranges, int8_scheme, smoothing or [])
@@ -159,8 +161,9 @@ def _fp16(graph: LazyGraph) -> tuple[str, dict[str, Any]]:
     import onnx
     from onnxruntime.transformers.float16 import convert_np_to_float16
 
-    from qwen3emb.export.fp16 import FP32_OPS, SCHEME, convert_fp16
+    from qwen3emb.export.fp16 import FP32_OPS, SCHEME, convert_fp16, residual_adds
 
+    residual = residual_adds(graph.model)  # what convert_fp16 keeps in fp32 besides FP32_OPS
     # The converter sees empty placeholders: it only flips their type to FLOAT16 where fp16
     # nodes read them, which tells which recipes must cast.
     converted = convert_fp16(graph.model)
@@ -175,7 +178,7 @@ def _fp16(graph: LazyGraph) -> tuple[str, dict[str, Any]]:
             graph.recipes[tensor.name] = Recipe(tensor.data_type, recipe.shape,
                                                 _cast(recipe.make, convert_np_to_float16))
     graph.model = converted
-    return SCHEME, {"fp32_ops": list(FP32_OPS)}
+    return SCHEME, {"fp32_ops": list(FP32_OPS), "fp32_residual_adds": len(residual)}
 
 
 def _cast(make: Callable[[], np.ndarray], convert: Callable[[np.ndarray], np.ndarray]
@@ -197,15 +200,27 @@ def _int8(graph: LazyGraph, ranges: dict[str, np.ndarray], scheme: str,
                       accuracy_level=q.NBITS8_ACCURACY_LEVEL)
         settings.update(block_size=q.NBITS8_BLOCK_SIZE, accuracy_level=q.NBITS8_ACCURACY_LEVEL)
     else:
-        if scheme == "smoothquant":
+        if scheme in q.SMOOTHED_INT8_SCHEMES:
             ranges = q.apply_smoothing(graph, plan, ranges)
             settings.update(smoothed_norms=len(plan), alpha=q.SMOOTH_ALPHA)
         matmuls = weight_matmuls(graph)
         outliers = set() if naive else set(q.outlier_inputs(ranges))
-        kept = sorted(m.name for m in matmuls if m.input[0] in outliers)
-        settings.update(per_channel=not naive, outlier_ratio=q.OUTLIER_RATIO,
-                        fp32_matmuls=kept)
-        rewrite_int8(graph, [m for m in matmuls if m.input[0] not in outliers],
+        settings.update(per_channel=not naive, outlier_ratio=q.OUTLIER_RATIO)
+        if scheme == "mixed":
+            # Only a norm's output is comparable across the items of a batch; the rest (and
+            # inputs still with outliers) keep fp32 activations against 8-bit weights.
+            normed = q.norm_outputs(graph.model)
+            weight_only = [m for m in matmuls if m.input[0] in outliers
+                           or m.input[0] not in normed]
+            settings.update(weight_only_matmuls=sorted(m.name for m in weight_only),
+                            block_size=q.NBITS8_BLOCK_SIZE,
+                            accuracy_level=q.NBITS8_ACCURACY_LEVEL)
+            rewrite_nbits(graph, weight_only, bits=8, block_size=q.NBITS8_BLOCK_SIZE,
+                          accuracy_level=q.NBITS8_ACCURACY_LEVEL)
+        else:
+            settings["fp32_matmuls"] = sorted(m.name for m in matmuls if m.input[0] in outliers)
+        # What is still a weight MatMul and sees no outliers becomes dynamic int8.
+        rewrite_int8(graph, [m for m in weight_matmuls(graph) if m.input[0] not in outliers],
                      per_channel=not naive)
     if not naive:
         rewrite_embedding(graph, block_size=q.EMBEDDING_BLOCK_SIZE)

@@ -215,12 +215,18 @@ def _vision_facts(family: Any) -> dict[str, Any]:
 def export_vl_bundle(checkpoint: Checkpoint, family: Any, out_path: Path, *,
                      dimensions: int | None, max_length: int, opset: int, validate: bool,
                      force: bool, source: str, formats: Sequence[str] = ("onnx",),
-                     gguf_types: Sequence[str] = ()) -> ExportResult:
+                     gguf_types: Sequence[str] = (), precisions: Sequence[str] = ("fp32",),
+                     int8_scheme: str | None = None) -> ExportResult:
     """Export a Qwen3-VL checkpoint to a bundle (called by :func:`export_bundle`).
 
     ``formats`` may hold ``"onnx"`` and/or ``"gguf"``; ``gguf_types`` are the text GGUF
-    types (each paired with an f32 or f16 mmproj, see :func:`export_vl_gguf`).
+    types (each paired with an f32 or f16 mmproj, see :func:`export_vl_gguf`). ``precisions``
+    are the ONNX decoder precisions (fp32 always; fp16, int8, int4); the vision graph is
+    written in fp32 and, when fp16 is asked for, in fp16 (see ``VISION_PRECISIONS``).
     """
+    from qwen3emb.export.precisions import check_precisions
+
+    onnx_precisions = check_precisions(precisions, int8_scheme)
     if gguf_types:
         from qwen3emb.export.gguf import check_types
 
@@ -234,16 +240,13 @@ def export_vl_bundle(checkpoint: Checkpoint, family: Any, out_path: Path, *,
                            deepstack=family.deepstack_layers, dim=out_dim, opset=opset)
     with staged_directory(out_path, force=force) as stage:
         backbone = family.load_backbone() if "onnx" in formats or validate else None
-        artifacts: list[dict[str, Any]] = []
-        if "onnx" in formats:
-            artifacts += _export_onnx_artifacts(family, backbone, stage, specs, dimensions)
-        if gguf_types:
-            artifacts += _export_gguf_artifacts(checkpoint, stage, gguf_types, max_length)
+        # Copied first: the int8 decoder's calibration runs the staged bundle's tokenizer.
+        support: list[dict[str, Any]] = []
         for name in (*TOKENIZER_FILES, *PROCESSOR_FILES):
             if (checkpoint.path / name).is_file():
                 shutil.copyfile(checkpoint.path / name, stage / name)
                 role = "tokenizer" if name in TOKENIZER_FILES else "processor"
-                artifacts.append(file_entry(stage, stage / name, kind=role, role=role))
+                support.append(file_entry(stage, stage / name, kind=role, role=role))
         manifest = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_FORMAT_VERSION,
@@ -261,15 +264,22 @@ def export_vl_bundle(checkpoint: Checkpoint, family: Any, out_path: Path, *,
                        "empty_input": VL_EMPTY_TEXT,
                        "add_generation_prompt": True},
             "tokenizer": {**tokenizer, "max_length": max_length,
-                          "files": [a["path"] for a in artifacts if a.get("role") == "tokenizer"]},
+                          "files": [a["path"] for a in support if a.get("role") == "tokenizer"]},
             "vision": _vision_facts(family),
             **({"onnx": {spec.name: spec.to_dict() for spec in specs}}
                if "onnx" in formats else {}),
             **({"gguf": _gguf_facts()} if gguf_types else {}),
-            "artifacts": artifacts,
+            "artifacts": support,
             "parity": {"status": "not-run"},
             "versions": _versions(),
         }
+        artifacts: list[dict[str, Any]] = []
+        if "onnx" in formats:
+            artifacts += _export_onnx_artifacts(family, backbone, stage, specs, dimensions,
+                                                onnx_precisions, int8_scheme, manifest)
+        if gguf_types:
+            artifacts += _export_gguf_artifacts(checkpoint, stage, gguf_types, max_length)
+        manifest["artifacts"] = artifacts + support
         write_json_atomic(stage / MANIFEST_FILE, manifest)
         report = None
         if validate:
@@ -278,23 +288,61 @@ def export_vl_bundle(checkpoint: Checkpoint, family: Any, out_path: Path, *,
     return ExportResult(bundle=out_path, manifest=manifest, report=report)
 
 
+VISION_PRECISIONS = ("fp32", "fp16")
+"""The vision graph's precisions. It holds ~19% of the 2B's weights and ~7% of the 8B's, so
+int8/int4 decoders run with the fp32 vision graph, and fp16 vision is written only with
+``--precision fp16`` (paired with the fp16 decoder); ``VLEmbedder(vision_precision=...)`` may
+pair them otherwise."""
+
+
+VL_DEFAULT_INT8_SCHEME = "mixed"
+"""The Qwen3-VL decoder's int8 scheme unless ``--int8-scheme`` says otherwise. Min cosine on
+the VL outlier fixture, each probe alone / all probes in one batch (scripts/measure_vl_int8.py):
+mixed 0.99954 / 0.99918, nbits8 0.99962 / 0.99962, smoothquant 0.99706 / 0.98462, dynamic
+0.99625 / 0.98750. smoothquant and dynamic quantize every MatMul's activations with one scale
+per call, and a batch mixing texts with images shares the scale of its largest item (the
+per-item peak of a down_proj input spans 1.0 to 21 across the probes), so they fail the floor
+batched. mixed quantizes activations only where a norm made them comparable across items; on
+a 4-layer 0.6B-width model (batch 8 x 128, 2 threads, two runs on a shared machine) it ran
+1.7-1.8x faster than nbits8 and 1.5-1.6x faster than fp32, smoothquant 2.5-2.7x faster than
+fp32 (scripts/time_int8_schemes.py)."""
+
+
 def _export_onnx_artifacts(family: Any, backbone: Any, stage: Path,
-                           specs: tuple[GraphSpec, ...], dimensions: int | None
-                           ) -> list[dict[str, Any]]:
+                           specs: tuple[GraphSpec, ...], dimensions: int | None,
+                           precisions: Sequence[str], int8_scheme: str | None,
+                           manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Both fp32 graphs, then each requested precision of each, through the precision module.
+
+    Every decoder entry names the vision precision it is validated and run with
+    (``vision_precision``): its own when the bundle has it, else fp32.
+    """
+    from qwen3emb.export.precisions import build_precisions
+    from qwen3emb.manifest import Manifest
+
+    vision_spec, decoder_spec = specs
     vision_path, decoder_path = export_vl_graphs(family, backbone, stage / ONNX_DIR, specs,
                                                  dimensions)
-    artifacts = [
-        file_entry(stage, decoder_path, kind="onnx", role="model", precision="fp32",
-                   scheme="fp32 weights and activations", graph="decoder"),
-        file_entry(stage, vision_path, kind="onnx", role="vision", precision="fp32",
-                   graph="vision"),
-    ]
-    for path in (vision_path, decoder_path):
-        data = path.with_name(path.name + ".data")
-        if data.exists():
-            artifacts.append(file_entry(stage, data, kind="onnx", role="external-data",
-                                        precision="fp32"))
-    return artifacts
+    visions = build_precisions(stage, vision_path, vision_spec,
+                               [p for p in precisions if p in VISION_PRECISIONS],
+                               entry={"role": "vision", "graph": "vision"})
+    vision_fp32 = next(e for e in visions if e.get("graph") == "vision")
+
+    def calibration() -> list[dict[str, Any]]:
+        from qwen3emb.export.vl_calibration import vl_calibration_feeds
+
+        staged = Manifest(root=stage, data={**manifest, "artifacts": visions})
+        return vl_calibration_feeds(staged, vision_fp32)
+
+    decoders = build_precisions(stage, decoder_path, decoder_spec, precisions,
+                                int8_scheme=int8_scheme or VL_DEFAULT_INT8_SCHEME,
+                                calibration=calibration, entry={"graph": "decoder"})
+    paired = {e["precision"] for e in visions if e.get("graph") == "vision"}
+    for entry in decoders:
+        if entry.get("graph") == "decoder":
+            entry["vision_precision"] = entry["precision"] if entry["precision"] in paired \
+                else "fp32"
+    return decoders + visions
 
 
 def _export_gguf_artifacts(checkpoint: Checkpoint, stage: Path, gguf_types: Sequence[str],

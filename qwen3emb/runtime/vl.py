@@ -1,7 +1,7 @@
 """VLEmbedder: run a Qwen3-VL bundle (vision.onnx + decoder.onnx) with onnxruntime. No torch.
 
     >>> from qwen3emb.runtime import VLEmbedder
-    >>> embedder = VLEmbedder("bundle/")
+    >>> embedder = VLEmbedder("bundle/")                  # or precision="fp16" / "int8" / "int4"
     >>> vectors = embedder.encode([{"text": "a cat"}, {"image": "cat.png"}])
 
 Errors in one item never lose the others: :meth:`VLEmbedder.encode` processes every item and
@@ -35,7 +35,7 @@ from qwen3emb.constants import (
     VL_MIN_PIXELS,
 )
 from qwen3emb.errors import BundleError, InputError, Qwen3EmbError
-from qwen3emb.manifest import read_manifest
+from qwen3emb.manifest import Manifest, read_manifest
 from qwen3emb.runtime.common import (
     check_dimensions,
     check_items,
@@ -75,43 +75,52 @@ class PreparedItem:
     visuals: list[VisualInput] = field(default_factory=list)
 
 
-class VLEmbedder:
-    """Embed text, images, videos and mixtures with a Qwen3-VL bundle.
-
-    Args:
-        bundle: the bundle directory (``qwen3emb-export export`` of a qwen3_vl checkpoint).
-        providers: onnxruntime providers (``"cpu"``, ``"cuda"``, ...); CPU when ``None``.
-        verify: check every file's sha256 against the manifest on load.
-        strict: refuse bundles whose recorded parity check failed.
-        threads: onnxruntime intra-op threads.
-        min_pixels, max_pixels: image pixel budget (reference: 4096 and 1843200).
-        max_frames, fps: video sampling (reference: 64 frames at 1 fps).
-        video_max_pixels: per-frame pixel cap for videos (reference: 786432).
-        max_tokens: longest prompt in tokens (default and upper bound: the bundle's).
-        max_source_pixels: refuse decoded images/frames larger than this (decompression bombs).
+def choose_graphs(manifest: Manifest, precision: str, vision_precision: str | None = None
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The manifest entries of the decoder of ``precision`` and of the vision graph it runs
+    with: ``vision_precision`` if given, else the one the exporter paired with it
+    (``vision_precision`` of the decoder entry; fp32 in bundles that predate the key).
 
     Raises:
-        BundleError: missing/corrupt bundle, not a VL bundle, failed parity with ``strict``.
+        InputError: the bundle has no such decoder or vision graph, listing those it has.
+    """
+    onnx_graphs = [a for a in manifest.artifacts if a.get("kind") == "onnx"]
+    decoders = {a["precision"]: a for a in onnx_graphs if a.get("graph") == "decoder"}
+    visions = {a["precision"]: a for a in onnx_graphs if a.get("graph") == "vision"}
+    if precision not in decoders:
+        raise InputError(f"bundle has no '{precision}' ONNX decoder",
+                         hint=f"Available precisions: {', '.join(sorted(decoders))}")
+    wanted = vision_precision or str(decoders[precision].get("vision_precision", "fp32"))
+    if wanted not in visions:
+        raise InputError(f"bundle has no '{wanted}' ONNX vision graph",
+                         hint=f"Available vision precisions: {', '.join(sorted(visions))}")
+    return decoders[precision], visions[wanted]
+
+
+class VLInputs:
+    """Everything before the decoder: prompts, token ids, M-RoPE positions, and images and
+    videos through the vision graph, with the bundle's preprocessing parameters.
+
+    :class:`VLEmbedder` is this plus the decoder; the exporter uses it alone to build the int8
+    decoder's calibration inputs, exactly as the runtime will feed them.
+
+    Args:
+        manifest: the bundle's manifest (read from disk, or being written).
+        vision_graph: the manifest entry of the vision graph to run.
+        providers, threads, min_pixels, max_pixels, max_frames, fps, video_max_pixels,
+        max_tokens, max_source_pixels: as for :class:`VLEmbedder`.
+
+    Raises:
         InputError: a limit out of range.
+        BundleError: the tokenizer does not load or does not match the manifest.
     """
 
-    def __init__(self, bundle: str | os.PathLike[str], providers: Sequence[str] | str | None = None,
-                 *, verify: bool = True, strict: bool = True, threads: int | None = None,
+    def __init__(self, manifest: Manifest, vision_graph: Mapping[str, Any],
+                 providers: Sequence[str] | str | None = None, *, threads: int | None = None,
                  min_pixels: int = VL_MIN_PIXELS, max_pixels: int = VL_MAX_PIXELS,
                  max_frames: int | None = None, fps: float | None = None,
                  video_max_pixels: int | None = None, max_tokens: int | None = None,
                  max_source_pixels: int = VL_MAX_SOURCE_PIXELS) -> None:
-        manifest = read_manifest(bundle)
-        if "vision" not in manifest.data or "onnx" not in manifest.data:
-            raise BundleError(f"'{bundle}' holds a '{manifest.family}' bundle without a vision "
-                              "graph", hint="Use TextEmbedder for text bundles")
-        if verify and (problems := manifest.verify()):
-            raise BundleError(f"bundle '{bundle}' fails its hash check: {'; '.join(problems)}",
-                              hint="Re-run the export; do not edit bundle files by hand")
-        if strict and manifest.parity.get("status") == "failed":
-            raise BundleError(
-                f"bundle '{bundle}' failed its parity check against the reference",
-                hint="See reports/parity.md in the bundle; pass strict=False to load it anyway")
         if not 0 < min_pixels <= max_pixels:
             raise InputError(f"pixel limits {min_pixels}..{max_pixels} are not a valid range",
                              hint="Use 0 < min_pixels <= max_pixels")
@@ -144,9 +153,8 @@ class VLEmbedder:
         self.deepstack = int(vision["deepstack_layers"])
         self.hidden = int(manifest.embedding["dim"])
         self.tokenizer = self._load_tokenizer()
-        graphs = {a.get("graph"): a for a in manifest.artifacts if a.get("kind") == "onnx"}
-        self.vision = open_session(manifest.root / graphs["vision"]["path"], providers, threads)
-        self.decoder = open_session(manifest.root / graphs["decoder"]["path"], providers, threads)
+        self.vision_precision = str(vision_graph["precision"])
+        self.vision = open_session(manifest.root / vision_graph["path"], providers, threads)
 
     def _load_tokenizer(self) -> Any:
         from tokenizers import Tokenizer
@@ -221,7 +229,7 @@ class VLEmbedder:
             POS_EMBED_WEIGHTS: weights, VISION_POSITION_IDS: rotary})
         return np.asarray(embeds, np.float32), np.asarray(deepstack, np.float32)
 
-    def _encode_visuals(self, items: list[PreparedItem]) -> dict[int, tuple[np.ndarray, ...]]:
+    def encode_visuals(self, items: list[PreparedItem]) -> dict[int, tuple[np.ndarray, ...]]:
         """Vision features per visual (keyed by id()); same-size images share one call."""
         out: dict[int, tuple[np.ndarray, ...]] = {}
         images: dict[tuple[int, int], list[VisualInput]] = {}
@@ -239,9 +247,9 @@ class VLEmbedder:
                 out[id(visual)] = (embeds[rows], deepstack[:, rows])
         return out
 
-    def run_decoder(self, batch: list[PreparedItem], features: dict[int, tuple[np.ndarray, ...]]
-                    ) -> np.ndarray:
-        """Right-pad ``batch`` and run decoder.onnx → [len(batch), dim]."""
+    def decoder_inputs(self, batch: list[PreparedItem],
+                       features: dict[int, tuple[np.ndarray, ...]]) -> dict[str, np.ndarray]:
+        """The decoder graph's inputs for ``batch`` (right-padded) and its vision features."""
         width = max(len(item.ids) for item in batch)
         ids = np.zeros((len(batch), width), dtype=np.int64)
         mask = np.zeros_like(ids)
@@ -258,9 +266,66 @@ class VLEmbedder:
                 deepstack.append(d)
             if kept != sum(v.tokens for v in item.visuals):  # pragma: no cover - prepare() checks
                 raise InputError("visual tokens were cut by truncation")
-        feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, MROPE_POSITION_IDS: positions,
-                 VISUAL_EMBEDS: np.concatenate(embeds),
-                 DEEPSTACK_EMBEDS: np.concatenate(deepstack, axis=1)}
+        return {INPUT_IDS: ids, ATTENTION_MASK: mask, MROPE_POSITION_IDS: positions,
+                VISUAL_EMBEDS: np.concatenate(embeds),
+                DEEPSTACK_EMBEDS: np.concatenate(deepstack, axis=1)}
+
+
+class VLEmbedder(VLInputs):
+    """Embed text, images, videos and mixtures with a Qwen3-VL bundle.
+
+    Args:
+        bundle: the bundle directory (``qwen3emb-export export`` of a qwen3_vl checkpoint).
+        providers: onnxruntime providers (``"cpu"``, ``"cuda"``, ...); CPU when ``None``.
+        precision: which decoder of the bundle to run (``"fp32"``, ``"fp16"``, ``"int8"``,
+            ``"int4"``: those the bundle lists).
+        vision_precision: which vision graph feeds it (``"fp32"`` or ``"fp16"``); default: the
+            one the exporter paired with that decoder and validated with it (the fp16 vision
+            for the fp16 decoder, fp32 for the others).
+        verify: check every file's sha256 against the manifest on load.
+        strict: refuse bundles whose recorded parity check failed.
+        threads: onnxruntime intra-op threads.
+        min_pixels, max_pixels: image pixel budget (reference: 4096 and 1843200).
+        max_frames, fps: video sampling (reference: 64 frames at 1 fps).
+        video_max_pixels: per-frame pixel cap for videos (reference: 786432).
+        max_tokens: longest prompt in tokens (default and upper bound: the bundle's).
+        max_source_pixels: refuse decoded images/frames larger than this (decompression bombs).
+
+    Raises:
+        BundleError: missing/corrupt bundle, not a VL bundle, failed parity with ``strict``.
+        InputError: a limit out of range, or a precision the bundle does not hold.
+    """
+
+    def __init__(self, bundle: str | os.PathLike[str], providers: Sequence[str] | str | None = None,
+                 *, precision: str = "fp32", vision_precision: str | None = None,
+                 verify: bool = True, strict: bool = True, threads: int | None = None,
+                 min_pixels: int = VL_MIN_PIXELS, max_pixels: int = VL_MAX_PIXELS,
+                 max_frames: int | None = None, fps: float | None = None,
+                 video_max_pixels: int | None = None, max_tokens: int | None = None,
+                 max_source_pixels: int = VL_MAX_SOURCE_PIXELS) -> None:
+        manifest = read_manifest(bundle)
+        if "vision" not in manifest.data or "onnx" not in manifest.data:
+            raise BundleError(f"'{bundle}' holds a '{manifest.family}' bundle without a vision "
+                              "graph", hint="Use TextEmbedder for text bundles")
+        if verify and (problems := manifest.verify()):
+            raise BundleError(f"bundle '{bundle}' fails its hash check: {'; '.join(problems)}",
+                              hint="Re-run the export; do not edit bundle files by hand")
+        if strict and manifest.parity.get("status") == "failed":
+            raise BundleError(
+                f"bundle '{bundle}' failed its parity check against the reference",
+                hint="See reports/parity.md in the bundle; pass strict=False to load it anyway")
+        decoder, vision_graph = choose_graphs(manifest, precision, vision_precision)
+        super().__init__(manifest, vision_graph, providers, threads=threads,
+                         min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames,
+                         fps=fps, video_max_pixels=video_max_pixels, max_tokens=max_tokens,
+                         max_source_pixels=max_source_pixels)
+        self.precision = precision
+        self.decoder = open_session(manifest.root / decoder["path"], providers, threads)
+
+    def run_decoder(self, batch: list[PreparedItem], features: dict[int, tuple[np.ndarray, ...]]
+                    ) -> np.ndarray:
+        """Right-pad ``batch`` and run the decoder graph → [len(batch), dim]."""
+        feeds = self.decoder_inputs(batch, features)
         return np.asarray(self.decoder.run(None, feeds)[0], dtype=np.float32)
 
     # --- public API -----------------------------------------------------------------------
@@ -286,7 +351,7 @@ class VLEmbedder:
         order = list(prepared)
         for batch in length_batches([len(prepared[i].ids) for i in order], batch_size):
             chosen = [prepared[order[j]] for j in batch]
-            features = self._encode_visuals(chosen)
+            features = self.encode_visuals(chosen)
             out[[order[j] for j in batch]] = self.run_decoder(chosen, features)
         if width != self.dim:
             good = ~np.isnan(out).any(axis=1)

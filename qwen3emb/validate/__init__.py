@@ -128,7 +128,8 @@ def validate_bundle(
     manifest = read_manifest(bundle)
     special = family_validators().get(manifest.family)
     if special is not None:
-        return special(bundle, reference, model=model, providers=providers)
+        return special(bundle, reference, model=model, providers=providers,
+                       precisions=precisions)
     problems = manifest.verify()
     if problems:
         from qwen3emb.errors import BundleError

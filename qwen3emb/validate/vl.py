@@ -23,6 +23,7 @@ import tempfile
 import time
 import types
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,10 @@ import numpy as np
 
 from qwen3emb import __version__
 from qwen3emb.constants import FLOORS
-from qwen3emb.errors import BundleError, CheckpointError, Qwen3EmbError
+from qwen3emb.errors import BundleError, CheckpointError, InputError, Qwen3EmbError
 from qwen3emb.manifest import read_manifest
 from qwen3emb.validate.compare import ArtifactResult, ParityReport
+from qwen3emb.validate.vl_onnx import cut_reference, onnx_graphs, validate_vl_onnx
 from qwen3emb.validate.vl_probes import build_vl_probes
 
 logger = logging.getLogger(__name__)
@@ -229,20 +231,24 @@ class ReferenceVLEmbedder:
 
 
 def validate_vl_bundle(bundle: str | os.PathLike[str], reference: str | os.PathLike[str], *,
-                       model: Any = None, providers: Any = None, **_: Any) -> ParityReport:
+                       model: Any = None, providers: Any = None,
+                       precisions: Sequence[str] | None = None, **_: Any) -> ParityReport:
     """Compare a Qwen3-VL bundle with the transformers reference on the multimodal probes.
 
-    ONNX bundles report ``decoder.onnx`` (the whole pipeline: host preprocessing +
-    vision.onnx + decoder.onnx, each probe alone and all in one mixed batch, and a
-    Matryoshka cut) and ``vision.onnx`` alone (its visual and deepstack outputs vs the HF
-    vision tower, same patches). Each GGUF text model (with its mmproj) is run through
-    llama.cpp on the text and image probes, images resized on the host as the reference does,
-    against its floor; the highest-precision one is also run with llama.cpp's own image
-    resizing, reported as an informational artifact (measured, not gated). Video probes are
-    outside the GGUF runtime and are listed as skipped.
+    ONNX bundles report each decoder precision (``decoder.onnx``, ``decoder_fp16.onnx``, ...:
+    the whole pipeline, host preprocessing + its paired vision graph + the decoder, each probe
+    alone and all in one mixed batch, and a Matryoshka cut) and each vision precision alone
+    (``vision.onnx``, ``vision_fp16.onnx``: visual and deepstack outputs vs the HF vision
+    tower, same patches), each against its own floor (see :mod:`qwen3emb.validate.vl_onnx`).
+    ``precisions`` limits the check to those precisions / GGUF types. Each GGUF text model
+    (with its mmproj) is run through llama.cpp on the text and image probes, images resized on
+    the host as the reference does, against its floor; the highest-precision one is also run
+    with llama.cpp's own image resizing, reported as an informational artifact (measured, not
+    gated). Video probes are outside the GGUF runtime and are listed as skipped.
 
     Raises:
         BundleError / CheckpointError: unusable inputs (not a parity failure).
+        InputError: ``precisions`` names one the bundle does not hold.
     """
     from qwen3emb.convert import load_checkpoint
 
@@ -251,19 +257,23 @@ def validate_vl_bundle(bundle: str | os.PathLike[str], reference: str | os.PathL
     if problems := manifest.verify():
         raise BundleError(f"bundle '{bundle}' fails its hash check: {'; '.join(problems)}",
                           hint="Re-run the export")
+    if precisions:
+        held = {a["precision"] for group in onnx_graphs(manifest) for a in group}
+        held |= set(manifest.models("gguf"))
+        if unknown := sorted(set(precisions) - held):
+            raise InputError(f"bundle has no model of precision {unknown}",
+                             hint=f"Available: {', '.join(sorted(held))}")
     checkpoint = load_checkpoint(reference)
     ref = ReferenceVLEmbedder(checkpoint.path, model=model)
-    floor = FLOORS["fp32"]
-    artifacts = {a.get("graph"): a["path"] for a in manifest.artifacts if a.get("graph")}
     results: list[ArtifactResult] = []
     out_dim = int(manifest.embedding["output_dim"])
     with tempfile.TemporaryDirectory(prefix="qwen3emb-vl-probes-") as tmp:
         probes = build_vl_probes(Path(tmp))
-        refs = _cut(np.stack([ref.embed(p.item, p.instruction) for p in probes]), out_dim)
+        refs = cut_reference(np.stack([ref.embed(p.item, p.instruction) for p in probes]), out_dim)
         if "onnx" in manifest.data:
-            results += _validate_onnx(bundle, manifest, ref, probes, refs, artifacts,
-                                      providers, floor)
-        results += _validate_gguf(bundle, manifest, probes, refs)
+            results += validate_vl_onnx(bundle, manifest, ref, probes, refs, providers,
+                                        precisions)
+        results += _validate_gguf(bundle, manifest, probes, refs, precisions)
     import transformers
 
     return ParityReport(
@@ -279,54 +289,15 @@ def validate_vl_bundle(bundle: str | os.PathLike[str], reference: str | os.PathL
     )
 
 
-def _validate_onnx(bundle: Any, manifest: Any, ref: ReferenceVLEmbedder, probes: list[Any],
-                   refs: np.ndarray, artifacts: dict[Any, Any], providers: Any,
-                   floor: float) -> list[ArtifactResult]:
-    from qwen3emb.runtime.vl import VLEmbedder
-
-    full = ArtifactResult(artifact=artifacts["decoder"], kind="onnx", precision="fp32",
-                          floor=floor)
-    vision = ArtifactResult(artifact=artifacts["vision"], kind="onnx", precision="fp32",
-                            floor=floor)
-    out_dim = int(manifest.embedding["output_dim"])
-    try:
-        runner = VLEmbedder(bundle, providers, verify=False, strict=False)
-        names = [f"{p.kind}:{p.name}" for p in probes]
-        for i, probe in enumerate(probes):
-            out = runner.encode([probe.item], instruction=probe.instruction)
-            full.add("single", [names[i]], out, refs[i:i + 1])
-        plain = [i for i, p in enumerate(probes) if p.instruction is None]
-        batch = runner.encode([probes[i].item for i in plain], batch_size=len(plain))
-        full.add("batch", [names[i] for i in plain], batch, refs[plain])
-        if out_dim == manifest.dim:
-            width = max(manifest.mrl_min, out_dim // 2)
-            cut = runner.encode([probes[i].item for i in plain], dimensions=width)
-            full.add(f"mrl-{width}", [names[i] for i in plain], cut, _cut(refs[plain], width))
-        for probe in probes:
-            visual = [k for k in ("video", "image") if probe.item.get(k) is not None]
-            if len(visual) != 1:
-                continue
-            inputs = ref.inputs(probe.item, probe.instruction)
-            image = "pixel_values" in inputs
-            pixels = inputs["pixel_values" if image else "pixel_values_videos"].numpy()
-            grid = inputs["image_grid_thw" if image else "video_grid_thw"][0].tolist()
-            groups = pixels.reshape(grid[0], grid[1] * grid[2], -1)
-            embeds, deepstack = runner.run_vision(groups, grid[1], grid[2])
-            ours = np.concatenate([embeds.reshape(-1), deepstack.reshape(-1)])
-            vision.add("vision", [probe.name], ours[None], ref.visual(inputs)[None])
-    except Qwen3EmbError as e:
-        full.error = full.error or e.one_line()
-    return [full, vision]
-
-
 GGUF_PREFERENCE = ("f32", "bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
 
 
-def _validate_gguf(bundle: Any, manifest: Any, probes: list[Any],
-                   refs: np.ndarray) -> list[ArtifactResult]:
+def _validate_gguf(bundle: Any, manifest: Any, probes: list[Any], refs: np.ndarray,
+                   precisions: Sequence[str] | None = None) -> list[ArtifactResult]:
     """One artifact per GGUF type (host resize, gated by its floor), plus llama.cpp's own
     image resizing measured on the highest precision (informational)."""
-    models = manifest.models("gguf")
+    models = {t: e for t, e in manifest.models("gguf").items()
+              if not precisions or t in precisions}
     if not models:
         return []
     from qwen3emb.runtime.gguf_vl import GGUFVLEmbedder
@@ -355,7 +326,7 @@ def _validate_gguf(bundle: Any, manifest: Any, probes: list[Any],
                     plain = [i for i in supported if probes[i].instruction is None][:3]
                     cut = runner.encode([probes[i].item for i in plain], dimensions=width)
                     result.add(f"mrl-{width}", [names[i] for i in plain], cut,
-                               _cut(refs[plain], width))
+                               cut_reference(refs[plain], width))
         except Qwen3EmbError as e:
             result.error = e.one_line()
     best = order[0]
@@ -373,8 +344,3 @@ def _validate_gguf(bundle: Any, manifest: Any, probes: list[Any],
     except Qwen3EmbError as e:
         own.error = e.one_line()
     return [*results, own]
-
-
-def _cut(vectors: np.ndarray, width: int) -> np.ndarray:
-    out = vectors[:, :width].astype(np.float32)
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
