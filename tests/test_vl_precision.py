@@ -154,6 +154,64 @@ def test_manifest_describes_each_graph_precision_and_its_vision_pair(vl_precisio
     assert size["onnx/vision_fp16.onnx"] < size["onnx/vision.onnx"]
 
 
+
+@pytest.mark.slow
+def test_vl_decoder_calibrates_piecewise_on_all_its_inputs(vl_precision_bundle):
+    """The streamed calibration carries every decoder input (position ids, visual rows,
+    deepstack maps) across its cuts and gets the ranges of one whole-graph run."""
+    import onnx
+
+    from qwen3emb.export.calibrate import calibrate, split_graph
+    from qwen3emb.export.vl_calibration import vl_calibration_feeds
+    from qwen3emb.manifest import read_manifest
+    from qwen3emb.runtime.vl import choose_graphs
+
+    manifest = read_manifest(vl_precision_bundle.bundle)
+    feeds = vl_calibration_feeds(manifest, choose_graphs(manifest, "fp32")[1])
+    assert any(f["visual_embeds"].shape[0] > 0 for f in feeds)
+    source = vl_precision_bundle.bundle / "onnx" / "decoder.onnx"
+    chunk = 1 << 16  # a few MatMul weights per piece; the embedding table gets its own
+    pieces = split_graph(onnx.load(str(source), load_external_data=False), chunk)
+    later = {name for piece in pieces[1:] for node in piece for name in node.input}
+    assert {"position_ids", "deepstack_embeds", "attention_mask"} <= later
+    whole = calibrate(source, feeds)
+    cut = calibrate(source, feeds, chunk_bytes=chunk)
+    assert whole.pieces == 1 and cut.pieces == len(pieces) >= 4
+    assert set(cut.ranges) == set(whole.ranges)
+    for name, peak in whole.ranges.items():
+        np.testing.assert_allclose(cut.ranges[name], peak, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_mixed_int8_decoder_is_dynamic_int8_on_norm_fed_matmuls_only(vl_precision_bundle):
+    from collections import Counter
+
+    import onnx
+
+    from qwen3emb.manifest import read_manifest
+
+    manifest = read_manifest(vl_precision_bundle.bundle)
+    entry = next(a for a in manifest.artifacts
+                 if a.get("graph") == "decoder" and a["precision"] == "int8")
+    weight_only = entry["settings"]["weight_only_matmuls"]
+    model = onnx.load(str(vl_precision_bundle.bundle / entry["path"]))
+    ops = Counter(n.op_type for n in model.graph.node)
+    fp32 = onnx.load(str(vl_precision_bundle.bundle / "onnx" / "decoder.onnx"))
+    weights = {t.name for t in fp32.graph.initializer}
+    matmuls = [n for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    activations = sum(n.op_type == "MatMul" for n in fp32.graph.node) - len(matmuls)
+    assert ops["MatMul"] == activations  # attention's own MatMuls (no weights) stay
+    assert ops["MatMulNBits"] == len(weight_only)
+    assert ops["MatMulInteger"] + len(weight_only) == len(matmuls)
+    nbits = {n.name.removesuffix("_Q8"): {a.name: a.i for a in n.attribute}
+             for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert set(nbits) == set(weight_only)
+    assert all(a["bits"] == 8 and a["block_size"] == 128 for a in nbits.values())
+    normed = {n.output[0] for n in fp32.graph.node
+              if n.op_type.endswith("SimplifiedLayerNormalization")}
+    assert all(m.input[0] in normed for m in matmuls if m.name not in weight_only)
+
+
 @pytest.mark.slow
 def test_fp16_vision_keeps_norms_softmax_and_residual_in_fp32(vl_precision_bundle):
     import onnx
