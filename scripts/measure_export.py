@@ -5,6 +5,7 @@ Each mode runs in its own subprocess so its peak RSS is its own:
 
     python scripts/measure_export.py /tmp/qwen3-0.6b-random --modes stream memory --json out.json
     python scripts/measure_export.py /tmp/r06 --modes variants --precisions fp16 int8 int4
+    python scripts/measure_export.py /tmp/r06 --modes memory --trace full   # trace every layer
 
 ``variants`` exports fp32 (streamed) in one process, then optimizes, calibrates and writes the
 requested precisions from it in a second one, and reports that second process alone.
@@ -32,7 +33,7 @@ from qwen3emb.export.onnx import export_onnx
 from qwen3emb.export.spec import TextGraphSpec
 family = family_for(load_checkpoint(sys.argv[1]))
 export_onnx(family, Path(sys.argv[2]) / "model.onnx", TextGraphSpec(dim=family.embedding_dim),
-            weights=sys.argv[3])
+            weights=sys.argv[3], trace=sys.argv[4])
 """
 
 
@@ -81,10 +82,10 @@ def largest_tensor_bytes(checkpoint: Path) -> int:
     return max(shards.nbytes(k) for k in shards)
 
 
-def measure(checkpoint: Path, mode: str) -> dict[str, float]:
+def measure(checkpoint: Path, mode: str, trace: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory(dir=checkpoint.parent) as out:
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(checkpoint), out, mode],
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(checkpoint), out, mode, trace],
                               capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
@@ -104,6 +105,8 @@ def main() -> int:
                         choices=["stream", "memory", "variants"])
     parser.add_argument("--precisions", nargs="+", default=["fp16", "int8", "int4"],
                         choices=["fp16", "int8", "int4"])
+    parser.add_argument("--trace", default="shallow", choices=["shallow", "full"],
+                        help="shallow: trace 2 layers and replicate (default); full: all layers")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -111,14 +114,14 @@ def main() -> int:
         if args._one == "variants":
             print(json.dumps(measure_variants(args.checkpoint, args.precisions)))
         else:
-            print(json.dumps(measure(args.checkpoint, args._one)))
+            print(json.dumps(measure(args.checkpoint, args._one, args.trace)))
         return 0
-    results: dict[str, object] = {"checkpoint": str(args.checkpoint),
+    results: dict[str, object] = {"checkpoint": str(args.checkpoint), "trace": args.trace,
                                   "largest_tensor_gb": round(
                                       largest_tensor_bytes(args.checkpoint) / 1e9, 3)}
     for mode in args.modes:
         out = subprocess.run([sys.executable, __file__, str(args.checkpoint), "--_one", mode,
-                              "--precisions", *args.precisions],
+                              "--trace", args.trace, "--precisions", *args.precisions],
                              capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(out.strip().splitlines()[-1])
     largest = float(results["largest_tensor_gb"])  # type: ignore[arg-type]

@@ -72,6 +72,15 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def deep_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny geometry with 4 layers: deep enough that the exporter replicates layers."""
+    from qwen3emb.convert.random_checkpoint import build_random_checkpoint
+
+    return build_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "deep", preset="tiny",
+                                   num_hidden_layers=4)
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint exported with validation (fp32)."""
     from qwen3emb.export import export_bundle

@@ -32,9 +32,26 @@ class Family:
         """Load the HF backbone (no LM head) in ``dtype`` (fp32 by default), in eval mode."""
         raise NotImplementedError
 
-    def meta_backbone(self) -> Any:
-        """Build the backbone from config.json with weightless (meta) parameters, for tracing."""
+    def meta_backbone(self, num_layers: int | None = None) -> Any:
+        """Build the backbone from config.json with weightless (meta) parameters, for tracing.
+
+        Args:
+            num_layers: keep only the first ``num_layers`` decoder layers (``None`` = all).
+        """
         raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        """Depth of the decoder."""
+        return int(self.config["num_hidden_layers"])
+
+    layers_scope: ClassVar[str] = "layers"
+    """Module path of the decoder's layer list inside the backbone."""
+
+    def uniform_layers(self) -> bool:
+        """Whether every decoder layer computes the same graph (only the weights differ), so an
+        exporter may trace a shallow copy and replicate one layer. ``False`` when unsure."""
+        return False
 
     def host_buffers(self, backbone: Any) -> dict[str, Any]:
         """Values of buffers that are computed, not stored (e.g. rotary frequencies), as numpy

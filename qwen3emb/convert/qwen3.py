@@ -70,14 +70,22 @@ class Qwen3Family(Family):
                                   f"'{self.checkpoint.path}': {e}",
                                   hint="Check the checkpoint's config.json") from e
 
-    def meta_backbone(self) -> torch.nn.Module:
+    def meta_backbone(self, num_layers: int | None = None) -> torch.nn.Module:
         from transformers import AutoModel
 
         config = self._hf_config()
         config._attn_implementation = "sdpa"
+        if num_layers is not None:
+            config.num_hidden_layers = num_layers
+            config.layer_types = config.layer_types[:num_layers]
         with torch.device("meta"):
             model = AutoModel.from_config(config, dtype=torch.float32)
         return model.eval()
+
+    def uniform_layers(self) -> bool:
+        # Sliding-window layers (use_sliding_window, from max_window_layers on) read another
+        # mask than full-attention ones; the released embedders use none.
+        return len(set(self._hf_config().layer_types)) == 1
 
     def host_buffers(self, backbone: Any) -> dict[str, Any]:
         # inv_freq is computed in __init__, so on the meta device it has no values.

@@ -18,6 +18,7 @@ import numpy as np
 
 from qwen3emb.convert.base import Family
 from qwen3emb.errors import OutputError
+from qwen3emb.export.replicate import TRACED_LAYERS, ReplicationError, replicate_layers
 from qwen3emb.export.spec import TextGraphSpec
 from qwen3emb.export.weights import ShardedWeights
 
@@ -30,15 +31,42 @@ BACKBONE_PREFIX = "backbone."
 """The embedding wrapper holds the HF model as ``self.backbone``."""
 
 
-def trace_graph(family: Family, spec: TextGraphSpec, dimensions: int | None = None) -> Any:
+TRACE_MODES = ("shallow", "full")
+"""``shallow``: trace two layers and replicate the second (uniform decoders only); ``full``:
+trace every layer."""
+
+
+def trace_graph(family: Family, spec: TextGraphSpec, dimensions: int | None = None, *,
+                trace: str = "shallow") -> Any:
     """Trace the embedding module with meta weights → an ``onnx_ir.Model`` without weight data.
+
+    Args:
+        family: the checkpoint's family.
+        spec: the graph contract.
+        dimensions: Matryoshka width baked into the graph.
+        trace: ``"shallow"`` traces :data:`TRACED_LAYERS` layers and copies the last one to
+            full depth when the family's layers are uniform (else it traces them all);
+            ``"full"`` always traces every layer.
 
     Raises:
         OutputError: the exporter failed.
     """
+    total = family.num_layers
+    if trace == "shallow" and total > TRACED_LAYERS and family.uniform_layers():
+        model = _trace(family, spec, dimensions, TRACED_LAYERS)
+        try:
+            replicate_layers(model, BACKBONE_PREFIX + family.layers_scope, total)
+            return model
+        except ReplicationError as e:
+            logger.warning("cannot replicate the traced layers (%s); tracing all %d", e, total)
+    return _trace(family, spec, dimensions, None)
+
+
+def _trace(family: Family, spec: TextGraphSpec, dimensions: int | None,
+           num_layers: int | None) -> Any:
     import torch
 
-    backbone = family.meta_backbone()
+    backbone = family.meta_backbone(num_layers)
     module = family.embedding_module(backbone, dimensions)
     # Batch 2 with one left-padded row; neither dimension is 0 or 1, which torch.export
     # would specialize.
@@ -46,7 +74,8 @@ def trace_graph(family: Family, spec: TextGraphSpec, dimensions: int | None = No
     mask = torch.ones((2, 8), dtype=torch.int64, device="meta")
     axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
     captured = io.StringIO()
-    logger.info("tracing %s with torch.onnx (dynamo, opset %d)", family.model_type, spec.opset)
+    logger.info("tracing %s (%s layers) with torch.onnx (dynamo, opset %d)", family.model_type,
+                num_layers or "all", spec.opset)
     try:
         with torch.no_grad(), contextlib.redirect_stdout(captured):
             program = torch.onnx.export(
@@ -165,18 +194,32 @@ def _transposed(source: Any) -> Callable[[], Any]:
     return lambda: ir.tensor(np.ascontiguousarray(source.numpy().T))
 
 
-def optimize_graph(model: Any) -> None:
-    """onnxscript's default optimization, minus initializer deduplication.
+SKIPPED_REWRITES = ("SlicesSplit",)
+"""onnxscript default rewrite rules left out. SlicesSplit is the one rule with two output
+nodes, and onnxscript matches those by scanning the whole graph for every node: quadratic,
+~60 s of a 28-layer export here, against ~5 s for all the other passes. It turns two Slices
+into a Split only when the second one ends at the static last dimension; the exporter writes
+``x[..., d // 2:]`` with an open end, so it never applies to these graphs (a test checks that
+skipping it leaves the optimized graph byte-identical)."""
+
+
+def optimize_graph(model: Any, *, skip: tuple[str, ...] = SKIPPED_REWRITES) -> None:
+    """onnxscript's default optimization, minus initializer deduplication and ``skip``.
 
     Deduplication hashes every initializer, which would read (and, in onnx_ir, keep) every
     streamed weight; Qwen3 graphs have no duplicate weights to find. Constant folding only
     reads inputs under its size limit, so large weights stay lazy.
+
+    Args:
+        model: the ``onnx_ir.Model`` to optimize in place.
+        skip: names of default rewrite rules not to apply (see :data:`SKIPPED_REWRITES`).
     """
     import onnx_ir as ir
     from onnx_ir.passes import common
     from onnxscript import rewriter
     from onnxscript.optimizer import _constant_folding
 
+    rules = [r for r in rewriter._DEFAULT_REWRITE_RULES if getattr(r, "name", None) not in skip]
     ir.passes.Sequential(
         common.InlinePass(),
         ir.passes.PassManager(
@@ -186,7 +229,7 @@ def optimize_graph(model: Any) -> None:
                     input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
                     output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
                 ),
-                rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+                rewriter.RewritePass(rules),
                 common.RemoveUnusedNodesPass(),
                 common.RemoveUnusedFunctionsPass(),
                 common.RemoveUnusedOpsetsPass(),
@@ -210,6 +253,7 @@ def export_onnx(
     *,
     dimensions: int | None = None,
     weights: str = "stream",
+    trace: str = "shallow",
     progress: bool = False,
 ) -> Path:
     """Export the family's embedding graph to ``out_path`` (fp32, dynamic batch and sequence).
@@ -222,6 +266,8 @@ def export_onnx(
         weights: ``"stream"`` reads each tensor from its shard while writing (flat memory);
             ``"memory"`` loads the whole fp32 model first (the naive path, kept to prove that
             both give the same bytes).
+        trace: ``"shallow"`` (trace two layers, copy the second to full depth, when the
+            family's layers are uniform) or ``"full"`` (trace every layer; the naive path).
         progress: show bars for tracing and for writing the weights.
 
     Returns:
@@ -229,7 +275,7 @@ def export_onnx(
 
     Raises:
         OutputError: tracing failed, a tensor is missing, or the graph breaks its contract.
-        InputError: unknown ``weights`` mode.
+        InputError: unknown ``weights`` or ``trace`` mode.
     """
     import onnx_ir as ir
 
@@ -237,10 +283,12 @@ def export_onnx(
 
     if weights not in ("stream", "memory"):
         raise InputError(f"unknown weights mode '{weights}'", hint="Use 'stream' or 'memory'")
+    if trace not in TRACE_MODES:
+        raise InputError(f"unknown trace mode '{trace}'", hint="Use 'shallow' or 'full'")
     from qwen3emb.progress import bar
 
     with bar(1, "trace graph (meta)", progress, unit="graph") as tracing:
-        model = trace_graph(family, spec, dimensions)
+        model = trace_graph(family, spec, dimensions, trace=trace)
         tracing.update(1)
     shards = ShardedWeights(family.checkpoint.weight_files)
     if weights == "memory":
