@@ -134,10 +134,8 @@ def build_precisions(stage: Path, raw_path: Path, spec: TextGraphSpec, precision
             variant, settings = int8_variant(model, dict(ranges or {}), int8_scheme, Path(tmp))
             write(variant, "int8", q.INT8_SCHEMES[int8_scheme], settings)
         if "int4" in precisions:
-            variant, settings = int4_variant(model, dict(ranges or {}))
-            write(variant, "int4", "4-bit weight-only MatMulNBits (v_proj and down_proj 8-bit) "
-                  "after SmoothQuant-style smoothing; 8-bit GatherBlockQuantized embeddings",
-                  settings)
+            variant, settings = int4_variant(model, dict(ranges or {}), workdir=Path(tmp))
+            write(variant, "int4", INT4_SCHEME, settings)
     return entries
 
 
@@ -192,20 +190,46 @@ def int8_variant(model: Any, ranges: dict[str, np.ndarray], scheme: str, workdir
     return variant, settings
 
 
-def int4_variant(model: Any, ranges: dict[str, np.ndarray], *,
+INT4_SCHEME = ("4-bit weight-only MatMulNBits (q/k/gate/up), per-channel dynamic int8 "
+               "v/o/down_proj, after SmoothQuant-style smoothing; 8-bit GatherBlockQuantized "
+               "embeddings")
+
+
+def int4_variant(model: Any, ranges: dict[str, np.ndarray], *, workdir: Path,
                  accuracy_level: int = q.INT4_ACCURACY_LEVEL) -> tuple[Any, dict[str, Any]]:
-    """Build the int4 graph: smoothing, 4-bit MatMulNBits (v/down 8-bit), 8-bit embeddings."""
+    """Build the int4 graph (see ``quantize.INT4_8BIT_MATMULS`` for the measured recipe).
+
+    Smoothing, then 4-bit MatMulNBits on every weight MatMul but v/o/down_proj; those get
+    per-channel dynamic int8, or 8-bit MatMulNBits (activations quantized per block) where
+    their calibrated input still has outlier channels; 8-bit embeddings.
+
+    Args:
+        model: the optimized fp32 graph (weights in memory; not modified).
+        ranges: calibrated channel maxima (see ``quantize.calibrate``).
+        workdir: scratch folder for the int8 quantizer's files.
+        accuracy_level: MatMulNBits compute type.
+
+    Returns:
+        The graph and its manifest settings.
+    """
     variant = _copy(model)
     smoothed = q.smooth(variant, ranges, q.SMOOTH_ALPHA)
     matmuls = [n.name for n in variant.graph.node if n.op_type == "MatMul"]
     wide = [name for name in matmuls if name.endswith(q.INT4_8BIT_MATMULS)]
-    variant = q.nbits(variant, bits=8, block_size=q.INT4_BLOCK_SIZE,
-                      accuracy_level=accuracy_level,
-                      exclude=[name for name in matmuls if name not in wide])
+    users = q.matmul_inputs(variant)
+    outliers = {n.name for t in q.outlier_inputs(ranges) for n in users.get(t, [])}
+    blockwise = [name for name in wide if name in outliers]
+    dynamic = [name for name in wide if name not in outliers]
     variant = q.nbits(variant, bits=4, block_size=q.INT4_BLOCK_SIZE,
-                      accuracy_level=accuracy_level)
+                      accuracy_level=accuracy_level, exclude=wide)
+    if blockwise:
+        variant = q.nbits(variant, bits=8, block_size=q.INT4_8BIT_BLOCK_SIZE,
+                          accuracy_level=accuracy_level, exclude=dynamic)
+    if dynamic:
+        variant = q.dynamic_int8(variant, per_channel=True, workdir=workdir)
     q.quantize_embedding(variant)
     return variant, {"bits": 4, "block_size": q.INT4_BLOCK_SIZE,
                      "accuracy_level": accuracy_level, "smoothed_norms": smoothed,
                      "alpha": q.SMOOTH_ALPHA, "8bit_matmuls": list(q.INT4_8BIT_MATMULS),
+                     "8bit_blockwise_matmuls": blockwise,
                      "embedding": f"8-bit GatherBlockQuantized, block {q.EMBEDDING_BLOCK_SIZE}"}
