@@ -76,21 +76,22 @@ Measured on the random 0.6B-shape checkpoint (min cosine to torch fp32 at the be
 a shared 2-core machine under load ~4-5, where every ONNX/torch ratio reads higher than idle;
 compare rows, not absolute values; graphs exported at opset 23, scripts/measure_int4.py):
 
-============================================  =====================  =====
-4-bit MatMuls (block) / 8-bit MatMuls          min cosine             speed
-============================================  =====================  =====
-all 4-bit (32), earlier measurement            0.929 (8x128)          -
-q,k,o,gate,up (32) / v,down nbits8 (32)        0.968 / 0.953 / 0.942  1.99
-same, v,down nbits8 block 128                  0.969 / 0.953 / 0.943  2.00
-same, v,down dynamic int8                      0.967 / 0.952 / 0.943  2.17
-  ... 4-bit asymmetric (zero points)           0.972 / 0.946 / 0.955  -
-  ... 4-bit block 64                           0.956 / 0.939 / 0.921  -
-  ... k_proj also dynamic int8                 0.969 / 0.952 / 0.947  -
-q,k,o,gate,up (128) / v,down dynamic int8      0.948 / 0.917 / 0.920  -
-q,k,gate,up (32) / v,o,down dynamic int8       0.986 / 0.978 / 0.980  2.43
-q,k,gate,up (64) / v,o,down dynamic int8       0.986 / 0.974 / 0.970  -
-q,k,gate,up (128) / v,o,down dynamic int8      0.984 / 0.968 / 0.964  2.89
-============================================  =====================  =====
+=================================================  =====================  =====
+recipe (scripts/measure_int4.py): 4-bit block,     min cosine             speed
+8-bit MatMuls
+=================================================  =====================  =====
+all 4-bit, block 32 (first measurement, 8x128)     0.929                  -
+b32-vd-nbits32: v,down 8-bit MatMulNBits (old)     0.968 / 0.953 / 0.942  1.99
+b32-vd-nbits128: same, 8-bit block 128             0.969 / 0.953 / 0.943  2.00
+b32-vd: v,down dynamic int8                        0.967 / 0.952 / 0.943  2.17
+b32asym-vd: same, 4-bit with zero points           0.972 / 0.946 / 0.955  -
+b64-vd                                             0.956 / 0.939 / 0.921  -
+b128-vd                                            0.948 / 0.917 / 0.920  -
+b32-vkd: k_proj also dynamic int8                  0.969 / 0.952 / 0.947  -
+b32-vod: v,o,down dynamic int8                     0.986 / 0.978 / 0.980  2.43
+b64-vod                                            0.986 / 0.974 / 0.970  -
+b128-vod (default)                                 0.984 / 0.968 / 0.964  2.89
+=================================================  =====================  =====
 
 o_proj is the matrix whose 4-bit error costs most; block 128 is the fastest 4-bit kernel and
 still leaves >= 0.014 of margin over the 0.95 floor, so it is the default. An 8-bit MatMul
