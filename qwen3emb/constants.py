@@ -74,6 +74,12 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 SENTENCE_EMBEDDING = "sentence_embedding"
 DEFAULT_OPSET = 18
+"""At opset 23 the exporter writes attention as one ONNX ``Attention`` node (boolean mask, K/V
+repeated for GQA; left and right padding pass parity, tests/test_export.py), but onnxruntime
+1.31's CPU kernel for it measured no faster than the decomposed graph (0.6B shape, 8x128,
+interleaved with torch under load: torch/ONNX fp32 1.39 at opset 18 vs 1.35 at 23, int8 3.66
+vs 3.93 and 3.93 vs 4.06, int4 1.97 vs 2.07: within run-to-run noise), and it needs
+onnxruntime >= 1.23. ``--opset 23`` stays available."""
 
 # --- Fidelity floors: minimum cosine to the reference over the probe set -----------------
 FLOORS: dict[str, float] = {

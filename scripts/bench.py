@@ -156,6 +156,8 @@ def main() -> None:
             return (vec / vec.norm(dim=-1, keepdim=True)).numpy()
         return engine.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
+    # Other processes on the machine slow torch more than onnxruntime: record the load.
+    load_start = os.getloadavg()[0]
     cells = QUICK_CELLS if args.quick else [(b, s) for b in GRID_BATCH for s in GRID_LENGTH]
     rng = np.random.default_rng(0)
     results: list[dict[str, Any]] = []
@@ -200,6 +202,7 @@ def main() -> None:
             if r["batch"] == batch and r["length"] == length:
                 r["speedup_vs_torch"] = round(torch_p50 / r["p50_s"], 2)
     meta = {"threads": args.threads, "runs": args.runs, "cpu_count": os.cpu_count(),
+            "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()[0],
             "onnxruntime": ort.__version__, "torch": torch.__version__,
             "note": "round-robin timing in one process; p50 of the timed runs after 1 warm-up"}
     (out / "bench.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
@@ -217,8 +220,12 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{r['p50_s']:.3f} | {r['speedup_vs_torch']:.2f} | {r['min_cosine_to_torch']:.6f} | "
         f"{r['size_mb']:.0f} | {r['load_rss_mb']} | {r['run_rss_growth_mb']} |\n"
         for r in results)
+    load = ""
+    if "load_average_at_start" in meta:
+        load = (f", 1-min load average {meta['load_average_at_start']:.1f} at start and "
+                f"{meta['load_average_at_end']:.1f} at end on {meta['cpu_count']} cores")
     return (f"{meta['threads']} intra-op threads, {meta['runs']} timed runs per cell "
-            f"(round-robin), onnxruntime {meta['onnxruntime']}, torch {meta['torch']}\n\n"
+            f"(round-robin), onnxruntime {meta['onnxruntime']}, torch {meta['torch']}{load}\n\n"
             + head + rows)
 
 

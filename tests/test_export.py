@@ -126,3 +126,17 @@ def test_baked_in_dimensions_give_a_narrower_normalized_output(tiny_checkpoint: 
     vectors = TextEmbedder(result.bundle).encode(["a text", "another"])
     assert vectors.shape == (2, 48)
     assert abs(float((vectors**2).sum(1).max()) - 1.0) < 1e-5
+
+
+def test_opset_23_attention_graph_passes_parity_with_left_and_right_padding(
+        tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import onnx
+
+    result = export_bundle(tiny_checkpoint, tmp_path / "op23", opset=23, validate=True)
+    assert result.passed, result.report.to_dict() if result.report else None
+    model = onnx.load(str(result.bundle / "onnx" / "model.onnx"), load_external_data=False)
+    assert any(n.op_type == "Attention" for n in model.graph.node)
+    checks = {name for art in result.report.to_dict()["artifacts"]
+              for name in art["cosines"]} if result.report else set()
+    assert any(c.startswith("padding-left:") for c in checks)
+    assert any(c.startswith("padding-right:") for c in checks)

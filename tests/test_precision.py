@@ -158,14 +158,40 @@ def test_manifest_describes_each_precision(outlier_bundle):
     for precision, entry in models.items():
         assert entry["scheme"] and isinstance(entry["settings"], dict), precision
     assert models["int8"]["settings"]["scheme"] == "smoothquant"
-    assert models["int4"]["settings"]["block_size"] == 32
-    assert models["int4"]["settings"]["8bit_matmuls"] == ["v_proj/MatMul", "down_proj/MatMul"]
+    assert models["int4"]["settings"]["block_size"] == 128
+    assert models["int4"]["settings"]["8bit_matmuls"] == ["v_proj/MatMul", "o_proj/MatMul",
+                                                          "down_proj/MatMul"]
     assert not manifest.verify()
     sizes = {p: e["size"] for p, e in models.items()}
     assert sizes["int4"] < sizes["int8"] < sizes["fp16"] < sizes["fp32"]
 
 
 @pytest.mark.slow
+def test_int4_keeps_v_o_down_projections_at_8_bits(outlier_bundle):
+    import onnx
+
+    model = onnx.load(str(outlier_bundle.bundle / "onnx" / "model_int4.onnx"),
+                      load_external_data=False)
+    bits: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        role = next((r for r in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj") if f".{r}/" in node.name), None)
+        if role is None:
+            continue
+        if node.op_type == "MatMulNBits":
+            kind = f"{next(a.i for a in node.attribute if a.name == 'bits')}-bit"
+        elif node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
+            kind = "8-bit"
+        elif node.op_type == "MatMul":
+            kind = "fp32"
+        else:
+            continue
+        bits.setdefault(role, set()).add(kind)
+    assert {r: bits[r] for r in ("q_proj", "k_proj", "gate_proj", "up_proj")} == {
+        r: {"4-bit"} for r in ("q_proj", "k_proj", "gate_proj", "up_proj")}
+    assert all(bits[r] == {"8-bit"} for r in ("v_proj", "o_proj", "down_proj")), bits
+
+
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
 def test_runtime_loads_each_precision(outlier_bundle, reference, precision):
     from qwen3emb.constants import FLOORS

@@ -157,7 +157,14 @@ def test_variant_graph_uses_onnxruntime_quantizer_patterns(wide_bundle, wide_cal
     assert ops["GatherBlockQuantized"] == 1 and ops["Gather"] == 0
     int4 = build_variant(source, "int4", calibration=wide_calibration,
                          target=tmp_path / "int4.onnx")
-    nodes = [n for n in onnx.load(str(int4.path)).graph.node if n.op_type == "MatMulNBits"]
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes}
-    assert len(bits) == matmuls
-    assert all((b == 8) == ("v_proj" in n or "down_proj" in n) for n, b in bits.items())
+    graph = onnx.load(str(int4.path)).graph.node
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph
+            if n.op_type == "MatMulNBits"}
+    dynamic = [n.name for n in graph if n.op_type == "MatMulInteger"]
+    assert len(bits) + len(dynamic) == matmuls
+    wide = ("v_proj", "o_proj", "down_proj")
+    assert all((b == 8) == any(w in n for w in wide) for n, b in bits.items())
+    assert len(dynamic) + sum(b == 8 for b in bits.values()) == 3 * 4
+    assert all(any(w in n for w in wide) for n in dynamic)
+    fallback = {f"{m}_Q8" for m in int4.settings["8bit_blockwise_matmuls"]}
+    assert {n for n, b in bits.items() if b == 8} == fallback

@@ -17,8 +17,9 @@ tests/test_vl_precision.py and scripts/bench.py):
   8-bit weight-only MatMulNBits on the rest (o_proj, down_proj: unnormalized inputs whose
   per-item peaks differ ~20x between a short text and an image on the Qwen3-VL fixture).
 
-int4 is 4-bit weight-only MatMulNBits after the same smoothing, with v_proj and down_proj at
-8 bits (the Q4_K_M recipe) and an 8-bit ``GatherBlockQuantized`` embedding table.
+int4 is 4-bit weight-only MatMulNBits after the same smoothing, with v_proj, o_proj and
+down_proj at 8 bits (per-channel dynamic int8) and an 8-bit ``GatherBlockQuantized`` embedding
+table; see ``INT4_8BIT_MATMULS`` for the measurements behind the mix.
 
 Everything here works on a :class:`~qwen3emb.export.lazy.LazyGraph`, reading one weight at a
 time; :mod:`qwen3emb.export.quant_ops` emits the quantized nodes and
@@ -71,11 +72,44 @@ median channel max (ordinary hidden channels sit within ~3x of each other)."""
 SMOOTH_ALPHA = 0.5
 NBITS8_BLOCK_SIZE = 128
 NBITS8_ACCURACY_LEVEL = 0
-INT4_BLOCK_SIZE = 32
+INT4_BLOCK_SIZE = 128
 INT4_ACCURACY_LEVEL = 4
-INT4_8BIT_MATMULS = ("v_proj/MatMul", "down_proj/MatMul")
-"""Kept at 8 bits inside the int4 model, as llama.cpp's Q4_K_M keeps attn_v and ffn_down at
-6 bits: on the random 0.6B-shape model all-4-bit reached min cosine 0.929, this mix 0.962."""
+"""int8 activations per block: onnxruntime's 4-bit kernel at fp32 compute (level 0) ran at
+0.9-1.0x torch on the 0.6B shape (docs/bench/run3), at level 4 at 1.3-3.0x."""
+INT4_8BIT_BLOCK_SIZE = 32
+"""Block of the 8-bit MatMulNBits fallback for 8-bit MatMuls whose input keeps outliers."""
+INT4_8BIT_MATMULS = ("v_proj/MatMul", "o_proj/MatMul", "down_proj/MatMul")
+"""Kept at 8 bits inside the int4 model (llama.cpp's Q4_K_M likewise keeps attn_v and ffn_down
+at 6 bits), as per-channel dynamic int8 (DynamicQuantizeMatMul): onnxruntime 1.31's int8 GEMM
+is about twice as fast here as its 4-bit kernel (single 1024-row MatMuls, 2 threads:
+dynamic int8 3.1-4.4x fp32, 4-bit level 4 1.4-2.4x), so the 8-bit MatMuls cost no speed.
+
+Measured on the random 0.6B-shape checkpoint (min cosine to torch fp32 at the bench cells
+1x16 / 8x128 / 1x512; speed = torch time / ONNX time at 8x128, interleaved in one process on
+a shared 2-core machine under load ~4-5, where every ONNX/torch ratio reads higher than idle;
+compare rows, not absolute values; graphs exported at opset 23, scripts/measure_int4.py):
+
+=================================================  =====================  =====
+recipe (scripts/measure_int4.py): 4-bit block,     min cosine             speed
+8-bit MatMuls
+=================================================  =====================  =====
+all 4-bit, block 32 (first measurement, 8x128)     0.929                  -
+b32-vd-nbits32: v,down 8-bit MatMulNBits (old)     0.968 / 0.953 / 0.942  1.99
+b32-vd-nbits128: same, 8-bit block 128             0.969 / 0.953 / 0.943  2.00
+b32-vd: v,down dynamic int8                        0.967 / 0.952 / 0.943  2.17
+b32asym-vd: same, 4-bit with zero points           0.972 / 0.946 / 0.955  -
+b64-vd                                             0.956 / 0.939 / 0.921  -
+b128-vd                                            0.948 / 0.917 / 0.920  -
+b32-vkd: k_proj also dynamic int8                  0.969 / 0.952 / 0.947  -
+b32-vod: v,o,down dynamic int8                     0.986 / 0.978 / 0.980  2.43
+b64-vod                                            0.986 / 0.974 / 0.970  -
+b128-vod (default)                                 0.984 / 0.968 / 0.964  2.89
+=================================================  =====================  =====
+
+o_proj is the matrix whose 4-bit error costs most; block 128 is the fastest 4-bit kernel and
+still leaves >= 0.014 of margin over the 0.95 floor, so it is the default. An 8-bit MatMul
+whose calibrated input still has outlier channels after smoothing gets 8-bit MatMulNBits
+instead (activations quantized per block, not per tensor)."""
 EMBEDDING_BITS = 8
 EMBEDDING_BLOCK_SIZE = 32
 

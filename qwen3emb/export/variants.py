@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Variants above 1 GiB of weights go to ``<model>.onnx.data`` (protobuf caps a file at 2 GiB)."""
-INT4_SCHEME = ("4-bit weight-only MatMulNBits (v_proj and down_proj 8-bit) after "
+INT4_SCHEME = ("4-bit weight-only MatMulNBits (q/k/gate/up), per-channel dynamic int8 "
+               "v/o/down_proj (8-bit MatMulNBits where their input keeps outliers), after "
                "SmoothQuant-style smoothing; 8-bit GatherBlockQuantized embeddings")
 EMBEDDING_SETTING = f"8-bit GatherBlockQuantized, block {q.EMBEDDING_BLOCK_SIZE}"
 
@@ -230,14 +231,27 @@ def _int8(graph: LazyGraph, ranges: dict[str, np.ndarray], scheme: str,
 
 def _int4(graph: LazyGraph, ranges: dict[str, np.ndarray], plan: list[q.Smoothing],
           accuracy_level: int) -> tuple[str, dict[str, Any]]:
-    q.apply_smoothing(graph, plan, ranges)
+    """Smoothing, then 8-bit v/o/down_proj and 4-bit everything else (see
+    ``quantize.INT4_8BIT_MATMULS`` for the measured recipe).
+
+    The 8-bit MatMuls get per-channel dynamic int8, or 8-bit MatMulNBits with small blocks
+    (activations quantized per block, not per tensor) where their calibrated input still has
+    outlier channels after smoothing.
+    """
+    ranges = q.apply_smoothing(graph, plan, ranges)
+    outliers = set(q.outlier_inputs(ranges))
     wide = [m for m in weight_matmuls(graph) if m.name.endswith(q.INT4_8BIT_MATMULS)]
-    rewrite_nbits(graph, wide, bits=8, block_size=q.INT4_BLOCK_SIZE,
+    blockwise = [m for m in wide if m.input[0] in outliers]
+    rewrite_nbits(graph, blockwise, bits=8, block_size=q.INT4_8BIT_BLOCK_SIZE,
                   accuracy_level=accuracy_level)
+    rewrite_int8(graph, [m for m in wide if m.input[0] not in outliers], per_channel=True)
+    # What is still a weight MatMul now is everything but the 8-bit ones.
     rewrite_nbits(graph, weight_matmuls(graph), bits=4, block_size=q.INT4_BLOCK_SIZE,
                   accuracy_level=accuracy_level)
     rewrite_embedding(graph, block_size=q.EMBEDDING_BLOCK_SIZE)
     return INT4_SCHEME, {"bits": 4, "block_size": q.INT4_BLOCK_SIZE,
                          "accuracy_level": accuracy_level, "smoothed_norms": len(plan),
                          "alpha": q.SMOOTH_ALPHA, "8bit_matmuls": list(q.INT4_8BIT_MATMULS),
-                         "embedding": EMBEDDING_SETTING}
+                         "8bit_blockwise_matmuls": sorted(m.name for m in blockwise),
+                         "8bit_block_size": q.INT4_8BIT_BLOCK_SIZE,
+                         "outlier_ratio": q.OUTLIER_RATIO, "embedding": EMBEDDING_SETTING}
