@@ -118,8 +118,8 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
                                   precision="fp32"))
     wanted = [p for p in precisions if p != "fp32"]
     ranges = None
-    # nbits8 is weight-only: only the smoothing and outlier schemes need activation ranges.
-    if "int4" in wanted or ("int8" in wanted and int8_scheme != "nbits8"):
+    # Weight-only schemes (nbits8) need no activation ranges.
+    if "int4" in wanted or ("int8" in wanted and int8_scheme in q.CALIBRATED_INT8_SCHEMES):
         if calibration is not None:
             feeds = calibration()
         elif tokenizer_json is not None:
