@@ -64,9 +64,10 @@ def test_replicated_graph_has_the_full_trace_structure(exports: dict[str, Path])
     from qwen3emb.export.optimize import optimize_graph
 
     shallow, full = (onnx.load(str(exports[k])) for k in ("shallow", "full"))
-    # It really was grown from a 2-layer trace: layers 2 and 3 are copies.
-    assert any(n.name.endswith("_layer3") for n in shallow.graph.node)
-    assert not any(n.name.endswith("_layer3") for n in full.graph.node)
+    # It really was grown from a 3-layer trace (layers 0, 1 and the pooled last layer, renamed
+    # to 3): layer 2 is a copy of layer 1.
+    assert any(n.name.endswith("_layer2") for n in shallow.graph.node)
+    assert not any(n.name.endswith(("_layer2", "_layer3")) for n in full.graph.node)
     assert len(shallow.graph.node) == len(full.graph.node)
     assert _histogram(shallow) == _histogram(full)
     shapes = {k: sorted((t.name, tuple(t.dims)) for t in m.graph.initializer
@@ -85,6 +86,53 @@ def test_replicated_graph_has_the_full_trace_structure(exports: dict[str, Path])
     assert "backbone.layers.3.mlp.down_proj/MatMul" in names[0]
 
 
+def _seq(rows: dict[str, Any], producer: dict[str, Any], node: str) -> int | str:
+    """The second dimension of ``node``'s output: a number or a symbolic name."""
+    dim = rows[producer[node].output[0]]
+    return dim.dim_value if dim.HasField("dim_value") else dim.dim_param
+
+
+def test_last_layer_computes_only_the_pooled_rows(exports: dict[str, Path]) -> None:
+    import onnx
+
+    from qwen3emb.export.optimize import name_projections
+
+    for name in ("shallow", "full"):
+        model = onnx.load(str(exports[name]))
+        name_projections(model)
+        model = onnx.shape_inference.infer_shapes(model)
+        rows = {v.name: v.type.tensor_type.shape.dim[1] for v in model.graph.value_info
+                if len(v.type.tensor_type.shape.dim) == 3}
+        producer = {n.name: n for n in model.graph.node}
+
+        for proj in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+            # [batch, sequence, width] in layers 0-2, [batch, 1, width] in the last one.
+            assert _seq(rows, producer, f"backbone.layers.2.{proj}/MatMul") == "sequence"
+            assert _seq(rows, producer, f"backbone.layers.3.{proj}/MatMul") == 1, (name, proj)
+        assert _seq(rows, producer, "backbone.layers.3.self_attn.k_proj/MatMul") == "sequence"
+
+
+def test_text_graph_has_no_softmax_nan_guards(exports: dict[str, Path]) -> None:
+    """Every attention row sees at least itself, so the exporter drops IsNaN/Where, and a
+    row that is almost all padding still embeds as it does alone."""
+    import onnx
+
+    for name in ("shallow", "full"):
+        ops = _histogram(onnx.load(str(exports[name])))
+        assert ops[":IsNaN"] == 0 and ops[":Softmax"] == 4, name
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 500, (3, 12))
+    for side in ("left", "right"):
+        mask = np.ones_like(ids)
+        short = slice(0, 11) if side == "left" else slice(1, 12)  # row 0: one real token
+        mask[0, short] = 0
+        batch = _embed(exports["shallow"], ids, mask)
+        assert np.isfinite(batch).all(), side
+        real = ids[0:1, 11:] if side == "left" else ids[0:1, :1]
+        alone = _embed(exports["shallow"], real, np.ones_like(real))
+        np.testing.assert_allclose(batch[0], alone[0], atol=1e-5, rtol=0, err_msg=side)
+
+
 def test_replicated_graph_streams_the_same_bytes_as_in_memory(exports: dict[str, Path]) -> None:
     assert exports["shallow"].read_bytes() == exports["shallow-memory"].read_bytes()
 
@@ -100,7 +148,7 @@ def test_replication_refuses_a_graph_that_is_already_deep(exports: dict[str, Pat
 def test_trace_falls_back_to_full_depth_when_replication_fails(
         deep_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    def refuse(model: Any, scope: str, total: int) -> int:
+    def refuse(model: Any, scope: str, total: int, tail: int = 0) -> int:
         raise ReplicationError("no residual input")
 
     monkeypatch.setattr(onnx_export, "replicate_layers", refuse)
@@ -145,3 +193,10 @@ def test_unknown_trace_mode_is_an_error(tiny_checkpoint: Path, tmp_path: Path) -
     family = family_for(load_checkpoint(tiny_checkpoint))
     with pytest.raises(InputError, match="unknown trace mode 'deep'"):
         onnx_export.export_onnx(family, tmp_path / "model.onnx", SPEC, trace="deep")
+
+
+def test_a_tail_layer_needs_room(deep_checkpoint: Path) -> None:
+    family = family_for(load_checkpoint(deep_checkpoint))
+    model = onnx_export._trace(family, SPEC, None, 3)
+    with pytest.raises(ReplicationError, match="cannot grow 3 traced layers"):
+        replicate_layers(model, "backbone.layers", 2, tail=1)

@@ -53,6 +53,12 @@ class Family:
         exporter may trace a shallow copy and replicate one layer. ``False`` when unsure."""
         return False
 
+    @property
+    def pooled_last_layer(self) -> bool:
+        """Whether :meth:`embedding_module` computes only the pooled row in the last layer (its
+        graph's last layer then differs from the others)."""
+        return False
+
     def host_buffers(self, backbone: Any) -> dict[str, Any]:
         """Values of buffers that are computed, not stored (e.g. rotary frequencies), as numpy
         arrays keyed by their name in ``backbone``; a meta backbone has none of them."""

@@ -44,18 +44,20 @@ def trace_graph(family: Family, spec: TextGraphSpec, dimensions: int | None = No
         family: the checkpoint's family.
         spec: the graph contract.
         dimensions: Matryoshka width baked into the graph.
-        trace: ``"shallow"`` traces :data:`TRACED_LAYERS` layers and copies the last one to
-            full depth when the family's layers are uniform (else it traces them all);
+        trace: ``"shallow"`` traces :data:`TRACED_LAYERS` layers (plus the pooled last layer,
+            see ``Family.pooled_last_layer``) and copies layer ``TRACED_LAYERS - 1`` to full
+            depth when the family's layers are uniform (else it traces them all);
             ``"full"`` always traces every layer.
 
     Raises:
         OutputError: the exporter failed.
     """
     total = family.num_layers
-    if trace == "shallow" and total > TRACED_LAYERS and family.uniform_layers():
-        model = _trace(family, spec, dimensions, TRACED_LAYERS)
+    tail = int(family.pooled_last_layer)
+    if trace == "shallow" and total > TRACED_LAYERS + tail and family.uniform_layers():
+        model = _trace(family, spec, dimensions, TRACED_LAYERS + tail)
         try:
-            replicate_layers(model, BACKBONE_PREFIX + family.layers_scope, total)
+            replicate_layers(model, BACKBONE_PREFIX + family.layers_scope, total, tail)
             return model
         except ReplicationError as e:
             logger.warning("cannot replicate the traced layers (%s); tracing all %d", e, total)
@@ -95,7 +97,40 @@ def _trace(family: Family, spec: TextGraphSpec, dimensions: int | None,
                           hint="This is a bug in qwen3emb-export; please report it")
     model = program.model
     model.graph.meta["host_buffers"] = family.host_buffers(backbone)
+    model.graph.meta["nan_free_softmax"] = bool(getattr(module, "nan_free_softmax", False))
     return model
+
+
+def drop_nan_guards(model: Any) -> int:
+    """Remove the ``Where(IsNaN(p), 0, p)`` that torch's sdpa export puts after each Softmax.
+
+    The guard turns the NaN of a softmax over a fully masked row into zeros. Only for graphs
+    whose module guarantees that no row is fully masked (``nan_free_softmax``, recorded by
+    :func:`trace_graph`): there it is a no-op that costs a pass over every attention matrix.
+
+    Returns:
+        How many guards were removed.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    dropped = 0
+    for isnan in [n for n in graph if n.op_type == "IsNaN" and n.domain in ("", "ai.onnx")]:
+        probs, flags = isnan.inputs[0], isnan.outputs[0]
+        source = None if probs is None else probs.producer()
+        if source is None or source.op_type != "Softmax":
+            continue
+        guards = [user for user, _ in flags.uses()]
+        if not guards or any(g.op_type != "Where" or g.inputs[0] is not flags
+                             or g.inputs[2] is not probs or g.outputs[0].is_graph_output()
+                             for g in guards):
+            continue
+        for guard in guards:
+            ir.convenience.replace_all_uses_with(guard.outputs[0], probs)
+            graph.remove(guard, safe=True)
+        graph.remove(isnan, safe=True)
+        dropped += 1
+    return dropped
 
 
 def attach_weights(model: Any, family: Family,
@@ -302,6 +337,9 @@ def export_onnx(
     total = attach_weights(model, family, source)
     fold_weight_transposes(model)
     optimize_graph(model)
+    if model.graph.meta.get("nan_free_softmax"):
+        logger.info("dropped %d softmax NaN guards (no attention row is empty)",
+                    drop_nan_guards(model))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     external = total > EXTERNAL_DATA_THRESHOLD
     data_name = out_path.name + ".data"

@@ -16,6 +16,10 @@ a two-layer copy of the model and :func:`replicate_layers` appends copies of lay
   computed once in layer 0 or before) stays shared.
 
 Layer 0 is not a template: the exporter computes the values all layers share inside it.
+
+A model whose last layer differs (the text embedder computes only the pooled row's query and
+MLP there) is traced with that layer after the template (``tail=1``): it is renamed to the
+real last index and the copies go between the template and it.
 """
 
 from __future__ import annotations
@@ -42,13 +46,15 @@ def layer_of(node: Any, scope: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def replicate_layers(model: Any, scope: str, total: int) -> int:
-    """Append copies of the last traced layer until the graph has ``total`` layers.
+def replicate_layers(model: Any, scope: str, total: int, tail: int = 0) -> int:
+    """Insert copies of layer ``TRACED_LAYERS - 1`` until the graph has ``total`` layers.
 
     Args:
-        model: an ``onnx_ir.Model`` traced with :data:`TRACED_LAYERS` layers, weights unbound.
+        model: an ``onnx_ir.Model`` traced with ``TRACED_LAYERS + tail`` layers, weights
+            unbound.
         scope: the module path of the layer list in the graph, e.g. ``backbone.layers``.
         total: the depth of the real model.
+        tail: 1 when the last traced layer is a different computation that must stay last.
 
     Returns:
         How many layers were added.
@@ -62,14 +68,17 @@ def replicate_layers(model: Any, scope: str, total: int) -> int:
     graph = model.graph
     nodes = list(graph)
     template = TRACED_LAYERS - 1
+    traced = TRACED_LAYERS + tail
+    if tail not in (0, 1) or total < traced:
+        raise ReplicationError(f"cannot grow {traced} traced layers (tail {tail}) to {total}")
     body = [n for n in nodes if layer_of(n, scope) == template]
     if not body:
         raise ReplicationError(f"no node is scoped to {scope}.{template}")
     first, last = nodes.index(body[0]), nodes.index(body[-1])
     if last - first + 1 != len(body):
         raise ReplicationError(f"the nodes of {scope}.{template} are not contiguous")
-    if any(layer_of(n, scope) not in (None, *range(TRACED_LAYERS)) for n in nodes):
-        raise ReplicationError(f"the graph has more than {TRACED_LAYERS} layers")
+    if any(layer_of(n, scope) not in (None, *range(traced)) for n in nodes):
+        raise ReplicationError(f"the graph has more than {traced} layers")
     members = set(map(id, body))
     produced = {id(v) for n in body for v in n.outputs}
 
@@ -97,8 +106,10 @@ def replicate_layers(model: Any, scope: str, total: int) -> int:
                                f"{[v.name for v in residual]}")
 
     readers = [(u, i) for u, i in out.uses() if id(u) not in members]
+    if tail:
+        _move_layer(graph, nodes, scope, traced - 1, total - 1)
     anchor, previous = body[-1], out
-    for k in range(TRACED_LAYERS, total):
+    for k in range(TRACED_LAYERS, total - tail):
         mapping: dict[int, Any] = {id(residual[0]): previous}
         for value in weights.values():
             clone = ir.Value(name=f"{scope}.{k}.{value.name.removeprefix(prefix)}",
@@ -111,20 +122,41 @@ def replicate_layers(model: Any, scope: str, total: int) -> int:
         anchor, previous = copies[-1], mapping[id(out)]
     for user, index in readers:
         user.replace_input_with(index, previous)
-    added = max(total - TRACED_LAYERS, 0)
+    added = total - traced
     logger.info("replicated %s.%d into %d more layers", scope, template, added)
     return added
+
+
+def _renamed(text: str, scope: str, old: int, new: int) -> str:
+    return re.sub(rf"{re.escape(scope)}\.{old}(?!\d)", f"{scope}.{new}", text)
+
+
+def _scoped_metadata(node: Any, scope: str, old: int, new: int) -> dict[str, str]:
+    """``node``'s metadata with its name scopes moved from layer ``old`` to ``new``."""
+    return {key: _renamed(text, scope, old, new) if key in (SCOPES_KEY, NAMESPACE_KEY) else text
+            for key, text in node.metadata_props.items()}
+
+
+def _move_layer(graph: Any, nodes: list[Any], scope: str, old: int, new: int) -> None:
+    """Renumber traced layer ``old`` as ``new``: its weights' names and its nodes' scopes."""
+    prefix = f"{scope}.{old}."
+    for value in list(graph.initializers.values()):
+        if value.name.startswith(prefix):
+            value.name = f"{scope}.{new}.{value.name.removeprefix(prefix)}"
+    # Not only nodes traced inside layer ``old``'s forward: the embedder may call its modules
+    # (``layers.2.self_attn.q_proj``) from outside it.
+    mention = re.compile(rf"{re.escape(scope)}\.{old}(?!\d)")
+    for node in nodes:
+        if any(mention.search(node.metadata_props.get(key, ""))
+               for key in (SCOPES_KEY, NAMESPACE_KEY)):
+            node.metadata_props.update(_scoped_metadata(node, scope, old, new))
 
 
 def _clone_node(node: Any, mapping: dict[int, Any], scope: str, template: int, k: int) -> Any:
     """Copy ``node`` into layer ``k``; ``mapping`` (id of template value → copy) grows."""
     import onnx_ir as ir
 
-    def renamed(text: str) -> str:
-        return re.sub(rf"{re.escape(scope)}\.{template}(?!\d)", f"{scope}.{k}", text)
-
-    metadata = {key: renamed(text) if key in (SCOPES_KEY, NAMESPACE_KEY) else text
-                for key, text in node.metadata_props.items()}
+    metadata = _scoped_metadata(node, scope, template, k)
     clone = ir.Node(
         node.domain, node.op_type, [None if v is None else mapping.get(id(v), v)
                                     for v in node.inputs],
