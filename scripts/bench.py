@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("bench-work"))
     parser.add_argument("--out", type=Path, default=None, help="results dir (default: WORK)")
     parser.add_argument("--quick", action="store_true", help=f"only cells {QUICK_CELLS}")
+    parser.add_argument("--cells", nargs="*", default=None, metavar="BxS",
+                        help="only these cells, e.g. 8x128 (overrides --quick)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per cell and engine")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engines", nargs="*", default=None, help="subset of engine names")
@@ -194,6 +196,8 @@ def main() -> None:
     # Other processes on the machine slow torch more than onnxruntime: record the load.
     load_start = os.getloadavg()[0]
     cells = QUICK_CELLS if args.quick else [(b, s) for b in GRID_BATCH for s in GRID_LENGTH]
+    if args.cells:
+        cells = [tuple(int(n) for n in cell.lower().split("x")) for cell in args.cells]
     rng = np.random.default_rng(0)
     results: list[dict[str, Any]] = []
     floors: list[dict[str, Any]] = []
