@@ -4,7 +4,8 @@ Builds (and caches under --work) a random-weight checkpoint in the real Qwen3-Em
 shape, exports it with all precisions, builds the other int8 schemes beside the bundle, then
 measures each cell of the grid for every engine, round-robin (one run of each engine in turn),
 so background load hits all engines alike. Reports tokens/s, p50 latency, RSS growth,
-artifact size and cosine to torch fp32, as JSON, a Markdown table and a PNG chart.
+artifact size and cosine to torch fp32, as JSON, a Markdown table and a PNG chart, plus the
+fp32 ceiling: onnxruntime's own GEMM kernel time in the fp32 graph against torch's p50.
 
     python scripts/bench.py --work /tmp/bench --quick
 """
