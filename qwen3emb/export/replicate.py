@@ -143,13 +143,10 @@ def _move_layer(graph: Any, nodes: list[Any], scope: str, old: int, new: int) ->
     for value in list(graph.initializers.values()):
         if value.name.startswith(prefix):
             value.name = f"{scope}.{new}.{value.name.removeprefix(prefix)}"
-    # Not only nodes traced inside layer ``old``'s forward: the embedder may call its modules
-    # (``layers.2.self_attn.q_proj``) from outside it.
-    mention = re.compile(rf"{re.escape(scope)}\.{old}(?!\d)")
+    # Every node, not only those traced inside layer ``old``'s forward: the embedder may call
+    # its modules (``layers.2.self_attn.q_proj``) from outside it. Other nodes keep their text.
     for node in nodes:
-        if any(mention.search(node.metadata_props.get(key, ""))
-               for key in (SCOPES_KEY, NAMESPACE_KEY)):
-            node.metadata_props.update(_scoped_metadata(node, scope, old, new))
+        node.metadata_props.update(_scoped_metadata(node, scope, old, new))
 
 
 def _clone_node(node: Any, mapping: dict[int, Any], scope: str, template: int, k: int) -> Any:
