@@ -37,7 +37,7 @@ def run_demo(output: str | Path, *, preset: str = "small") -> DemoSummary:
         OutputError: ``output`` exists, is not empty and is not a previous demo directory.
     """
     from qwen3emb.convert.random_checkpoint import build_random_checkpoint
-    from qwen3emb.export import export_bundle
+    from qwen3emb.pipeline import export_bundle
     from qwen3emb.runtime import TextEmbedder
 
     root = Path(output)

@@ -59,11 +59,15 @@ class PeakRss:
 def prepare(work: Path) -> tuple[Path, Path, dict[str, Path]]:
     """Checkpoint, bundle and the ONNX file of each engine (cached under ``work``)."""
     from qwen3emb.convert.random_checkpoint import REAL_VOCAB_SIZE, build_random_checkpoint
-    from qwen3emb.export import export_bundle
-    from qwen3emb.export.calibrate import calibrate
-    from qwen3emb.export.precisions import calibration_feeds
-    from qwen3emb.export.quantize import DEFAULT_INT8_SCHEME, INT4_ACCURACY_LEVEL, INT8_SCHEMES
-    from qwen3emb.export.variants import build_variant
+    from qwen3emb.export.quant.calibrate import calibrate
+    from qwen3emb.export.quant.precisions import calibration_feeds
+    from qwen3emb.export.quant.quantize import (
+        DEFAULT_INT8_SCHEME,
+        INT4_ACCURACY_LEVEL,
+        INT8_SCHEMES,
+    )
+    from qwen3emb.export.quant.variants import build_variant
+    from qwen3emb.pipeline import export_bundle
 
     checkpoint, bundle = work / "checkpoint-0.6B", work / "bundle-0.6B"
     if not (checkpoint / "config.json").is_file():

@@ -29,8 +29,8 @@ CHILD = """
 import sys, time
 from pathlib import Path
 from qwen3emb.convert import family_for, load_checkpoint
-from qwen3emb.export.onnx import export_onnx
-from qwen3emb.export.spec import TextGraphSpec
+from qwen3emb.export.onnx.trace import export_onnx
+from qwen3emb.spec import TextGraphSpec
 family = family_for(load_checkpoint(sys.argv[1]))
 export_onnx(family, Path(sys.argv[2]) / "model.onnx", TextGraphSpec(dim=family.embedding_dim),
             weights=sys.argv[3], trace=sys.argv[4])
@@ -41,9 +41,9 @@ VARIANTS_CHILD = """
 import sys, time
 from pathlib import Path
 from qwen3emb.convert import family_for, load_checkpoint
-from qwen3emb.export.onnx import export_onnx
-from qwen3emb.export.precisions import build_precisions, check_precisions
-from qwen3emb.export.spec import TextGraphSpec
+from qwen3emb.export.onnx.trace import export_onnx
+from qwen3emb.export.quant.precisions import build_precisions, check_precisions
+from qwen3emb.spec import TextGraphSpec
 checkpoint, out, phase = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 family = family_for(load_checkpoint(checkpoint))
 spec = TextGraphSpec(dim=family.embedding_dim)
@@ -76,7 +76,7 @@ def measure_variants(checkpoint: Path, precisions: list[str]) -> dict[str, objec
 
 def largest_tensor_bytes(checkpoint: Path) -> int:
     from qwen3emb.convert import load_checkpoint
-    from qwen3emb.export.weights import ShardedWeights
+    from qwen3emb.export.onnx.weights import ShardedWeights
 
     shards = ShardedWeights(load_checkpoint(checkpoint).weight_files)
     return max(shards.nbytes(k) for k in shards)

@@ -3,7 +3,7 @@
 Builds each recipe from the bundle's optimized fp32 ``model.onnx`` with the streamed variant
 builders (after the same calibration and smoothing as the exporter), then measures min cosine
 to HuggingFace torch fp32 at the bench cells and the torch/ONNX time ratio at 8x128,
-interleaved in one process. The table in ``qwen3emb.export.quantize.INT4_8BIT_MATMULS`` came
+interleaved in one process. The table in ``qwen3emb.export.quant.quantize.INT4_8BIT_MATMULS`` came
 from this script (its ``b32asym-vd`` row, 4-bit with zero points, was measured with
 onnxruntime's ``MatMulNBitsQuantizer`` before the builders were streamed; they write
 symmetric blocks only). ``exporter`` is what ``build_variant`` writes, outlier fallback
@@ -42,15 +42,15 @@ CELLS = ((1, 16), (8, 128), (1, 512))
 
 def build(source: Path, calibration: Any, plan: list[Any], recipe: str, out: Path) -> Path:
     """Write ``recipe`` of the fp32 graph ``source`` to ``out/model.onnx``."""
-    from qwen3emb.export import quantize as q
-    from qwen3emb.export.lazy import LazyGraph
-    from qwen3emb.export.quant_ops import (
+    from qwen3emb.export.onnx.lazy import LazyGraph
+    from qwen3emb.export.quant import quantize as q
+    from qwen3emb.export.quant.ops import (
         rewrite_embedding,
         rewrite_int8,
         rewrite_nbits,
         weight_matmuls,
     )
-    from qwen3emb.export.variants import build_variant
+    from qwen3emb.export.quant.variants import build_variant
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
@@ -90,10 +90,10 @@ def main() -> None:
     import torch
     from transformers import AutoModel
 
-    from qwen3emb.export import quantize as q
-    from qwen3emb.export.calibrate import calibrate
-    from qwen3emb.export.lazy import LazyGraph
-    from qwen3emb.export.precisions import calibration_feeds
+    from qwen3emb.export.onnx.lazy import LazyGraph
+    from qwen3emb.export.quant import quantize as q
+    from qwen3emb.export.quant.calibrate import calibrate
+    from qwen3emb.export.quant.precisions import calibration_feeds
 
     source = args.bundle / "onnx" / "model.onnx"
     paths = {r: args.work / r / "model.onnx" for r in args.recipes}

@@ -28,12 +28,12 @@ def main() -> None:
     from test_precision import _int8, _min_cosine, _run_model, plant_outliers
 
     from qwen3emb.convert.random_checkpoint import build_random_checkpoint
-    from qwen3emb.export import export_bundle
-    from qwen3emb.export import quantize as q
-    from qwen3emb.export.calibrate import calibrate
-    from qwen3emb.export.lazy import LazyGraph
-    from qwen3emb.export.precisions import calibration_feeds
-    from qwen3emb.export.quant_ops import rewrite_embedding, rewrite_nbits, weight_matmuls
+    from qwen3emb.export.onnx.lazy import LazyGraph
+    from qwen3emb.export.quant import quantize as q
+    from qwen3emb.export.quant.calibrate import calibrate
+    from qwen3emb.export.quant.ops import rewrite_embedding, rewrite_nbits, weight_matmuls
+    from qwen3emb.export.quant.precisions import calibration_feeds
+    from qwen3emb.pipeline import export_bundle
     from qwen3emb.validate.probes import build_probes
     from qwen3emb.validate.reference import ReferenceEmbedder
 

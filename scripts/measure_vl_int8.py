@@ -33,14 +33,14 @@ def main() -> None:
     from test_vl_precision import plant_vl_outliers
 
     from qwen3emb.convert.random_vl_checkpoint import build_random_vl_checkpoint
-    from qwen3emb.export import export_bundle
-    from qwen3emb.export import quantize as q
-    from qwen3emb.export.calibrate import calibrate
-    from qwen3emb.export.variants import build_variant
-    from qwen3emb.export.vl_calibration import vl_calibration_feeds
+    from qwen3emb.export.quant import quantize as q
+    from qwen3emb.export.quant.calibrate import calibrate
+    from qwen3emb.export.quant.variants import build_variant
+    from qwen3emb.export.quant.vl_calibration import vl_calibration_feeds
+    from qwen3emb.pipeline import export_bundle
     from qwen3emb.runtime.vl import VLEmbedder, choose_graphs
-    from qwen3emb.validate.vl import ReferenceVLEmbedder
     from qwen3emb.validate.vl_probes import build_vl_probes
+    from qwen3emb.validate.vl_reference import ReferenceVLEmbedder
 
     checkpoint = build_random_vl_checkpoint(args.work / "ckpt", modify=plant_vl_outliers)
     bundle = export_bundle(checkpoint, args.work / "bundle", validate=False, force=True).bundle

@@ -31,11 +31,11 @@ def main() -> None:
     import onnxruntime as ort
 
     from qwen3emb.convert.random_checkpoint import build_random_checkpoint
-    from qwen3emb.export import export_bundle
-    from qwen3emb.export import quantize as q
-    from qwen3emb.export.calibrate import calibrate
-    from qwen3emb.export.precisions import calibration_feeds
-    from qwen3emb.export.variants import build_variant
+    from qwen3emb.export.quant import quantize as q
+    from qwen3emb.export.quant.calibrate import calibrate
+    from qwen3emb.export.quant.precisions import calibration_feeds
+    from qwen3emb.export.quant.variants import build_variant
+    from qwen3emb.pipeline import export_bundle
 
     checkpoint = build_random_checkpoint(args.work / "ckpt", preset="0.6B",
                                          num_hidden_layers=args.layers)

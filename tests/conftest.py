@@ -83,7 +83,7 @@ def deep_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint exported with validation (fp32)."""
-    from qwen3emb.export import export_bundle
+    from qwen3emb.pipeline import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     result = export_bundle(tiny_checkpoint, out, validate=True)
@@ -103,8 +103,8 @@ def reference(tiny_checkpoint: Path):
 def wrong_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle whose graph comes from other weights (seed 1) but whose hashes are consistent."""
     from qwen3emb.convert.random_checkpoint import build_random_checkpoint
-    from qwen3emb.export import export_bundle
     from qwen3emb.manifest import file_entry, write_json_atomic
+    from qwen3emb.pipeline import export_bundle
 
     root = tmp_path_factory.mktemp("wrong")
     other = build_random_checkpoint(root / "ckpt", preset="tiny", seed=1)

@@ -9,8 +9,8 @@ import pytest
 
 from qwen3emb.constants import DEFAULT_TASK
 from qwen3emb.errors import CheckpointError, InputError, OutputError
-from qwen3emb.export import export_bundle
 from qwen3emb.manifest import read_manifest, sha256_file
+from qwen3emb.pipeline import export_bundle
 
 
 def test_bundle_has_model_tokenizer_manifest_and_report(tiny_bundle: Path) -> None:
@@ -86,7 +86,7 @@ def test_unwritable_output_is_a_clear_error(tiny_checkpoint: Path, tmp_path: Pat
 
 def test_interrupted_export_leaves_nothing_behind(tiny_checkpoint: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import qwen3emb.export.onnx as onnx_export
+    import qwen3emb.export.onnx.trace as onnx_export
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt

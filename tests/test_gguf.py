@@ -57,7 +57,7 @@ def gguf_end_id(gguf_checkpoint: Path) -> int:
 def gguf_export(gguf_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python (the 'gguf' extra) is not installed")
-    from qwen3emb.export.gguf import export_gguf
+    from qwen3emb.export.gguf.text import export_gguf
 
     out = tmp_path_factory.mktemp("gguf-out")
     return out, export_gguf(gguf_checkpoint, out, TYPES)
@@ -143,7 +143,7 @@ def test_metadata_is_what_llama_cpp_needs_for_qwen3_embedding(gguf_export, gguf_
 
 
 def test_unknown_type_lists_the_supported_ones(tmp_path: Path) -> None:
-    from qwen3emb.export.gguf import export_gguf
+    from qwen3emb.export.gguf.text import export_gguf
 
     with pytest.raises(InputError) as err:
         export_gguf(tmp_path, tmp_path / "out", ["q3_x"])
@@ -155,7 +155,7 @@ def test_unknown_type_lists_the_supported_ones(tmp_path: Path) -> None:
 
 def test_non_qwen3_checkpoint_is_refused(tmp_path: Path) -> None:
     from qwen3emb.errors import UnsupportedModelError
-    from qwen3emb.export.gguf import export_gguf
+    from qwen3emb.export.gguf.text import export_gguf
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
     with pytest.raises(UnsupportedModelError, match="model_type 'qwen3_vl'"):
@@ -164,7 +164,7 @@ def test_non_qwen3_checkpoint_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_max_length_beyond_the_model_is_refused(gguf_checkpoint, tmp_path) -> None:
-    from qwen3emb.export.gguf import export_gguf
+    from qwen3emb.export.gguf.text import export_gguf
 
     with pytest.raises(InputError) as err:
         export_gguf(gguf_checkpoint, tmp_path, ["F16"], max_length=4096)
@@ -173,7 +173,7 @@ def test_max_length_beyond_the_model_is_refused(gguf_checkpoint, tmp_path) -> No
 
 @pytest.mark.slow
 def test_missing_tokenizer_json_is_a_checkpoint_error(gguf_checkpoint, tmp_path) -> None:
-    from qwen3emb.export.gguf import export_gguf
+    from qwen3emb.export.gguf.text import export_gguf
 
     for name in ("config.json", "model.safetensors"):
         shutil.copy(gguf_checkpoint / name, tmp_path / name)
@@ -184,7 +184,7 @@ def test_missing_tokenizer_json_is_a_checkpoint_error(gguf_checkpoint, tmp_path)
 @pytest.mark.slow
 def test_kquant_without_binding_names_the_gguf_extra(gguf_checkpoint, tmp_path,
                                                      monkeypatch) -> None:
-    from qwen3emb.export.gguf import export_gguf
+    from qwen3emb.export.gguf.text import export_gguf
     from qwen3emb.runtime import _llama
 
     monkeypatch.setattr(_llama, "_loaded", {})
@@ -198,7 +198,7 @@ def test_kquant_without_binding_names_the_gguf_extra(gguf_checkpoint, tmp_path,
 @pytest.mark.slow
 def test_a_failed_write_leaves_no_file(gguf_checkpoint, tmp_path, monkeypatch) -> None:
     from qwen3emb.errors import OutputError
-    from qwen3emb.export import gguf as exporter
+    from qwen3emb.export.gguf import text as exporter
 
     real, calls = exporter.quantize, []
 
@@ -333,7 +333,7 @@ def test_gguf_without_add_eos_is_refused(gguf_checkpoint, tmp_path, monkeypatch)
     from gguf import GGUFWriter
 
     from qwen3emb.errors import BundleError
-    from qwen3emb.export.gguf import export_gguf
+    from qwen3emb.export.gguf.text import export_gguf
     from qwen3emb.runtime.gguf import GGUFTextEmbedder
 
     monkeypatch.setattr(GGUFWriter, "add_add_eos_token",

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from qwen3emb.cli import create_app
 from qwen3emb.errors import InputError
-from qwen3emb.export import export_bundle
+from qwen3emb.pipeline import export_bundle
 
 pytest.importorskip("llama_cpp", reason="the gguf extra (llama-cpp-python) is not installed")
 

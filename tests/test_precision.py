@@ -80,7 +80,7 @@ def normal_checkpoint(workdir):
 
 
 def _export(checkpoint, out, **kwargs):
-    from qwen3emb.export import export_bundle
+    from qwen3emb.pipeline import export_bundle
 
     return export_bundle(checkpoint, out, precisions=["fp16", "int8", "int4"], force=True,
                          **kwargs)
@@ -232,7 +232,7 @@ def test_naive_fp16_overflows_on_outliers(outlier_bundle, reference):
     import onnx
     from onnx.reference import ReferenceEvaluator
 
-    from qwen3emb.export.fp16 import convert_fp16
+    from qwen3emb.export.quant.fp16 import convert_fp16
     from qwen3emb.runtime import TextEmbedder
 
     texts, expected = reference
@@ -290,7 +290,7 @@ def _unfuse_norms(model):
 @pytest.mark.slow
 def test_naive_int8_fails_on_outliers_but_not_the_default(outlier_bundle, reference, workdir):
     from qwen3emb.constants import FLOORS
-    from qwen3emb.export.quantize import NAIVE_INT8_SCHEME
+    from qwen3emb.export.quant.quantize import NAIVE_INT8_SCHEME
     from qwen3emb.runtime import TextEmbedder
 
     texts, expected = reference
@@ -316,9 +316,9 @@ def test_other_int8_schemes_stay_selectable_and_faithful(outlier_bundle, referen
 
 
 def _int8(bundle, scheme, workdir):
-    from qwen3emb.export.calibrate import calibrate
-    from qwen3emb.export.precisions import calibration_feeds
-    from qwen3emb.export.variants import build_variant
+    from qwen3emb.export.quant.calibrate import calibrate
+    from qwen3emb.export.quant.precisions import calibration_feeds
+    from qwen3emb.export.quant.variants import build_variant
 
     source = bundle / "onnx" / "model.onnx"
     calibration = calibrate(source, calibration_feeds(bundle / "tokenizer.json"))
@@ -344,7 +344,7 @@ def _run_model(path, bundle, texts, max_length=256):
 
 def test_unknown_precision_is_rejected_with_the_supported_values():
     from qwen3emb.errors import InputError
-    from qwen3emb.export.precisions import check_precisions
+    from qwen3emb.export.quant.precisions import check_precisions
 
     with pytest.raises(InputError) as info:
         check_precisions(["fp32", "int3"])
@@ -354,7 +354,7 @@ def test_unknown_precision_is_rejected_with_the_supported_values():
 
 def test_unknown_int8_scheme_is_rejected_with_the_supported_values():
     from qwen3emb.errors import InputError
-    from qwen3emb.export.precisions import check_precisions
+    from qwen3emb.export.quant.precisions import check_precisions
 
     with pytest.raises(InputError) as info:
         check_precisions(["int8"], int8_scheme="awq")
@@ -363,7 +363,7 @@ def test_unknown_int8_scheme_is_rejected_with_the_supported_values():
 
 
 def test_precisions_always_start_with_fp32_in_a_fixed_order():
-    from qwen3emb.export.precisions import check_precisions
+    from qwen3emb.export.quant.precisions import check_precisions
 
     assert check_precisions(None) == ["fp32"]
     assert check_precisions(["int4", "fp16", "int4"]) == ["fp32", "fp16", "int4"]

@@ -8,9 +8,9 @@ import pytest
 
 from qwen3emb.convert import family_for, load_checkpoint
 from qwen3emb.errors import OutputError
-from qwen3emb.export.onnx import export_onnx
-from qwen3emb.export.spec import TextGraphSpec
-from qwen3emb.export.weights import ShardedWeights
+from qwen3emb.export.onnx.trace import export_onnx
+from qwen3emb.export.onnx.weights import ShardedWeights
+from qwen3emb.spec import TextGraphSpec
 
 
 def test_streamed_and_in_memory_exports_are_bit_identical(tiny_checkpoint: Path,

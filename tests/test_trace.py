@@ -12,9 +12,9 @@ import pytest
 
 from qwen3emb.convert import family_for, load_checkpoint
 from qwen3emb.errors import InputError
-from qwen3emb.export import onnx as onnx_export
-from qwen3emb.export.replicate import ReplicationError, replicate_layers
-from qwen3emb.export.spec import TextGraphSpec
+from qwen3emb.export.onnx import trace as onnx_export
+from qwen3emb.export.onnx.replicate import ReplicationError, replicate_layers
+from qwen3emb.spec import TextGraphSpec
 
 SPEC = TextGraphSpec(dim=64)
 
@@ -61,7 +61,7 @@ def _histogram(model: Any) -> collections.Counter[str]:
 def test_replicated_graph_has_the_full_trace_structure(exports: dict[str, Path]) -> None:
     import onnx
 
-    from qwen3emb.export.optimize import optimize_graph
+    from qwen3emb.export.onnx.optimize import optimize_graph
 
     shallow, full = (onnx.load(str(exports[k])) for k in ("shallow", "full"))
     # It really was grown from a 3-layer trace (layers 0, 1 and the pooled last layer, renamed
@@ -95,7 +95,7 @@ def _seq(rows: dict[str, Any], producer: dict[str, Any], node: str) -> int | str
 def test_last_layer_computes_only_the_pooled_rows(exports: dict[str, Path]) -> None:
     import onnx
 
-    from qwen3emb.export.optimize import name_projections
+    from qwen3emb.export.onnx.optimize import name_projections
 
     for name in ("shallow", "full"):
         model = onnx.load(str(exports[name]))
@@ -153,7 +153,7 @@ def test_trace_falls_back_to_full_depth_when_replication_fails(
 
     monkeypatch.setattr(onnx_export, "replicate_layers", refuse)
     family = family_for(load_checkpoint(deep_checkpoint))
-    with caplog.at_level(logging.WARNING, logger="qwen3emb.export.onnx"):
+    with caplog.at_level(logging.WARNING, logger="qwen3emb.export.onnx.trace"):
         model = onnx_export.trace_graph(family, SPEC)
     assert "cannot replicate the traced layers (no residual input); tracing all 4" in caplog.text
     assert "backbone.layers.3.mlp.down_proj.weight" in model.graph.initializers
@@ -174,7 +174,7 @@ def test_skipped_rewrite_does_not_change_the_optimized_graph(tiny_checkpoint: Pa
     import onnx
     import onnx_ir as ir
 
-    from qwen3emb.export.weights import ShardedWeights
+    from qwen3emb.export.onnx.weights import ShardedWeights
 
     family = family_for(load_checkpoint(tiny_checkpoint))
     model = onnx_export.trace_graph(family, SPEC)

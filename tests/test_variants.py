@@ -14,7 +14,7 @@ import pytest
 def wide_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An fp32 bundle whose weights (~17 MB) dwarf the graph and its largest tensor (1 MB)."""
     from qwen3emb.convert.random_checkpoint import build_random_checkpoint
-    from qwen3emb.export import export_bundle
+    from qwen3emb.pipeline import export_bundle
 
     root = tmp_path_factory.mktemp("wide")
     checkpoint = build_random_checkpoint(root / "ckpt", preset="small", hidden_size=256,
@@ -24,8 +24,8 @@ def wide_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def wide_calibration(wide_bundle: Path):
-    from qwen3emb.export.calibrate import calibrate
-    from qwen3emb.export.precisions import calibration_feeds
+    from qwen3emb.export.quant.calibrate import calibrate
+    from qwen3emb.export.quant.precisions import calibration_feeds
 
     return calibrate(wide_bundle / "onnx" / "model.onnx",
                      calibration_feeds(wide_bundle / "tokenizer.json"))
@@ -57,8 +57,8 @@ def _weight_bytes(path: Path) -> tuple[int, int]:
 def test_variant_holds_one_source_tensor_at_a_time(wide_bundle, external_source,
                                                    wide_calibration, tmp_path, monkeypatch,
                                                    precision):
-    from qwen3emb.export.lazy import LazyGraph
-    from qwen3emb.export.variants import build_variant
+    from qwen3emb.export.onnx.lazy import LazyGraph
+    from qwen3emb.export.quant.variants import build_variant
 
     source = external_source
     total, largest = _weight_bytes(wide_bundle / "onnx" / "model.onnx")
@@ -89,8 +89,8 @@ def test_variant_holds_one_source_tensor_at_a_time(wide_bundle, external_source,
 
 
 def test_piecewise_calibration_equals_one_whole_graph_run(wide_bundle, wide_calibration):
-    from qwen3emb.export.calibrate import calibrate
-    from qwen3emb.export.precisions import calibration_feeds
+    from qwen3emb.export.quant.calibrate import calibrate
+    from qwen3emb.export.quant.precisions import calibration_feeds
 
     source = wide_bundle / "onnx" / "model.onnx"
     total, largest = _weight_bytes(source)
@@ -112,7 +112,7 @@ def test_external_and_inline_sources_give_the_same_variant(wide_bundle, external
     """One code path: a source whose weights live in a data file quantizes identically."""
     import onnxruntime as ort
 
-    from qwen3emb.export.variants import build_variant
+    from qwen3emb.export.quant.variants import build_variant
 
     inline, external = wide_bundle / "onnx" / "model.onnx", external_source
     ids = np.array([[5, 17, 99, 3, 151643 % 1000]], np.int64)
@@ -129,7 +129,7 @@ def test_external_and_inline_sources_give_the_same_variant(wide_bundle, external
 
 def test_int8_needs_calibration_except_nbits8(wide_bundle, tmp_path):
     from qwen3emb.errors import InputError
-    from qwen3emb.export.variants import build_variant
+    from qwen3emb.export.quant.variants import build_variant
 
     source = wide_bundle / "onnx" / "model.onnx"
     with pytest.raises(InputError, match="int8 \\(smoothquant\\) needs calibration ranges"):
@@ -145,7 +145,7 @@ def test_variant_graph_uses_onnxruntime_quantizer_patterns(wide_bundle, wide_cal
 
     import onnx
 
-    from qwen3emb.export.variants import build_variant
+    from qwen3emb.export.quant.variants import build_variant
 
     source = wide_bundle / "onnx" / "model.onnx"
     int8 = build_variant(source, "int8", calibration=wide_calibration,

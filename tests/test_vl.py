@@ -41,7 +41,7 @@ def vl_embedder(vl_bundle: Path):
 
 @pytest.fixture(scope="session")
 def vl_reference(vl_checkpoint: Path):
-    from qwen3emb.validate.vl import ReferenceVLEmbedder
+    from qwen3emb.validate.vl_reference import ReferenceVLEmbedder
 
     return ReferenceVLEmbedder(vl_checkpoint)
 
@@ -180,7 +180,7 @@ def test_image_patches_match_hf_image_processor(size: tuple[int, int], mode: str
 
 
 def test_smart_resize_follows_qwen_vl_utils() -> None:
-    from qwen3emb.validate.vl import reference_smart_resize
+    from qwen3emb.validate.vl_reference import reference_smart_resize
 
     for h in range(1, 400, 13):
         for w in range(1, 4000, 61):

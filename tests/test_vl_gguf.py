@@ -30,7 +30,7 @@ def checkpoint(vl_checkpoint: Path) -> Path:
 @pytest.fixture(scope="module")
 def bundle(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """GGUF only (no ONNX), validated: the report holds every measured cosine."""
-    from qwen3emb.export import export_bundle
+    from qwen3emb.pipeline import export_bundle
 
     out = tmp_path_factory.mktemp("vl-gguf-bundle") / "tiny-vl"
     result = export_bundle(checkpoint, out, formats=["gguf"], gguf_types=["f32", "q8_0"])
@@ -45,7 +45,7 @@ def report(bundle: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(checkpoint: Path):
-    from qwen3emb.validate.vl import ReferenceVLEmbedder
+    from qwen3emb.validate.vl_reference import ReferenceVLEmbedder
 
     return ReferenceVLEmbedder(checkpoint)
 
@@ -109,7 +109,7 @@ def test_mmproj_is_qwen3vl_merger_with_deepstack_and_reference_pixels(bundle: Pa
 
 
 def test_unknown_gguf_type_is_refused_before_writing(tmp_path: Path) -> None:
-    from qwen3emb.export.gguf_vl import export_vl_gguf
+    from qwen3emb.export.gguf.vl import export_vl_gguf
 
     with pytest.raises(InputError, match="unknown GGUF type 'q3_x'"):
         export_vl_gguf(tmp_path, tmp_path / "out", ["f32", "q3_x"])

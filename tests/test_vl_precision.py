@@ -66,7 +66,7 @@ def outlier_vl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def vl_precision_bundle(outlier_vl_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     """Every precision, exported and validated."""
-    from qwen3emb.export import export_bundle
+    from qwen3emb.pipeline import export_bundle
 
     out = tmp_path_factory.mktemp("vl-precision") / "bundle"
     return export_bundle(outlier_vl_checkpoint, out, precisions=["fp16", "int8", "int4"])
@@ -77,7 +77,7 @@ def test_outlier_fixture_reaches_visual_tokens_and_overflows_fp16(outlier_vl_che
     import torch
     from transformers import Qwen3VLModel
 
-    from qwen3emb.validate.vl import ReferenceVLEmbedder
+    from qwen3emb.validate.vl_reference import ReferenceVLEmbedder
 
     model = Qwen3VLModel.from_pretrained(outlier_vl_checkpoint, dtype=torch.float32).eval()
     ref = ReferenceVLEmbedder(outlier_vl_checkpoint, model=model)
@@ -161,8 +161,8 @@ def test_vl_decoder_calibrates_piecewise_on_all_its_inputs(vl_precision_bundle):
     deepstack maps) across its cuts and gets the ranges of one whole-graph run."""
     import onnx
 
-    from qwen3emb.export.calibrate import calibrate, split_graph
-    from qwen3emb.export.vl_calibration import vl_calibration_feeds
+    from qwen3emb.export.quant.calibrate import calibrate, split_graph
+    from qwen3emb.export.quant.vl_calibration import vl_calibration_feeds
     from qwen3emb.manifest import read_manifest
     from qwen3emb.runtime.vl import choose_graphs
 
@@ -237,7 +237,7 @@ def _true_fp16(model, runs_fused_norms: bool = True):
     from onnx.reference import ReferenceEvaluator
     from onnx.reference.op_run import OpRun
 
-    from qwen3emb.export.optimize import _topological
+    from qwen3emb.export.onnx.optimize import _topological
 
     def rms(x, scale, epsilon):
         return x / np.sqrt(np.mean(np.square(x), -1, keepdims=True) + x.dtype.type(epsilon)) \
@@ -276,7 +276,7 @@ def test_fp16_vl_graphs_hold_in_true_fp16_where_naive_fp16_breaks(vl_precision_b
     import onnx
     from test_precision import _unfuse_norms
 
-    from qwen3emb.export.fp16 import convert_fp16
+    from qwen3emb.export.quant.fp16 import convert_fp16
     from qwen3emb.runtime import VLEmbedder
     from qwen3emb.runtime.vl_vision import vision_tables
 
@@ -310,7 +310,7 @@ def test_fp16_vl_graphs_hold_in_true_fp16_where_naive_fp16_breaks(vl_precision_b
 @pytest.fixture(scope="module")
 def reference_items(outlier_vl_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     """A text, an image, a video file and a text+image, with their fp32 HF embeddings."""
-    from qwen3emb.validate.vl import ReferenceVLEmbedder
+    from qwen3emb.validate.vl_reference import ReferenceVLEmbedder
 
     video = str(write_test_video(tmp_path_factory.mktemp("vl-video") / "clip.mp4"))
     items = [{"text": "a red sofa"}, {"image": synthetic_image(200, 120, seed=21)},

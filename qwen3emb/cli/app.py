@@ -91,7 +91,7 @@ def export(
         qwen3emb-export export ./my-checkpoint -o out --precision int8 --precision int4
     """
     configure_logging(verbose, quiet)
-    from qwen3emb.export import export_bundle
+    from qwen3emb.pipeline import export_bundle
 
     quiet_libraries()
 
@@ -396,7 +396,7 @@ def demo(
         qwen3emb-export demo -o /tmp/qwen3emb-demo
     """
     configure_logging(verbose)
-    import qwen3emb.export  # noqa: F401  (imports torch, so its loggers can be quieted)
+    import qwen3emb.pipeline  # noqa: F401  (imports torch, so its loggers can be quieted)
     from qwen3emb.demo import run_demo
 
     quiet_libraries()

@@ -1,6 +1,11 @@
-"""A small multilingual corpus for training the demo tokenizer (no downloads needed)."""
+"""Built-in inputs that need no download: a small multilingual corpus (the demo tokenizer,
+calibration texts) and synthetic images."""
 
 from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
 
 CORPUS: tuple[str, ...] = (
     "The quick brown fox jumps over the lazy dog.",
@@ -31,3 +36,21 @@ CORPUS: tuple[str, ...] = (
     "URLs like https://example.com/path?query=1 and emails like a@b.org",
     "JSON: {\"key\": [1, 2, 3], \"nested\": {\"a\": null}}",
 )
+
+
+def synthetic_image(width: int, height: int, *, mode: str = "RGB", seed: int = 0) -> Any:
+    """A deterministic test image: colour gradients, stripes and noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    r = 255 * x / max(width - 1, 1)
+    g = 255 * y / max(height - 1, 1)
+    b = 127 + 127 * np.sin((x + 2 * y) / 5.0)
+    rgb = np.stack([r, g, b], -1) + rng.normal(0, 20, (height, width, 3))
+    pixels = np.clip(rgb, 0, 255).astype(np.uint8)
+    if mode == "RGBA":
+        alpha = np.clip(255 * x / max(width - 1, 1), 0, 255).astype(np.uint8)[..., None]
+        return Image.fromarray(np.concatenate([pixels, alpha], -1), "RGBA")
+    image = Image.fromarray(pixels, "RGB")
+    return image.convert(mode) if mode != "RGB" else image

@@ -78,14 +78,70 @@ class Family:
         """Wrap ``backbone`` so it maps the graph inputs to the normalized embedding."""
         raise NotImplementedError
 
-    def bundle_writer(self) -> Any:
-        """A function that writes this family's bundle, or ``None`` for the text bundle.
+    # --- what the bundle writer asks of a family (qwen3emb.export.bundle) ----------------
 
-        Multi-graph families return ``f(checkpoint, family, out, **options) -> ExportResult``
-        taking the options of :func:`qwen3emb.export.export_bundle` (``formats`` checked,
-        ``gguf_types`` lower-cased, ``max_length`` resolved).
+    default_int8_scheme: ClassVar[str] = "smoothquant"
+    """The int8 recipe (``qwen3emb.export.quant.quantize.INT8_SCHEMES``) unless the user
+    forces one."""
+
+    support_files: ClassVar[tuple[str, ...]] = ()
+    """Checkpoint files copied into the bundle besides the tokenizer files, when present."""
+
+    @property
+    def streamable(self) -> bool:
+        """Whether the ONNX exporter may trace on the meta device and stream the weights from
+        the shards (:func:`qwen3emb.export.onnx.trace.export_onnx`); otherwise each graph of
+        :meth:`graph_specs` is traced from the loaded fp32 backbone with
+        :meth:`trace_inputs`."""
+        return False
+
+    def graph_specs(self, dim: int, opset: int) -> tuple[Any, ...]:
+        """The ONNX graphs of a bundle (``qwen3emb.spec`` contracts), the embedding graph last.
+
+        Args:
+            dim: output width of the embedding graph.
+            opset: ONNX opset.
         """
-        return None
+        raise NotImplementedError
+
+    def graph_module(self, backbone: Any, graph: str, dimensions: int | None) -> Any:
+        """The torch module behind graph ``graph`` (the embedding graph by default)."""
+        return self.embedding_module(backbone, dimensions)
+
+    def trace_inputs(self, graph: str, spec: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Example inputs and ``torch.export`` dynamic shapes for tracing graph ``graph``."""
+        raise NotImplementedError
+
+    def graph_precisions(self, graph: str, precisions: list[str]) -> list[str]:
+        """Which of the requested ONNX precisions graph ``graph`` is written in."""
+        return precisions
+
+    def graph_entry(self, graph: str) -> dict[str, Any]:
+        """Manifest keys of graph ``graph``'s model entries."""
+        return {"role": "model"}
+
+    def pair_entries(self, entries: list[dict[str, Any]]) -> None:
+        """Link the entries of a multi-graph bundle to each other (in place)."""
+
+    def check_tokenizer(self, tokenizer: Any) -> dict[str, Any]:
+        """Check the checkpoint's ``tokenizers.Tokenizer`` against the contract.
+
+        Returns:
+            Tokenizer facts for the manifest.
+
+        Raises:
+            CheckpointError: the tokenizer would make the embedding wrong.
+        """
+        raise NotImplementedError
+
+    def manifest_sections(self, out_dim: int, *, onnx: bool, gguf: bool) -> dict[str, Any]:
+        """The family's manifest sections (``embedding``, ``prompt``, and any of its own).
+
+        Args:
+            out_dim: the width the bundle emits.
+            onnx / gguf: which formats the bundle holds.
+        """
+        raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
         """Family facts for the manifest."""

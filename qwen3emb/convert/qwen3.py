@@ -7,7 +7,14 @@ from typing import Any
 
 import torch
 
-from qwen3emb.constants import TEXT_MRL_MIN
+from qwen3emb.constants import (
+    DEFAULT_TASK,
+    END_TOKEN,
+    NORMALIZATION,
+    POOLING,
+    QUERY_TEMPLATE,
+    TEXT_MRL_MIN,
+)
 from qwen3emb.convert import register
 from qwen3emb.convert.base import Family
 from qwen3emb.convert.pooling import (
@@ -17,6 +24,7 @@ from qwen3emb.convert.pooling import (
     position_ids_from_mask,
 )
 from qwen3emb.errors import CheckpointError
+from qwen3emb.spec import TextGraphSpec
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +181,43 @@ class Qwen3Family(Family):
     def embedding_module(self, backbone: Any, dimensions: int | None = None) -> torch.nn.Module:
         return Qwen3Embedder(backbone, dimensions,
                              pooled_last_layer=self.pooled_last_layer).eval()
+
+    @property
+    def streamable(self) -> bool:
+        return True
+
+    def graph_specs(self, dim: int, opset: int) -> tuple[TextGraphSpec]:
+        return (TextGraphSpec(dim=dim, opset=opset),)
+
+    def check_tokenizer(self, tokenizer: Any) -> dict[str, Any]:
+        """The tokenizer must append ``<|endoftext|>`` and keep it last when truncating."""
+        end_id = tokenizer.token_to_id(END_TOKEN)
+        if end_id is None:
+            raise CheckpointError(f"tokenizer.json has no {END_TOKEN} token",
+                                  hint="This is not a Qwen3 tokenizer")
+        tokenizer.enable_truncation(max_length=4)
+        for text in ("a", "a b c d e f g h i j k l"):
+            ids = tokenizer.encode(text).ids
+            if not ids or ids[-1] != end_id:
+                raise CheckpointError(
+                    f"tokenizer.json does not end inputs with {END_TOKEN} (for {text!r} the "
+                    f"last id is {ids[-1] if ids else None}, expected {end_id})",
+                    hint="Qwen3-Embedding's tokenizer post-processor appends it; use that "
+                         "tokenizer",
+                )
+        return {"end_token": END_TOKEN, "end_token_id": end_id, "pad_token_id": end_id,
+                "end_token_rule": (f"the tokenizer's post-processor appends {END_TOKEN}; "
+                                   "truncate the text, keep the end token last; pool that "
+                                   "token")}
+
+    def manifest_sections(self, out_dim: int, *, onnx: bool, gguf: bool) -> dict[str, Any]:
+        return {
+            "embedding": {"dim": self.embedding_dim, "output_dim": out_dim,
+                          "mrl_min": self.mrl_min, "mrl_max": out_dim, "pooling": POOLING,
+                          "normalization": NORMALIZATION},
+            "prompt": {"query_template": QUERY_TEMPLATE, "default_task": DEFAULT_TASK,
+                       "documents": "no instruction"},
+        }
 
 
 register("qwen3")(Qwen3Family)

@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
+from qwen3emb import constants as C
 from qwen3emb.constants import VL_MRL_MIN
 from qwen3emb.convert import register
 from qwen3emb.convert.base import Family
 from qwen3emb.convert.pooling import l2_normalize, last_token_pool
 from qwen3emb.errors import CheckpointError
+from qwen3emb.spec import GraphSpec, TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -184,13 +186,191 @@ class Qwen3VLFamily(Family):
             int(self.config["video_token_id"]), dimensions,
         ).eval()
 
-    def bundle_writer(self) -> Any:
-        from qwen3emb.export.vl_bundle import export_vl_bundle
+    # --- bundle hooks ------------------------------------------------------------------
 
-        return export_vl_bundle
+    default_int8_scheme = "mixed"
+    """Min cosine on the VL outlier fixture, each probe alone / all probes in one batch
+    (scripts/measure_vl_int8.py): mixed 0.99954 / 0.99918, nbits8 0.99962 / 0.99962,
+    smoothquant 0.99706 / 0.98462, dynamic 0.99625 / 0.98750. smoothquant and dynamic quantize
+    every MatMul's activations with one scale per call, and a batch mixing texts with images
+    shares the scale of its largest item (the per-item peak of a down_proj input spans 1.0 to
+    21 across the probes), so they fail the floor batched. mixed quantizes activations only
+    where a norm made them comparable across items; on a 4-layer 0.6B-width model (batch
+    8 x 128, 2 threads) it ran 1.7-1.8x faster than nbits8 and 1.5-1.6x faster than fp32
+    (scripts/time_int8_schemes.py)."""
+
+    support_files = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                     "video_preprocessor_config.json")
+
+    VISION_PRECISIONS = ("fp32", "fp16")
+    """The vision graph's precisions. It holds ~19% of the 2B's weights and ~7% of the 8B's,
+    so int8/int4 decoders run with the fp32 vision graph, and fp16 vision is written only with
+    ``--precision fp16`` (paired with the fp16 decoder); ``VLEmbedder(vision_precision=...)``
+    may pair them otherwise."""
+
+    def graph_specs(self, dim: int, opset: int) -> tuple[GraphSpec, GraphSpec]:
+        """``vision`` (patches → visual + deepstack embeddings) and ``decoder`` graphs."""
+        vision = self.vision_config
+        patch_dim = (int(vision.get("in_channels", 3)) * int(vision.get("temporal_patch_size", 2))
+                     * int(vision["patch_size"]) ** 2)
+        hidden, deepstack = self.embedding_dim, self.deepstack_layers
+        visual = (
+            TensorSpec(C.VISUAL_EMBEDS, "float32", ("visual_tokens", str(hidden))),
+            TensorSpec(C.DEEPSTACK_EMBEDS, "float32",
+                       (str(deepstack), "visual_tokens", str(hidden))),
+        )
+        vision_spec = GraphSpec("vision", inputs=(
+            TensorSpec(C.PIXEL_PATCHES, "float32", ("groups", "patches", str(patch_dim))),
+            TensorSpec(C.POS_EMBED_INDICES, "int64", ("patches", "4")),
+            TensorSpec(C.POS_EMBED_WEIGHTS, "float32", ("patches", "4")),
+            TensorSpec(C.VISION_POSITION_IDS, "int64", ("patches", "2")),
+        ), outputs=visual, opset=opset)
+        decoder_spec = GraphSpec("decoder", inputs=(
+            TensorSpec(C.INPUT_IDS, "int64", ("batch", "sequence")),
+            TensorSpec(C.ATTENTION_MASK, "int64", ("batch", "sequence")),
+            TensorSpec(C.MROPE_POSITION_IDS, "int64", ("3", "batch", "sequence")),
+            *visual,
+        ), outputs=(TensorSpec(C.SENTENCE_EMBEDDING, "float32", ("batch", str(dim))),),
+            opset=opset)
+        return vision_spec, decoder_spec
+
+    def graph_module(self, backbone: Any, graph: str, dimensions: int | None) -> Any:
+        if graph == "vision":
+            return self.vision_module(backbone)
+        return self.embedding_module(backbone, dimensions)
+
+    def trace_inputs(self, graph: str, spec: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        # Example sizes avoid 0 and 1 (torch.export specializes them); patches come in 2x2
+        # blocks.
+        Dim = torch.export.Dim
+        generator = torch.Generator().manual_seed(0)
+        if graph == "vision":
+            groups, patches = 2, 16
+            patch_dim = int(spec.inputs[0].axes[2])
+            example = (torch.randn(groups, patches, patch_dim, generator=generator),
+                       torch.randint(0, 2304, (patches, 4), generator=generator),
+                       torch.rand(patches, 4, generator=generator),
+                       torch.randint(0, 4, (patches, 2), generator=generator))
+            per_patch = {0: 4 * Dim("blocks")}
+            return example, {"pixel_patches": {0: Dim("groups"), 1: per_patch[0]},
+                             "pos_embed_indices": per_patch, "pos_embed_weights": per_patch,
+                             "vision_position_ids": per_patch}
+        batch, sequence, visual = 2, 12, 6
+        hidden = self.embedding_dim
+        ids = torch.randint(0, 1000, (batch, sequence), generator=generator)
+        ids[0, 2:5] = int(self.config["image_token_id"])
+        ids[1, 3:6] = int(self.config["video_token_id"])
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0
+        example = (ids, mask, torch.arange(sequence).expand(3, batch, sequence).contiguous(),
+                   torch.randn(visual, hidden, generator=generator),
+                   torch.randn(self.deepstack_layers, visual, hidden, generator=generator))
+        b, s, v = Dim("batch"), Dim("sequence"), Dim("visual_tokens", min=0)
+        return example, {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s},
+                         "position_ids": {1: b, 2: s}, "visual_embeds": {0: v},
+                         "deepstack_embeds": {1: v}}
+
+    def graph_precisions(self, graph: str, precisions: list[str]) -> list[str]:
+        if graph == "vision":
+            return [p for p in precisions if p in self.VISION_PRECISIONS]
+        return precisions
+
+    def graph_entry(self, graph: str) -> dict[str, Any]:
+        return {"role": "vision", "graph": "vision"} if graph == "vision" else {
+            "role": "model", "graph": graph}
+
+    def pair_entries(self, entries: list[dict[str, Any]]) -> None:
+        """Each decoder names the vision precision it is validated and run with: its own
+        when the bundle has it, else fp32."""
+        paired = {e["precision"] for e in entries if e.get("graph") == "vision"}
+        for entry in entries:
+            if entry.get("graph") == "decoder":
+                entry["vision_precision"] = (entry["precision"] if entry["precision"] in paired
+                                             else "fp32")
+
+    def check_tokenizer(self, tokenizer: Any) -> dict[str, Any]:
+        """The chat and vision tokens must sit at the ids config.json uses."""
+        config = self.config
+        wanted = {
+            C.IMAGE_PAD_TOKEN: config.get("image_token_id"),
+            C.VIDEO_PAD_TOKEN: config.get("video_token_id"),
+            C.VISION_START_TOKEN: config.get("vision_start_token_id"),
+            C.VISION_END_TOKEN: config.get("vision_end_token_id"),
+            C.IM_START_TOKEN: None,
+        }
+        problems = []
+        for token, want in wanted.items():
+            got = tokenizer.token_to_id(token)
+            if got is None or (want is not None and got != int(want)):  # config may lack some
+                problems.append(f"{token} is {got}, config.json says {want}")
+        if problems:
+            raise CheckpointError(
+                f"tokenizer.json does not match config.json: {'; '.join(problems)}",
+                hint="Use the tokenizer released with the checkpoint")
+        tail = tokenizer.encode(C.VL_ASSISTANT_PROMPT).ids
+        return {
+            "image_token_id": tokenizer.token_to_id(C.IMAGE_PAD_TOKEN),
+            "video_token_id": tokenizer.token_to_id(C.VIDEO_PAD_TOKEN),
+            "vision_start_token_id": tokenizer.token_to_id(C.VISION_START_TOKEN),
+            "vision_end_token_id": tokenizer.token_to_id(C.VISION_END_TOKEN),
+            "pooled_token_id": tail[-1],
+            "padding_side": "right",
+        }
+
+    def manifest_sections(self, out_dim: int, *, onnx: bool, gguf: bool) -> dict[str, Any]:
+        return {
+            "embedding": {"dim": self.embedding_dim, "output_dim": out_dim,
+                          "mrl_min": self.mrl_min, "mrl_max": out_dim, "pooling": C.POOLING,
+                          "normalization": C.NORMALIZATION,
+                          "pooled_token": "the final newline of '<|im_start|>assistant\\n'"},
+            "prompt": {"default_instruction": C.VL_DEFAULT_INSTRUCTION,
+                       "instruction_place": "system message; '.' appended unless it ends in "
+                                            "punctuation",
+                       "content_order": ["video", "image", "text"],
+                       "empty_input": C.VL_EMPTY_TEXT,
+                       "add_generation_prompt": True},
+            "vision": self._vision_facts(),
+            **({"gguf": _GGUF_FACTS} if gguf else {}),
+        }
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "deepstack_layers": self.deepstack_layers}
+
+    def _vision_facts(self) -> dict[str, Any]:
+        vision = self.vision_config
+        side = int(round(int(vision.get("num_position_embeddings", 2304)) ** 0.5))
+        return {
+            "patch_size": int(vision["patch_size"]),
+            "merge_size": int(vision.get("spatial_merge_size", 2)),
+            "temporal_patch_size": int(vision.get("temporal_patch_size", 2)),
+            "position_table_side": side,
+            "deepstack_layers": self.deepstack_layers,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+            "resample": "PIL.BICUBIC",
+            "min_pixels": C.VL_MIN_PIXELS,
+            "max_pixels": C.VL_MAX_PIXELS,
+            "video": {"fps": C.VL_FPS, "max_frames": C.VL_MAX_FRAMES,
+                      "min_frames": C.VL_MIN_FRAMES, "frame_factor": C.VL_FRAME_FACTOR,
+                      "min_pixels": C.VL_VIDEO_MIN_PIXELS, "max_pixels": C.VL_VIDEO_MAX_PIXELS,
+                      "total_pixels": C.VL_VIDEO_TOTAL_PIXELS,
+                      "timestamp_format": C.VL_TIMESTAMP_FORMAT},
+        }
+
+
+_GGUF_FACTS = {
+    "text_architecture": "qwen3vl",
+    "projector_type": "qwen3vl_merger",
+    "pooling": "last (the prompt's final newline; no end token appended)",
+    "image_min_tokens": C.VL_MIN_PIXELS // 1024,
+    "image_max_tokens": C.VL_MAX_PIXELS // 1024,
+    "note": "llama.cpp ignores clip.vision.image_{min,max}_pixels for this projector; "
+            "pass --image-min-tokens / --image-max-tokens (mtmd_context_params)",
+    "resize": "reference resize (qwen-vl-utils smart_resize, Pillow BICUBIC) on the host; "
+              "llama.cpp's own resize differs (see reports/parity.md)",
+    "video": "not supported by the GGUF runtime",
+}
+"""How llama.cpp must be run to reproduce the reference (docs/gguf.md)."""
 
 
 register("qwen3_vl")(Qwen3VLFamily)

@@ -1,8 +1,9 @@
-"""Artifact writers: the ONNX graph, the bundle around it, and their shared contract."""
+"""Artifact writers. Rooms: ``onnx/`` (trace, replicate, stream weights, fuse), ``quant/``
+(fp16/int8/int4 variants and calibration), ``gguf/`` (llama.cpp files), ``bundle/`` (the
+one writer that stages, load-checks and moves a bundle into place)."""
 
 from __future__ import annotations
 
-from qwen3emb.export.bundle import ExportResult, export_bundle
-from qwen3emb.export.spec import TextGraphSpec
+from qwen3emb.export.bundle import ExportResult, write_bundle
 
-__all__ = ["ExportResult", "TextGraphSpec", "export_bundle"]
+__all__ = ["ExportResult", "write_bundle"]

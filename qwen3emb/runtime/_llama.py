@@ -152,3 +152,18 @@ def embedding_context(lib: Any, model: Any, size: int, n_seqs: int, n_threads: i
         raise Qwen3EmbError(f"llama.cpp could not create a context of {size} tokens: "
                             f"{last_llama_errors() or 'no message'}", hint=hint)
     return ctx
+
+
+def load_model_problem(lib: Any, path: Any) -> str | None:
+    """Load a GGUF model in llama.cpp (memory-mapped, so no weight is read) and free it.
+
+    Returns:
+        ``None`` when it loads, else llama.cpp's reason in one line.
+    """
+    params = lib.llama_model_default_params()
+    params.use_mmap = True
+    model = lib.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        return f"llama.cpp refuses it: {last_llama_errors() or 'no message'}"
+    lib.llama_model_free(model)
+    return None

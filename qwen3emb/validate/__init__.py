@@ -1,4 +1,9 @@
-"""Parity of every artifact in a bundle against the HuggingFace reference."""
+"""Parity of every artifact in a bundle against the HuggingFace reference.
+
+One driver for every family: it checks the bundle and the request, then runs the suite of
+the bundle's modality (:mod:`qwen3emb.validate.text`, :mod:`qwen3emb.validate.vl`) and
+assembles the report.
+"""
 
 from __future__ import annotations
 
@@ -9,85 +14,19 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from qwen3emb import __version__
-from qwen3emb.constants import DEFAULT_TASK, FLOORS
-from qwen3emb.errors import InputError, Qwen3EmbError
+from qwen3emb.errors import BundleError, InputError
 from qwen3emb.manifest import read_manifest
-from qwen3emb.validate.compare import ArtifactResult, ParityReport, top1_agreement
-from qwen3emb.validate.probes import ProbeSet, build_probes
-from qwen3emb.validate.reference import ReferenceEmbedder
+from qwen3emb.validate.compare import ParityReport
 
 logger = logging.getLogger(__name__)
 
-PROBE_MAX_LENGTH = 256
-"""Probes truncate here (or at the bundle's max_length if smaller): an over-long probe at
-8192 tokens would cost minutes per artifact on a CPU and prove nothing more."""
 
-PADDING_PROBES = 6
+def _suites() -> dict[str, Any]:
+    from qwen3emb.validate.text import TextSuite
+    from qwen3emb.validate.vl import VLSuite
 
-
-def _floor_order(precision: str) -> int:
-    order = list(FLOORS)
-    return order.index(precision) if precision in order else len(order)
-
-
-def _reference_query(task: str, query: str) -> str:
-    # Written out here, not taken from constants, so a typo there cannot hide.
-    return f"Instruct: {task}\nQuery:{query}"
-
-
-def check_artifact(runner: Any, ref: ReferenceEmbedder, probes: ProbeSet, result: ArtifactResult,
-                   max_length: int, out_dim: int, full_dim: int, mrl_min: int) -> None:
-    """Run every probe through ``runner`` (a TextEmbedder-like object) and record the results."""
-    ref_dims = None if out_dim == full_dim else out_dim
-    names = probes.names
-    texts = [t for _, t in probes.texts]
-    reference = ref.embed(texts, max_length, ref_dims)
-
-    batched = runner.encode(texts, batch_size=8)
-    result.add("probe", names, batched, reference)
-
-    # Padding sides, fed straight to the graph in one mixed-length batch.
-    picked = list(range(min(PADDING_PROBES, len(texts))))
-    if hasattr(runner, "pad"):
-        ids = runner.tokenize([texts[i] for i in picked])
-        for side in ("left", "right"):
-            out = runner.run_ids(*runner.pad(ids, side))
-            result.add(f"padding-{side}", [names[i] for i in picked], out, reference[picked])
-
-    # Batch-vs-single invariance: each probe alone must give what the batch gave.
-    singles = np.concatenate([runner.encode([texts[i]]) for i in picked])
-    result.add("single", [names[i] for i in picked], singles, reference[picked])
-    result.batch_vs_single_max_diff = float(np.abs(singles - batched[picked]).max())
-
-    # Queries with the instruction, documents without; retrieval agreement.
-    task = probes.task or DEFAULT_TASK
-    queries = [q for q, _ in probes.pairs]
-    docs = [d for _, d in probes.pairs]
-    q_out = runner.encode_queries(queries, task=probes.task)
-    d_out = runner.encode_documents(docs)
-    q_ref = ref.embed([_reference_query(task, q) for q in queries], max_length, ref_dims)
-    d_ref = ref.embed(docs, max_length, ref_dims)
-    result.add("query", [str(i) for i in range(len(queries))], q_out, q_ref)
-    result.add("document", [str(i) for i in range(len(docs))], d_out, d_ref)
-    result.retrieval_top1_agreement = top1_agreement(q_out, d_out, q_ref, d_ref)
-
-    # Matryoshka cuts (only when the graph emits the full width).
-    if out_dim == full_dim:
-        for width in sorted({mrl_min, max(mrl_min, full_dim // 2)}):
-            out = runner.encode([texts[i] for i in picked], dimensions=width)
-            ref_cut = ref.embed([texts[i] for i in picked], max_length, width)
-            result.add(f"mrl-{width}", [names[i] for i in picked], out, ref_cut)
-
-
-def family_validators() -> dict[str, Any]:
-    """Validators of multi-graph families, keyed by the manifest's ``family``; the others
-    use the text validator below."""
-    from qwen3emb.validate.vl import validate_vl_bundle
-
-    return {"qwen3_vl": validate_vl_bundle}
+    return {"text": TextSuite, "vision-language": VLSuite}
 
 
 def validate_bundle(
@@ -107,13 +46,13 @@ def validate_bundle(
     Args:
         bundle: a bundle directory.
         reference: the checkpoint (local directory or hub id) the bundle was exported from.
-        texts: extra probe texts, added to the built-in probe set.
+        texts: extra probe texts, added to the built-in probe set (text bundles).
         precisions: only these precisions (default: all in the bundle).
-        probe_max_length: truncation length for probes (default: min(256, bundle max_length)).
+        probe_max_length: truncation length for text probes (default: min(256, max_length)).
         model: an already loaded fp32 backbone of ``reference`` (saves a second load).
         providers: onnxruntime providers for the artifacts.
         reference_dtype: ``"float32"``, ``"bfloat16"``, or ``"auto"``: fp32 when it fits in
-            half the available memory, else bf16 (the report says which was used).
+            half the available memory, else bf16 (the report says which was used; text).
         progress: a bar over the artifacts on stderr.
 
     Returns:
@@ -126,55 +65,33 @@ def validate_bundle(
 
     start = time.perf_counter()
     manifest = read_manifest(bundle)
-    special = family_validators().get(manifest.family)
-    if special is not None:
-        return special(bundle, reference, model=model, providers=providers,
-                       precisions=precisions)
-    problems = manifest.verify()
-    if problems:
-        from qwen3emb.errors import BundleError
-
+    if problems := manifest.verify():
         raise BundleError(f"bundle '{bundle}' fails its hash check: {'; '.join(problems)}",
                           hint="Re-run the export")
+    modality = str(manifest.data.get("modality", "text"))
+    suites = _suites()
+    if modality not in suites:
+        raise BundleError(f"bundle '{bundle}' holds a '{modality}' model, which this version "
+                          "cannot validate", hint=f"Validators exist for: {', '.join(suites)}")
     checkpoint = load_checkpoint(reference)
-    limit = probe_max_length or min(PROBE_MAX_LENGTH, manifest.max_length)
-    if not 8 <= limit <= manifest.max_length:
-        raise InputError(f"probe max length {limit} is outside 8..{manifest.max_length}")
-    probes = build_probes(limit, list(texts or []))
-    dtype = reference_dtype if reference_dtype != "auto" else choose_reference_dtype(checkpoint)
-    ref = ReferenceEmbedder(checkpoint.path, model=model, dtype=dtype)
-    if ref.model.config.hidden_size != manifest.dim:
-        raise InputError(
-            f"reference hidden size {ref.model.config.hidden_size} != bundle dim {manifest.dim}",
-            hint="Pass the checkpoint the bundle was exported from",
-        )
-    models = [(kind, precision, entry) for kind in ("onnx", "gguf")
-              for precision, entry in sorted(manifest.models(kind).items(),
-                                             key=lambda kv: _floor_order(kv[0]))]
-    if precisions:
-        unknown = [p for p in precisions if p not in {m[1] for m in models}]
-        if unknown:
-            raise InputError(f"bundle has no model of precision {unknown}",
-                             hint=f"Available: {', '.join(m[1] for m in models)}")
-        models = [m for m in models if m[1] in precisions]
-    if not models:
+    suite = suites[modality](bundle, manifest, checkpoint, texts=texts,
+                             probe_max_length=probe_max_length, model=model,
+                             providers=providers, reference_dtype=reference_dtype)
+    held = suite.held_precisions()
+    if not held:
         raise InputError(f"bundle '{bundle}' has no model to validate", hint="Re-run the export")
-    from qwen3emb.progress import bar
-
-    results: list[ArtifactResult] = []
-    with bar(len(models), "validate", progress, unit="artifact") as ticker:
-        for kind, precision, entry in models:
-            results.append(_check_one(bundle, kind, precision, entry, ref, probes, limit,
-                                      providers, manifest))
-            ticker.update(1)
+    if precisions and (unknown := sorted(set(precisions) - set(held))):
+        raise InputError(f"bundle has no model of precision {unknown}",
+                         hint=f"Available: {', '.join(held)}")
+    results = suite.run(precisions, progress)
     import transformers
 
     return ParityReport(
         bundle=str(bundle),
-        reference={"source": str(reference), "implementation": "transformers AutoModel",
-                   "precision": ref.precision, "transformers": transformers.__version__},
-        probe_max_length=limit,
-        probe_count=len(probes.texts) + 2 * len(probes.pairs),
+        reference={"source": str(reference), "implementation": suite.implementation,
+                   "precision": suite.precision, "transformers": transformers.__version__},
+        probe_max_length=suite.probe_max_length,
+        probe_count=suite.probe_count,
         artifacts=results,
         tool_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -182,56 +99,4 @@ def validate_bundle(
     )
 
 
-def _check_one(bundle: Any, kind: str, precision: str, entry: dict[str, Any],
-               ref: ReferenceEmbedder, probes: ProbeSet, limit: int, providers: Any,
-               manifest: Any) -> ArtifactResult:
-    """Validate one artifact; an artifact that cannot even run is recorded as failed."""
-    from qwen3emb.runtime.text import TextEmbedder
-
-    result = ArtifactResult(artifact=entry["path"], kind=kind, precision=precision,
-                            floor=FLOORS.get(precision, FLOORS["int4"]))
-    try:
-        if kind == "onnx":
-            runner: Any = TextEmbedder(bundle, providers, precision=precision, verify=False,
-                                       max_length=limit, strict=False)
-            out_dim = int(manifest.embedding["output_dim"])
-        else:
-            from qwen3emb.runtime.gguf import GGUFTextEmbedder
-
-            runner = GGUFTextEmbedder(bundle, gguf_type=precision, max_length=limit)
-            out_dim = runner.dim
-        check_artifact(runner, ref, probes, result, limit, out_dim, manifest.dim,
-                       manifest.mrl_min)
-    except Qwen3EmbError as e:
-        result.error = e.one_line()
-    logger.info("%s: min cosine %.6f (floor %s)", entry["path"], result.min_cosine,
-                result.floor)
-    return result
-
-
-def choose_reference_dtype(checkpoint: Any) -> str:
-    """fp32 when the model fits in half the available memory (the artifacts need the rest),
-    else bf16: an 8B reference is 32 GB in fp32 and 16 GB in bf16."""
-    stored = sum(f.stat().st_size for f in checkpoint.weight_files)
-    fp32_bytes = stored * (2 if checkpoint.config.get("torch_dtype", checkpoint.config.get(
-        "dtype")) in ("bfloat16", "float16") else 1)
-    available = _available_memory()
-    if available is None or fp32_bytes <= available / 2:
-        return "float32"
-    logger.warning("reference runs in bfloat16: fp32 needs %.1f GB, %.1f GB available",
-                   fp32_bytes / 1e9, available / 1e9)
-    return "bfloat16"
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-__all__ = ["ParityReport", "build_probes", "validate_bundle"]
+__all__ = ["ParityReport", "validate_bundle"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from qwen3emb.convert._corpus import synthetic_image
 
 
 @dataclass(frozen=True)
@@ -26,24 +26,6 @@ class VLProbe:
         """text, image, video, text+image, ... (what the item holds, in reference order)."""
         return "+".join(k for k in ("video", "image", "text") if self.item.get(k) is not None) \
             or "empty"
-
-
-def synthetic_image(width: int, height: int, *, mode: str = "RGB", seed: int = 0) -> Any:
-    """A deterministic test image: colour gradients, stripes and noise."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    r = 255 * x / max(width - 1, 1)
-    g = 255 * y / max(height - 1, 1)
-    b = 127 + 127 * np.sin((x + 2 * y) / 5.0)
-    rgb = np.stack([r, g, b], -1) + rng.normal(0, 20, (height, width, 3))
-    pixels = np.clip(rgb, 0, 255).astype(np.uint8)
-    if mode == "RGBA":
-        alpha = np.clip(255 * x / max(width - 1, 1), 0, 255).astype(np.uint8)[..., None]
-        return Image.fromarray(np.concatenate([pixels, alpha], -1), "RGBA")
-    image = Image.fromarray(pixels, "RGB")
-    return image.convert(mode) if mode != "RGB" else image
 
 
 def write_test_video(path: Path, *, frames: int = 8, fps: int = 4, width: int = 64,

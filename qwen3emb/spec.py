@@ -1,4 +1,8 @@
-"""The graph contract every writer and reader shares: names, axes, dtypes, opset, floors."""
+"""The graph contract every writer and reader shares: names, axes, dtypes, opset, floors.
+
+Families (:mod:`qwen3emb.convert`) declare their graphs with it; the writers
+(:mod:`qwen3emb.export`) and the validator read it.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +54,11 @@ class TextGraphSpec:
         if not isinstance(self.opset, int) or self.opset < MIN_OPSET:
             raise InputError(f"opset {self.opset} is too old for this exporter",
                              hint=f"Use --opset {MIN_OPSET} or newer")
+
+    @property
+    def name(self) -> str:
+        """The graph's name: its file is ``onnx/<name>.onnx``."""
+        return "model"
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
@@ -106,35 +115,3 @@ class GraphSpec:
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
         }
-
-
-def vl_graph_specs(*, patch_dim: int, hidden: int, deepstack: int, dim: int,
-                   opset: int = DEFAULT_OPSET) -> tuple[GraphSpec, GraphSpec]:
-    """The vision and decoder contracts of a Qwen3-VL bundle."""
-    from qwen3emb.constants import (
-        DEEPSTACK_EMBEDS,
-        MROPE_POSITION_IDS,
-        PIXEL_PATCHES,
-        POS_EMBED_INDICES,
-        POS_EMBED_WEIGHTS,
-        VISION_POSITION_IDS,
-        VISUAL_EMBEDS,
-    )
-
-    visual = (
-        TensorSpec(VISUAL_EMBEDS, "float32", ("visual_tokens", str(hidden))),
-        TensorSpec(DEEPSTACK_EMBEDS, "float32", (str(deepstack), "visual_tokens", str(hidden))),
-    )
-    vision = GraphSpec("vision", inputs=(
-        TensorSpec(PIXEL_PATCHES, "float32", ("groups", "patches", str(patch_dim))),
-        TensorSpec(POS_EMBED_INDICES, "int64", ("patches", "4")),
-        TensorSpec(POS_EMBED_WEIGHTS, "float32", ("patches", "4")),
-        TensorSpec(VISION_POSITION_IDS, "int64", ("patches", "2")),
-    ), outputs=visual, opset=opset)
-    decoder = GraphSpec("decoder", inputs=(
-        TensorSpec(INPUT_IDS, "int64", ("batch", "sequence")),
-        TensorSpec(ATTENTION_MASK, "int64", ("batch", "sequence")),
-        TensorSpec(MROPE_POSITION_IDS, "int64", ("3", "batch", "sequence")),
-        *visual,
-    ), outputs=(TensorSpec(SENTENCE_EMBEDDING, "float32", ("batch", str(dim))),), opset=opset)
-    return vision, decoder

@@ -21,9 +21,9 @@ int4 is 4-bit weight-only MatMulNBits after the same smoothing, with v_proj, o_p
 down_proj at 8 bits (per-channel dynamic int8) and an 8-bit ``GatherBlockQuantized`` embedding
 table; see ``INT4_8BIT_MATMULS`` for the measurements behind the mix.
 
-Everything here works on a :class:`~qwen3emb.export.lazy.LazyGraph`, reading one weight at a
-time; :mod:`qwen3emb.export.quant_ops` emits the quantized nodes and
-:mod:`qwen3emb.export.variants` puts the recipes together.
+Everything here works on a :class:`~qwen3emb.export.onnx.lazy.LazyGraph`, reading one weight at a
+time; :mod:`qwen3emb.export.quant.ops` emits the quantized nodes and
+:mod:`qwen3emb.export.quant.variants` puts the recipes together.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from qwen3emb.errors import InputError
-from qwen3emb.export.lazy import LazyGraph, Recipe
+from qwen3emb.export.onnx.lazy import LazyGraph, Recipe
 
 logger = logging.getLogger(__name__)
 

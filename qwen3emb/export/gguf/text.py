@@ -31,7 +31,7 @@ from gguf.quants import quant_shape_to_byte_shape, quantize
 
 from qwen3emb.constants import DEFAULT_MAX_LENGTH
 from qwen3emb.errors import CheckpointError, InputError, OutputError, UnsupportedModelError
-from qwen3emb.export.gguf_vocab import PRE_TOKENIZER, TOKENIZER_MODEL, GGUFVocab, read_vocab
+from qwen3emb.export.gguf.vocab import PRE_TOKENIZER, TOKENIZER_MODEL, GGUFVocab, read_vocab
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from qwen3emb.constants import (
     VL_MIN_PIXELS,
 )
 from qwen3emb.errors import CheckpointError, UnsupportedModelError
-from qwen3emb.export.gguf import (
+from qwen3emb.export.gguf.text import (
     GGUF_TYPES,
     DecoderConfig,
     GGUFType,
@@ -53,7 +53,7 @@ from qwen3emb.export.gguf import (
     write_models,
     write_tensors,
 )
-from qwen3emb.export.gguf_vocab import GGUFVocab, read_vocab
+from qwen3emb.export.gguf.vocab import GGUFVocab, read_vocab
 
 logger = logging.getLogger(__name__)
 

@@ -34,10 +34,14 @@ class OptimizeStats:
     named_projections: int = 0
     rms_norms: int = 0
     skip_norms: int = 0
+    renamed_nodes: int = 0
 
     def to_dict(self) -> dict[str, int]:
-        return {"named_projections": self.named_projections, "rms_norms": self.rms_norms,
-                "skip_norms": self.skip_norms}
+        out = {"named_projections": self.named_projections, "rms_norms": self.rms_norms,
+               "skip_norms": self.skip_norms}
+        if self.renamed_nodes:
+            out["renamed_nodes"] = self.renamed_nodes
+        return out
 
 
 class _Graph:
@@ -266,11 +270,41 @@ def strip_metadata(model: Any) -> None:
         node.doc_string = ""
 
 
+def unique_node_names(model: Any) -> int:
+    """Give every node a name no other node has; onnxruntime refuses a graph with two nodes
+    of one name ("two nodes with same node name").
+
+    Fused nodes are named after their weight, and the exporter merges identical initializers
+    (e.g. RMSNorm weights that are equal across layers in a freshly initialized checkpoint),
+    so two fusions can pick the same name. Later duplicates get ``#1``, ``#2`` ... appended.
+
+    Returns:
+        How many nodes were renamed.
+    """
+    seen: set[str] = {n.name for n in model.graph.node}
+    taken: set[str] = set()
+    renamed = 0
+    for node in model.graph.node:
+        if not node.name:  # unnamed nodes never clash
+            continue
+        if node.name not in taken:
+            taken.add(node.name)
+            continue
+        base = node.name
+        k = 1
+        while f"{base}#{k}" in seen or f"{base}#{k}" in taken:
+            k += 1
+        node.name = f"{base}#{k}"
+        taken.add(node.name)
+        renamed += 1
+    return renamed
+
+
 def optimize_graph(model: Any) -> OptimizeStats:
     """Apply every rewrite of this module to ``model`` (an ``onnx.ModelProto``) in place.
 
     Args:
-        model: the fp32 graph written by :func:`qwen3emb.export.onnx.export_onnx`.
+        model: the fp32 graph written by :func:`qwen3emb.export.onnx.trace.export_onnx`.
 
     Returns:
         Counts of what was rewritten.
@@ -281,5 +315,6 @@ def optimize_graph(model: Any) -> OptimizeStats:
     stats.skip_norms = fuse_skip_norms(model)
     prune_initializers(model)
     strip_metadata(model)
+    stats.renamed_nodes = unique_node_names(model)
     logger.info("optimized graph: %s", stats.to_dict())
     return stats

@@ -2,7 +2,7 @@
 videos and mixtures.
 
 int8 and int4 decoders are built from per-channel activation ranges (see
-:mod:`qwen3emb.export.quantize`). Visual tokens reach the decoder as the vision tower's
+:mod:`qwen3emb.export.quant.quantize`). Visual tokens reach the decoder as the vision tower's
 embeddings and deepstack maps, whose ranges differ from text token embeddings, so the
 calibration set holds items of every kind, run through the bundle's own host preprocessing
 and fp32 vision graph (:class:`qwen3emb.runtime.vl.VLInputs`). The images are synthetic
@@ -28,8 +28,7 @@ CALIBRATION_INSTRUCTION = "Retrieve images or text relevant to the user's query.
 
 def calibration_items() -> list[tuple[dict[str, Any], str | None]]:
     """(item, instruction) pairs: texts, images of several sizes and modes, a video, mixtures."""
-    from qwen3emb.convert._corpus import CORPUS
-    from qwen3emb.validate.vl_probes import synthetic_image
+    from qwen3emb.convert._corpus import CORPUS, synthetic_image
 
     texts = list(CORPUS[:CALIBRATION_TEXTS])
     images = [synthetic_image(w, h, mode=mode, seed=seed) for w, h, mode, seed in (

@@ -2,7 +2,7 @@
 
 Real Qwen3 checkpoints carry a few hidden channels whose activations reach thousands; their
 squares (inside RMSNorm) exceed fp16's 65504 and turn into Inf, then NaN (reported for the
-8B model). The graph optimizer (:mod:`qwen3emb.export.optimize`) has already folded every
+8B model). The graph optimizer (:mod:`qwen3emb.export.onnx.optimize`) has already folded every
 RMSNorm and residual Add into (Skip)SimplifiedLayerNormalization nodes; keeping those nodes in
 fp32 keeps the norms' statistics and the whole residual stream in fp32, while the MatMuls,
 which hold nearly all the weights and the time, run in fp16. Residual Adds the optimizer
@@ -82,7 +82,7 @@ def convert_fp16(model: Any, *, keep_fp32_ops: tuple[str, ...] = FP32_OPS) -> An
     """Return an fp16 copy of an optimized fp32 graph with fp32 inputs and outputs.
 
     Args:
-        model: an ``onnx.ModelProto`` after :func:`qwen3emb.export.optimize.optimize_graph`.
+        model: an ``onnx.ModelProto`` after :func:`qwen3emb.export.onnx.optimize.optimize_graph`.
         keep_fp32_ops: op types computed in fp32, besides the unfused residual Adds
             (:func:`residual_adds`); pass ``()`` to get the naive conversion, used by tests to
             show why the default exists.

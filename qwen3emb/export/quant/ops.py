@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen3emb.export.lazy import LazyGraph, OneSlot, Recipe
+from qwen3emb.export.onnx.lazy import LazyGraph, OneSlot, Recipe
 
 MS_DOMAIN = "com.microsoft"
 INT8_LEVELS = 127

@@ -6,7 +6,7 @@ The entry points take a graph *file* (a text ``model.onnx``, or a Qwen3-VL ``dec
 - :func:`build_variants` writes several precisions, sharing one smoothing plan;
 - :func:`build_variant` writes one.
 
-The source's weights are never all in memory: see :mod:`qwen3emb.export.lazy`. Weight MatMuls
+The source's weights are never all in memory: see :mod:`qwen3emb.export.onnx.lazy`. Weight MatMuls
 are found structurally (a MatMul whose second input is a 2-D initializer), so graph fusions
 upstream compose; only the int4 recipe's 8-bit exceptions match node names
 (``quantize.INT4_8BIT_MATMULS``).
@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 
 from qwen3emb.errors import InputError
-from qwen3emb.export import quantize as q
-from qwen3emb.export.calibrate import Calibration
-from qwen3emb.export.lazy import LazyGraph, Recipe
-from qwen3emb.export.quant_ops import (
+from qwen3emb.export.onnx.lazy import LazyGraph, Recipe
+from qwen3emb.export.quant import quantize as q
+from qwen3emb.export.quant.calibrate import Calibration
+from qwen3emb.export.quant.ops import (
     rewrite_embedding,
     rewrite_int8,
     rewrite_nbits,
@@ -73,7 +73,7 @@ def build_variants(source: Path, precisions: Sequence[str], *,
         source: an optimized fp32 ``.onnx`` file (external data beside it is read lazily).
         precisions: any of ``fp16``, ``int8``, ``int4`` (``fp32`` is skipped: it is
             ``source``).
-        calibration: from :func:`qwen3emb.export.calibrate.calibrate` on ``source``; needed
+        calibration: from :func:`qwen3emb.export.quant.calibrate.calibrate` on ``source``; needed
             for int4 and for the int8 schemes that read ranges
             (``quantize.CALIBRATED_INT8_SCHEMES``).
         int8_scheme: one of ``quantize.INT8_SCHEMES``.
@@ -162,7 +162,7 @@ def _fp16(graph: LazyGraph) -> tuple[str, dict[str, Any]]:
     import onnx
     from onnxruntime.transformers.float16 import convert_np_to_float16
 
-    from qwen3emb.export.fp16 import FP32_OPS, SCHEME, convert_fp16, residual_adds
+    from qwen3emb.export.quant.fp16 import FP32_OPS, SCHEME, convert_fp16, residual_adds
 
     residual = residual_adds(graph.model)  # what convert_fp16 keeps in fp32 besides FP32_OPS
     # The converter sees empty placeholders: it only flips their type to FLOAT16 where fp16

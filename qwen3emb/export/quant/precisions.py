@@ -12,7 +12,7 @@ import numpy as np
 
 from qwen3emb.constants import ATTENTION_MASK, INPUT_IDS
 from qwen3emb.errors import InputError
-from qwen3emb.export import quantize as q
+from qwen3emb.export.quant import quantize as q
 from qwen3emb.manifest import file_entry
 
 logger = logging.getLogger(__name__)
@@ -72,8 +72,8 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
     (``model_fp16.onnx``, ``decoder_int8.onnx``, ``vision_fp16.onnx``).
 
     Only the graph is rewritten in memory; weights are read one tensor at a time, both for
-    calibration (:mod:`qwen3emb.export.calibrate`) and for the variants
-    (:mod:`qwen3emb.export.variants`), so memory stays flat for any model size.
+    calibration (:mod:`qwen3emb.export.quant.calibrate`) and for the variants
+    (:mod:`qwen3emb.export.quant.variants`), so memory stays flat for any model size.
 
     Args:
         stage: the staged bundle directory.
@@ -97,10 +97,10 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
     """
     import onnx
 
-    from qwen3emb.export.calibrate import calibrate
-    from qwen3emb.export.onnx import check_graph_contract
-    from qwen3emb.export.optimize import optimize_graph
-    from qwen3emb.export.variants import build_variants
+    from qwen3emb.export.onnx.contract import check_graph_contract
+    from qwen3emb.export.onnx.optimize import optimize_graph
+    from qwen3emb.export.quant.calibrate import calibrate
+    from qwen3emb.export.quant.variants import build_variants
 
     keys = {"role": "model", **(entry or {})}
     data_path = raw_path.with_name(raw_path.name + ".data")
