@@ -198,9 +198,10 @@ def test_kquant_without_binding_names_the_gguf_extra(gguf_checkpoint, tmp_path,
 @pytest.mark.slow
 def test_a_failed_write_leaves_no_file(gguf_checkpoint, tmp_path, monkeypatch) -> None:
     from qwen3emb.errors import OutputError
+    from qwen3emb.export.gguf import common
     from qwen3emb.export.gguf import text as exporter
 
-    real, calls = exporter.quantize, []
+    real, calls = common.quantize, []
 
     def fail_after_three_tensors(data, qtype):
         calls.append(qtype)
@@ -208,7 +209,7 @@ def test_a_failed_write_leaves_no_file(gguf_checkpoint, tmp_path, monkeypatch) -
             raise OSError("No space left on device")
         return real(data, qtype)
 
-    monkeypatch.setattr(exporter, "quantize", fail_after_three_tensors)
+    monkeypatch.setattr(common, "quantize", fail_after_three_tensors)
     with pytest.raises(OutputError, match="No space left on device"):
         exporter.export_gguf(gguf_checkpoint, tmp_path, ["f32"])
     assert list(tmp_path.iterdir()) == []

@@ -117,7 +117,7 @@ def write_bundle(
     tokenizer = family.check_tokenizer(load_tokenizer_json(checkpoint.path))
     if gguf_list:
         from qwen3emb.export.gguf import gguf_writer
-        from qwen3emb.export.gguf.text import check_types
+        from qwen3emb.export.gguf.common import check_types
 
         check_types(gguf_list)
         gguf_writer(family)  # an unsupported family fails before any work

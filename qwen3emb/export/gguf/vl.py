@@ -39,7 +39,7 @@ from qwen3emb.constants import (
     VL_MIN_PIXELS,
 )
 from qwen3emb.errors import CheckpointError, UnsupportedModelError
-from qwen3emb.export.gguf.text import (
+from qwen3emb.export.gguf.common import (
     GGUF_TYPES,
     DecoderConfig,
     GGUFType,
