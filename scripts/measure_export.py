@@ -76,7 +76,7 @@ def measure_variants(checkpoint: Path, precisions: list[str]) -> dict[str, objec
 
 def largest_tensor_bytes(checkpoint: Path) -> int:
     from qwen3emb.convert import load_checkpoint
-    from qwen3emb.export.onnx.weights import ShardedWeights
+    from qwen3emb.convert.weights import ShardedWeights
 
     shards = ShardedWeights(load_checkpoint(checkpoint).weight_files)
     return max(shards.nbytes(k) for k in shards)

@@ -174,7 +174,7 @@ def test_skipped_rewrite_does_not_change_the_optimized_graph(tiny_checkpoint: Pa
     import onnx
     import onnx_ir as ir
 
-    from qwen3emb.export.onnx.weights import ShardedWeights
+    from qwen3emb.convert.weights import ShardedWeights
 
     family = family_for(load_checkpoint(tiny_checkpoint))
     model = onnx_export.trace_graph(family, SPEC)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
+import numpy as np
+
 from qwen3emb.validate import validate_bundle
 from qwen3emb.validate.compare import ArtifactResult, ParityReport
 from qwen3emb.validate.report import to_junit, to_markdown, write_report
@@ -68,3 +70,27 @@ def test_markdown_and_junit_of_a_passing_report() -> None:
 def test_failed_artifact_lists_the_worst_probe() -> None:
     (failure,) = _report(False).artifacts[0].failures
     assert failure == "min cosine 0.500000 < floor 0.99999 (probe probe:a)"
+
+
+def test_layer_by_layer_reference_equals_the_whole_model(deep_checkpoint) -> None:
+    """One decoder layer resident at a time gives the whole fp32 model's embeddings."""
+    from qwen3emb.validate.layerwise import LayerwiseReference
+    from qwen3emb.validate.probes import PROBE_TEXTS
+    from qwen3emb.validate.reference import ReferenceEmbedder
+
+    texts = [text for _, text in PROBE_TEXTS[:6]]
+    whole = ReferenceEmbedder(deep_checkpoint).embed(texts, 64)
+    layered = LayerwiseReference(deep_checkpoint)
+    got = layered.embed(texts, 64)
+    assert np.abs(got - whole).max() < 2e-5
+    assert (got * whole).sum(axis=1).min() > 0.999999
+    assert np.allclose(layered.embed(texts[:2], 64, dimensions=32),
+                       ReferenceEmbedder(deep_checkpoint).embed(texts[:2], 64, dimensions=32),
+                       atol=2e-5)
+
+
+def test_validate_layerwise_reports_it_and_passes(tiny_bundle, tiny_checkpoint) -> None:
+    report = validate_bundle(tiny_bundle, tiny_checkpoint, reference_dtype="layerwise")
+    assert report.passed
+    assert report.reference["precision"] == "float32 (layer by layer)"
+    assert report.artifacts[0].min_cosine > 0.99999

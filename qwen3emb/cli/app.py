@@ -131,8 +131,8 @@ def validate(
         help="Only these precisions (repeatable; default: all).")] = None,
     provider: Provider = None,
     reference_dtype: Annotated[str, typer.Option(
-        help="Reference precision: auto (fp32 when it fits in half the free memory, else "
-        "bf16), float32 or bfloat16.")] = "auto",
+        help="Reference: auto (fp32 when it fits in half the free memory, else fp32 layer by "
+        "layer), float32, layerwise or bfloat16.")] = "auto",
     progress: ProgressOpt = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
@@ -155,9 +155,9 @@ def validate(
     extra = read_texts_file(texts) if texts else None
     from qwen3emb.progress import progress_default
 
-    if reference_dtype not in ("auto", "float32", "bfloat16"):
+    if reference_dtype not in ("auto", "float32", "layerwise", "bfloat16"):
         raise fail(f"--reference-dtype {reference_dtype!r} is not one of auto, float32, "
-                   "bfloat16", EXIT_USAGE)
+                   "layerwise, bfloat16", EXIT_USAGE)
     show = (progress if progress is not None else progress_default()) and not quiet
     report = validate_bundle(bundle, reference, texts=extra, precisions=precision,
                              providers=provider, reference_dtype=reference_dtype, progress=show)

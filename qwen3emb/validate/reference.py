@@ -15,6 +15,23 @@ from qwen3emb.errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 
+def reference_token_ids(tokenizer: Any, text: str, max_length: int) -> list[int]:
+    """The reference tokenization of ``text`` by transformers' tokenizer.
+
+    Raises:
+        CheckpointError: the tokenizer does not append ``<|endoftext|>`` last.
+    """
+    ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+    if not ids or ids[-1] != tokenizer.convert_tokens_to_ids(END_TOKEN):
+        raise CheckpointError(
+            f"the reference tokenizer does not end inputs with {END_TOKEN} "
+            f"(last ids {ids[-3:]})",
+            hint="Use the tokenizer released with the checkpoint "
+            "(its post-processor appends it)",
+        )
+    return list(ids)
+
+
 class ReferenceEmbedder:
     """``AutoModel`` + ``AutoTokenizer`` → last token of ``last_hidden_state`` → L2.
 
@@ -43,21 +60,17 @@ class ReferenceEmbedder:
         self.precision = str(next(self.model.parameters()).dtype).replace("torch.", "")
         self._cache: dict[tuple[str, int], np.ndarray] = {}
 
-    def token_ids(self, text: str, max_length: int) -> list[int]:
-        """The reference tokenization; checks that the end token is appended and last.
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
 
-        Raises:
-            CheckpointError: the tokenizer does not append ``<|endoftext|>``.
-        """
-        ids = self.tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-        if not ids or ids[-1] != self.end_id:
-            raise CheckpointError(
-                f"the reference tokenizer does not end inputs with {END_TOKEN} "
-                f"(last ids {ids[-3:]})",
-                hint="Use the tokenizer released with the checkpoint "
-                "(its post-processor appends it)",
-            )
-        return list(ids)
+    def token_ids(self, text: str, max_length: int) -> list[int]:
+        """The reference tokenization; checks that the end token is appended and last."""
+        return reference_token_ids(self.tokenizer, text, max_length)
+
+    def prefetch(self, texts: Sequence[str], max_length: int) -> None:
+        """Embed (and cache) ``texts``; the layer-by-layer reference does this in one pass."""
+        self.embed(list(texts), max_length)
 
     def embed(self, texts: Sequence[str], max_length: int, dimensions: int | None = None
               ) -> np.ndarray:

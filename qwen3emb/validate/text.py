@@ -88,8 +88,8 @@ class TextSuite:
         probe_max_length: truncation length for probes (default: min(256, max_length)).
         model: an already loaded fp32 backbone of the reference.
         providers: onnxruntime providers for the artifacts.
-        reference_dtype: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (see
-            :func:`choose_reference_dtype`).
+        reference_dtype: ``"float32"``, ``"layerwise"`` (fp32, one decoder layer resident at
+            a time), ``"bfloat16"`` or ``"auto"`` (see :func:`choose_reference_dtype`).
 
     Raises:
         InputError: a probe length outside 8..max_length.
@@ -125,12 +125,22 @@ class TextSuite:
     def run(self, precisions: Sequence[str] | None, progress: bool = False
             ) -> list[ArtifactResult]:
         manifest = self.manifest
-        ref = ReferenceEmbedder(self.checkpoint.path, model=self.model, dtype=self.dtype)
+        ref: Any
+        if self.dtype == "layerwise":
+            from qwen3emb.validate.layerwise import LayerwiseReference
+
+            ref = LayerwiseReference(self.checkpoint.path)
+        else:
+            ref = ReferenceEmbedder(self.checkpoint.path, model=self.model, dtype=self.dtype)
         self.precision = ref.precision
-        if ref.model.config.hidden_size != manifest.dim:
+        if ref.hidden_size != manifest.dim:
             raise InputError(
-                f"reference hidden size {ref.model.config.hidden_size} != bundle dim "
-                f"{manifest.dim}", hint="Pass the checkpoint the bundle was exported from")
+                f"reference hidden size {ref.hidden_size} != bundle dim {manifest.dim}",
+                hint="Pass the checkpoint the bundle was exported from")
+        task = self.probes.task or DEFAULT_TASK
+        ref.prefetch([*(t for _, t in self.probes.texts),
+                      *(_reference_query(task, q) for q, _ in self.probes.pairs),
+                      *(d for _, d in self.probes.pairs)], self.limit)
         models = [m for m in self._models() if not precisions or m[1] in precisions]
         results: list[ArtifactResult] = []
         with bar(len(models), "validate", progress, unit="artifact") as ticker:
@@ -170,16 +180,17 @@ def _check_one(bundle: Any, kind: str, precision: str, entry: dict[str, Any],
 
 def choose_reference_dtype(checkpoint: Any) -> str:
     """fp32 when the model fits in half the available memory (the artifacts need the rest),
-    else bf16: an 8B reference is 32 GB in fp32 and 16 GB in bf16."""
+    else fp32 layer by layer (:mod:`qwen3emb.validate.layerwise`): an 8B reference is 32 GB
+    in fp32, one of its layers under 1 GB."""
     stored = sum(f.stat().st_size for f in checkpoint.weight_files)
     fp32_bytes = stored * (2 if checkpoint.config.get("torch_dtype", checkpoint.config.get(
         "dtype")) in ("bfloat16", "float16") else 1)
     available = _available_memory()
     if available is None or fp32_bytes <= available / 2:
         return "float32"
-    logger.warning("reference runs in bfloat16: fp32 needs %.1f GB, %.1f GB available",
-                   fp32_bytes / 1e9, available / 1e9)
-    return "bfloat16"
+    logger.warning("reference runs layer by layer (fp32): the whole model needs %.1f GB, "
+                   "%.1f GB available", fp32_bytes / 1e9, available / 1e9)
+    return "layerwise"
 
 
 def _available_memory() -> int | None:

@@ -1,7 +1,8 @@
 """Read checkpoint tensors one at a time from safetensors shards, converting dtype on the fly.
 
-This is what keeps export memory flat: the graph is traced with weightless (meta) tensors, and
-each weight is read from its shard only when the writer streams it into the ONNX data file.
+This is what keeps memory flat for big models: the exporter traces with weightless (meta)
+tensors and reads each weight from its shard only when it streams it into the ONNX data file;
+the validator's layer-by-layer reference loads one decoder layer at a time the same way.
 """
 
 from __future__ import annotations
