@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from qwen3emb.convert import family_for, load_checkpoint
+from qwen3emb.convert.weights import ShardedWeights
 from qwen3emb.errors import OutputError
 from qwen3emb.export.onnx.trace import export_onnx
-from qwen3emb.convert.weights import ShardedWeights
 from qwen3emb.spec import TextGraphSpec
 
 

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from qwen3emb.convert.base import Family
+from qwen3emb.convert.weights import ShardedWeights
 from qwen3emb.errors import OutputError
 from qwen3emb.export.onnx.contract import check_graph_contract
 from qwen3emb.export.onnx.replicate import TRACED_LAYERS, ReplicationError, replicate_layers
-from qwen3emb.convert.weights import ShardedWeights
 from qwen3emb.spec import TextGraphSpec
 
 logger = logging.getLogger(__name__)
