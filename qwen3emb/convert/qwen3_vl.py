@@ -247,12 +247,13 @@ class Qwen3VLFamily(Family):
         if graph == "vision":
             groups, patches = 2, 16
             patch_dim = int(spec.inputs[0].axes[2])
-            example = (torch.randn(groups, patches, patch_dim, generator=generator),
-                       torch.randint(0, 2304, (patches, 4), generator=generator),
-                       torch.rand(patches, 4, generator=generator),
-                       torch.randint(0, 4, (patches, 2), generator=generator))
+            vision: tuple[Any, ...] = (
+                torch.randn(groups, patches, patch_dim, generator=generator),
+                torch.randint(0, 2304, (patches, 4), generator=generator),
+                torch.rand(patches, 4, generator=generator),
+                torch.randint(0, 4, (patches, 2), generator=generator))
             per_patch = {0: 4 * Dim("blocks")}
-            return example, {"pixel_patches": {0: Dim("groups"), 1: per_patch[0]},
+            return vision, {"pixel_patches": {0: Dim("groups"), 1: per_patch[0]},
                              "pos_embed_indices": per_patch, "pos_embed_weights": per_patch,
                              "vision_position_ids": per_patch}
         batch, sequence, visual = 2, 12, 6

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,10 @@ def write_graphs(family: Family, stage: Path, specs: Sequence[Any], manifest: di
     backbone = paths.pop("backbone", None)
     entries: list[dict[str, Any]] = []
     for spec in specs:
-        written = list(entries)  # what this graph's calibration may run (earlier graphs)
         built = build_precisions(
             stage, paths[spec.name], spec, family.graph_precisions(spec.name, list(precisions)),
             int8_scheme=int8_scheme, entry=family.graph_entry(spec.name),
-            calibration=lambda spec=spec, written=written: calibration_feeds(
-                spec, stage, manifest, written),
+            calibration=partial(calibration_feeds, spec, stage, manifest, list(entries)),
             progress=progress)
         entries = built + entries
     family.pair_entries(entries)
