@@ -253,6 +253,7 @@ def test_cli_gated_eval_set_passes_and_writes_every_format(
 @pytest.mark.parametrize(("args", "expected"), [
     (["--eval-split", "train"], "no qrels for split 'train'"),
     (["--eval-max-drop", "2"], "eval max drop 2.0 is outside 0..1"),
+    (["--eval-max-length", "99999"], "eval max length 99999 exceeds the bundle's max_length"),
 ])
 def test_cli_bad_eval_input_exits_2_with_one_line(tiny_bundle: Path, tiny_checkpoint: Path,
                                                   eval_dir: Path, args: list[str],

@@ -61,7 +61,8 @@ def validate_bundle(
             artifact go in ``report.retrieval`` (text bundles only).
 
     Returns:
-        The report; ``report.passed`` says whether every artifact met its floor.
+        The report; ``report.passed`` says whether every artifact met its floor (and, when
+        the eval set has a ``max_drop``, its retrieval gate).
 
     Raises:
         BundleError / CheckpointError / InputError: unusable inputs (not a parity failure).
@@ -78,7 +79,7 @@ def validate_bundle(
     if modality not in suites:
         raise BundleError(f"bundle '{bundle}' holds a '{modality}' model, which this version "
                           "cannot validate", hint=f"Validators exist for: {', '.join(suites)}")
-    request, beir = _eval_set(eval_set, suites[modality], modality)
+    request, beir = _eval_set(eval_set, suites[modality], modality, manifest.max_length)
     checkpoint = load_checkpoint(reference)
     suite = suites[modality](bundle, manifest, checkpoint, texts=texts,
                              probe_max_length=probe_max_length, model=model,
@@ -94,7 +95,7 @@ def validate_bundle(
     if request is not None and beir is not None:
         from qwen3emb.validate.retrieval import evaluate_text_bundle
 
-        retrieval = evaluate_text_bundle(suite, beir, request, precisions)
+        retrieval = evaluate_text_bundle(suite, beir, request, precisions, progress)
     import transformers
 
     return ParityReport(
@@ -111,7 +112,7 @@ def validate_bundle(
     )
 
 
-def _eval_set(eval_set: Any, suite: Any, modality: str) -> tuple[Any, Any]:
+def _eval_set(eval_set: Any, suite: Any, modality: str, max_length: int) -> tuple[Any, Any]:
     """The request and the loaded set, checked before any model is loaded."""
     if eval_set is None:
         return None, None
@@ -124,6 +125,9 @@ def _eval_set(eval_set: Any, suite: Any, modality: str) -> tuple[Any, Any]:
                          hint="Validate it without --eval-set (see docs/eval-set.md)")
     require("ir_measures", "eval")
     request = eval_set if isinstance(eval_set, EvalRequest) else EvalRequest(eval_set)
+    if request.max_length is not None and request.max_length > max_length:
+        raise InputError(f"eval max length {request.max_length} exceeds the bundle's "
+                         f"max_length {max_length}", hint=f"Choose at most {max_length}")
     return request, load_eval_set(request.path, request.split)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from qwen3emb.constants import DEFAULT_TASK
 from qwen3emb.errors import InputError, Qwen3EmbError
+from qwen3emb.progress import bar
 from qwen3emb.validate.eval_set import DEFAULT_SPLIT, EvalSet
 
 logger = logging.getLogger(__name__)
@@ -205,7 +206,8 @@ def overlap_at_k(mine: np.ndarray, theirs: np.ndarray, k: int = K) -> float:
 
 
 def evaluate_text_bundle(suite: Any, eval_set: EvalSet, request: EvalRequest,
-                         precisions: Sequence[str] | None = None) -> RetrievalReport:
+                         precisions: Sequence[str] | None = None, progress: bool = False
+                         ) -> RetrievalReport:
     """Score the reference and every artifact of a text bundle on ``eval_set``.
 
     Args:
@@ -214,6 +216,8 @@ def evaluate_text_bundle(suite: Any, eval_set: EvalSet, request: EvalRequest,
         eval_set: the loaded set.
         request: split, task, truncation and gate.
         precisions: only these artifacts (default: all).
+        progress: a bar over the reference's texts (it embeds one text at a time, the slow
+            part on a real set) and one over the artifacts, on stderr.
 
     Returns:
         The retrieval section.
@@ -221,7 +225,7 @@ def evaluate_text_bundle(suite: Any, eval_set: EvalSet, request: EvalRequest,
     Raises:
         InputError: a max_length above the bundle's.
     """
-    from qwen3emb.validate.text import _reference_query, open_runner
+    from qwen3emb.validate.text import _reference_query
 
     start = time.perf_counter()
     manifest, ref = suite.manifest, suite.reference
@@ -233,8 +237,14 @@ def evaluate_text_bundle(suite: Any, eval_set: EvalSet, request: EvalRequest,
     docs, queries = list(eval_set.doc_texts), list(eval_set.query_texts)
     logger.info("eval set: %d queries, %d documents, max length %d", len(queries), len(docs),
                 limit)
-    ref_docs = ref.embed(docs, limit)
-    ref_queries = ref.embed([_reference_query(task, q) for q in queries], limit)
+    texts = docs + [_reference_query(task, q) for q in queries]
+    embedded = []
+    with bar(len(texts), "reference", progress, unit="text") as ticker:
+        for first in range(0, len(texts), 64):
+            embedded.append(ref.embed(texts[first:first + 64], limit))
+            ticker.update(len(embedded[-1]))
+    ref_all = np.concatenate(embedded)
+    ref_docs, ref_queries = ref_all[:len(docs)], ref_all[len(docs):]
     reference: dict[int, tuple[dict[str, float], np.ndarray]] = {}
 
     def reference_at(width: int) -> tuple[dict[str, float], np.ndarray]:
@@ -244,30 +254,12 @@ def evaluate_text_bundle(suite: Any, eval_set: EvalSet, request: EvalRequest,
             reference[width] = (score_run(top_i, top_s, eval_set), top_i)
         return reference[width]
 
-    rows = []
-    for kind, precision, entry in suite.artifacts(precisions):
-        row = RetrievalRow(artifact=entry["path"], kind=kind, precision=precision)
-        rows.append(row)
-        try:
-            runner, width = open_runner(suite.bundle, kind, precision, limit, suite.providers,
-                                        manifest)
-            try:
-                q_out = runner.encode_queries(queries, task=request.task)
-                d_out = runner.encode_documents(docs)
-            finally:
-                getattr(runner, "close", lambda: None)()
-            ref_scores, ref_top = reference_at(width)
-            top_i, top_s = rank(q_out, d_out, eval_set)
-            scores = score_run(top_i, top_s, eval_set)
-            row.dimensions = width
-            row.ndcg_at_10, row.recall_at_10 = scores["ndcg_at_10"], scores["recall_at_10"]
-            row.reference_ndcg_at_10 = ref_scores["ndcg_at_10"]
-            row.reference_recall_at_10 = ref_scores["recall_at_10"]
-            row.overlap_at_10 = overlap_at_k(top_i, ref_top)
-        except Qwen3EmbError as e:
-            row.error = e.one_line()
-        logger.info("%s: nDCG@10 %s (reference %s)", row.artifact, row.ndcg_at_10,
-                    row.reference_ndcg_at_10)
+    rows = [RetrievalRow(artifact=entry["path"], kind=kind, precision=precision)
+            for kind, precision, entry in suite.artifacts(precisions)]
+    with bar(len(rows), "eval set", progress, unit="artifact") as ticker:
+        for row in rows:
+            _score_artifact(suite, row, eval_set, request, limit, reference_at)
+            ticker.update(1)
     width = int(manifest.embedding["output_dim"])
     ref_scores = reference_at(width)[0]
     return RetrievalReport(
@@ -278,6 +270,33 @@ def evaluate_text_bundle(suite: Any, eval_set: EvalSet, request: EvalRequest,
         skipped_documents=len(eval_set.skipped_documents),
         library=f"{LIBRARY} {getattr(_ir_measures(), '__version__', '?')}",
         seconds=time.perf_counter() - start)
+
+
+def _score_artifact(suite: Any, row: RetrievalRow, eval_set: EvalSet, request: EvalRequest,
+                    limit: int, reference_at: Any) -> None:
+    """Embed the set with one artifact and fill ``row``; a failure is recorded, not raised."""
+    from qwen3emb.validate.text import open_runner
+
+    try:
+        runner, width = open_runner(suite.bundle, row.kind, row.precision, limit,
+                                    suite.providers, suite.manifest)
+        try:
+            q_out = runner.encode_queries(list(eval_set.query_texts), task=request.task)
+            d_out = runner.encode_documents(list(eval_set.doc_texts))
+        finally:
+            getattr(runner, "close", lambda: None)()
+        ref_scores, ref_top = reference_at(width)
+        top_i, top_s = rank(q_out, d_out, eval_set)
+        scores = score_run(top_i, top_s, eval_set)
+        row.dimensions = width
+        row.ndcg_at_10, row.recall_at_10 = scores["ndcg_at_10"], scores["recall_at_10"]
+        row.reference_ndcg_at_10 = ref_scores["ndcg_at_10"]
+        row.reference_recall_at_10 = ref_scores["recall_at_10"]
+        row.overlap_at_10 = overlap_at_k(top_i, ref_top)
+    except Qwen3EmbError as e:
+        row.error = e.one_line()
+    logger.info("%s: nDCG@10 %s (reference %s)", row.artifact, row.ndcg_at_10,
+                row.reference_ndcg_at_10)
 
 
 def _cut(vectors: np.ndarray, width: int) -> np.ndarray:
