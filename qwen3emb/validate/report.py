@@ -67,7 +67,8 @@ def retrieval_markdown(section: RetrievalReport) -> list[str]:
         f"Eval set `{section.eval_set}` (split `{section.split}`): {section.queries} queries, "
         f"{section.documents} documents, {section.judgments} judgments; max length "
         f"{section.max_length} tokens; queries with the instruction (task: {section.task}), "
-        f"documents without; metrics by {section.library}; {gate}.",
+        f"documents without; metrics by {section.library}; Δ = artifact minus reference; "
+        f"{gate}.",
         "",
         "| model | precision | dims | nDCG@10 | Δ nDCG@10 | recall@10 | Δ recall@10 "
         "| top-10 overlap with reference | result |",
