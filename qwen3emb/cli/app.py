@@ -22,6 +22,15 @@ from qwen3emb.cli._common import (
     quiet_libraries,
 )
 from qwen3emb.cli.embed import embed
+from qwen3emb.cli.eval_options import (
+    EvalMaxDropOpt,
+    EvalMaxLengthOpt,
+    EvalSetOpt,
+    EvalSplitOpt,
+    EvalTaskOpt,
+    eval_request,
+    print_retrieval_summary,
+)
 from qwen3emb.constants import DEFAULT_OPSET, EXIT_PARITY_FAILED, EXIT_USAGE
 
 
@@ -133,6 +142,11 @@ def validate(
     reference_dtype: Annotated[str, typer.Option(
         help="Reference: auto (fp32 when it fits in half the free memory, else fp32 layer by "
         "layer), float32, layerwise or bfloat16.")] = "auto",
+    eval_set: EvalSetOpt = None,
+    eval_split: EvalSplitOpt = "test",
+    eval_task: EvalTaskOpt = None,
+    eval_max_length: EvalMaxLengthOpt = None,
+    eval_max_drop: EvalMaxDropOpt = None,
     progress: ProgressOpt = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
@@ -144,6 +158,8 @@ def validate(
     Example:
 
         qwen3emb-export validate qwen3-0.6b -r Qwen/Qwen3-Embedding-0.6B --junit parity.xml
+
+        qwen3emb-export validate qwen3-0.6b -r Qwen/Qwen3-Embedding-0.6B --eval-set ./scifact
     """
     configure_logging(verbose, quiet)
     from qwen3emb.validate import validate_bundle
@@ -159,13 +175,16 @@ def validate(
         raise fail(f"--reference-dtype {reference_dtype!r} is not one of auto, float32, "
                    "layerwise, bfloat16", EXIT_USAGE)
     show = (progress if progress is not None else progress_default()) and not quiet
+    request = eval_request(eval_set, eval_split, eval_task, eval_max_length, eval_max_drop)
     report = validate_bundle(bundle, reference, texts=extra, precisions=precision,
-                             providers=provider, reference_dtype=reference_dtype, progress=show)
+                             providers=provider, reference_dtype=reference_dtype, progress=show,
+                             eval_set=request)
     write_report(report, json_path=json_path, markdown_path=markdown, junit_path=junit)
     if not quiet:
         typer.echo(f"parity {'PASS' if report.passed else 'FAIL'} for {bundle} "
                    f"(reference {report.reference['precision']}, {report.seconds:.1f} s)")
         _print_report_summary(report)
+        print_retrieval_summary(report)
     if not report.passed:
         raise typer.Exit(EXIT_PARITY_FAILED)
 

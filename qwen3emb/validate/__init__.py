@@ -18,6 +18,7 @@ from qwen3emb import __version__
 from qwen3emb.errors import BundleError, InputError
 from qwen3emb.manifest import read_manifest
 from qwen3emb.validate.compare import ParityReport
+from qwen3emb.validate.retrieval import EvalRequest
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def validate_bundle(
     providers: Sequence[str] | None = None,
     reference_dtype: str = "auto",
     progress: bool = False,
+    eval_set: EvalRequest | str | os.PathLike[str] | None = None,
 ) -> ParityReport:
     """Compare every model (ONNX and GGUF) in ``bundle`` with the reference from transformers.
 
@@ -54,9 +56,13 @@ def validate_bundle(
         reference_dtype: ``"float32"``, ``"bfloat16"``, or ``"auto"``: fp32 when it fits in
             half the available memory, else bf16 (the report says which was used; text).
         progress: a bar over the artifacts on stderr.
+        eval_set: a BEIR-format directory (or an :class:`EvalRequest` naming split, task,
+            truncation and gate): nDCG@10 and recall@10 of the reference and of every
+            artifact go in ``report.retrieval`` (text bundles only).
 
     Returns:
-        The report; ``report.passed`` says whether every artifact met its floor.
+        The report; ``report.passed`` says whether every artifact met its floor (and, when
+        the eval set has a ``max_drop``, its retrieval gate).
 
     Raises:
         BundleError / CheckpointError / InputError: unusable inputs (not a parity failure).
@@ -73,6 +79,7 @@ def validate_bundle(
     if modality not in suites:
         raise BundleError(f"bundle '{bundle}' holds a '{modality}' model, which this version "
                           "cannot validate", hint=f"Validators exist for: {', '.join(suites)}")
+    request, beir = _eval_set(eval_set, suites[modality], modality, manifest.max_length)
     checkpoint = load_checkpoint(reference)
     suite = suites[modality](bundle, manifest, checkpoint, texts=texts,
                              probe_max_length=probe_max_length, model=model,
@@ -84,6 +91,11 @@ def validate_bundle(
         raise InputError(f"bundle has no model of precision {unknown}",
                          hint=f"Available: {', '.join(held)}")
     results = suite.run(precisions, progress)
+    retrieval = None
+    if request is not None and beir is not None:
+        from qwen3emb.validate.retrieval import evaluate_text_bundle
+
+        retrieval = evaluate_text_bundle(suite, beir, request, precisions, progress)
     import transformers
 
     return ParityReport(
@@ -96,7 +108,27 @@ def validate_bundle(
         tool_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         seconds=time.perf_counter() - start,
+        retrieval=retrieval,
     )
 
 
-__all__ = ["ParityReport", "validate_bundle"]
+def _eval_set(eval_set: Any, suite: Any, modality: str, max_length: int) -> tuple[Any, Any]:
+    """The request and the loaded set, checked before any model is loaded."""
+    if eval_set is None:
+        return None, None
+    from qwen3emb.errors import require
+    from qwen3emb.validate.eval_set import load_eval_set
+
+    if not getattr(suite, "supports_eval_set", False):
+        raise InputError(f"retrieval sets (--eval-set) are scored on text bundles only; this "
+                         f"bundle is {modality}",
+                         hint="Validate it without --eval-set (see docs/eval-set.md)")
+    require("ir_measures", "eval")
+    request = eval_set if isinstance(eval_set, EvalRequest) else EvalRequest(eval_set)
+    if request.max_length is not None and request.max_length > max_length:
+        raise InputError(f"eval max length {request.max_length} exceeds the bundle's "
+                         f"max_length {max_length}", hint=f"Choose at most {max_length}")
+    return request, load_eval_set(request.path, request.split)
+
+
+__all__ = ["EvalRequest", "ParityReport", "validate_bundle"]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from qwen3emb.validate.retrieval import RetrievalReport
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -110,10 +113,13 @@ class ParityReport:
     tool_version: str
     created: str
     seconds: float = 0.0
+    retrieval: RetrievalReport | None = None
+    """Scores on a BEIR set (``validate --eval-set``); gates only with a max drop."""
 
     @property
     def passed(self) -> bool:
-        return bool(self.artifacts) and all(a.passed or a.informational for a in self.artifacts)
+        return (bool(self.artifacts) and all(a.passed or a.informational for a in self.artifacts)
+                and (self.retrieval is None or self.retrieval.passed))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -126,4 +132,5 @@ class ParityReport:
             "created": self.created,
             "seconds": round(self.seconds, 2),
             "artifacts": [a.to_dict() for a in self.artifacts],
+            "retrieval": None if self.retrieval is None else self.retrieval.to_dict(),
         }

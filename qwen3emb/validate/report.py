@@ -10,6 +10,7 @@ from xml.etree import ElementTree as ET
 
 from qwen3emb.errors import OutputError
 from qwen3emb.validate.compare import ParityReport
+from qwen3emb.validate.retrieval import RetrievalReport
 
 
 def to_json(report: ParityReport) -> str:
@@ -45,7 +46,54 @@ def to_markdown(report: ParityReport) -> str:
             lines.append(f"note: {a.note}")
         for failure in a.failures:
             lines.append(f"- {'measured, not gated' if a.informational else 'FAIL'}: {failure}")
+    if report.retrieval is not None:
+        lines += retrieval_markdown(report.retrieval)
     return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def retrieval_markdown(section: RetrievalReport) -> list[str]:
+    """The retrieval section: the reference's nDCG@10 / recall@10 and each artifact's."""
+    ref = section.reference
+    gate = (f"gated: an artifact fails when its nDCG@10 drops more than {section.max_drop} "
+            "below the reference's" if section.gated else "reported, not gated")
+    lines = [
+        "", "### Retrieval quality", "",
+        f"Eval set `{section.eval_set}` (split `{section.split}`): {section.queries} queries, "
+        f"{section.documents} documents, {section.judgments} judgments; max length "
+        f"{section.max_length} tokens; queries with the instruction (task: {section.task}), "
+        f"documents without; metrics by {section.library}; Δ = artifact minus reference; "
+        f"{gate}.",
+        "",
+        "| model | precision | dims | nDCG@10 | Δ nDCG@10 | recall@10 | Δ recall@10 "
+        "| top-10 overlap with reference | result |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| reference ({ref.get('precision')}) | - | {ref.get('dimensions')} | "
+        f"{_num(ref.get('ndcg_at_10'))} | - | {_num(ref.get('recall_at_10'))} | - | - | - |",
+    ]
+    for row in section.rows:
+        failures = row.failures(section.max_drop)
+        result = ("FAIL" if failures else "pass") if section.gated else "reported"
+        if row.error:
+            result = f"error: {row.error}"
+        lines.append(
+            f"| `{row.artifact}` | {row.precision} | {row.dimensions or 'n/a'} | "
+            f"{_num(row.ndcg_at_10)} | {_num(_neg(row.ndcg_drop), True)} | "
+            f"{_num(row.recall_at_10)} | {_num(_neg(row.recall_drop), True)} | "
+            f"{_num(row.overlap_at_10)} | {result} |")
+    if section.skipped_documents:
+        lines.append(f"\n{section.skipped_documents} documents without title or text skipped.")
+    return lines
+
+
+def _neg(value: float | None) -> float | None:
+    """Show a drop as the change from the reference (negative: worse than the reference)."""
+    return None if value is None else 0.0 - value
 
 
 def _verdict(a: Any) -> str:
@@ -74,6 +122,20 @@ def to_junit(report: ParityReport) -> str:
             if not ok:
                 failures += 1
                 ET.SubElement(case, "failure", message=message).text = "\n".join(a.failures)
+    if report.retrieval is not None:
+        section = report.retrieval
+        for row in section.rows:
+            cases += 1
+            message = (f"nDCG@10 {_num(row.ndcg_at_10)} vs reference "
+                       f"{_num(row.reference_ndcg_at_10)}, recall@10 {_num(row.recall_at_10)} "
+                       f"vs {_num(row.reference_recall_at_10)}"
+                       + ("" if section.gated else " (reported, not gated)"))
+            case = ET.SubElement(suite, "testcase", classname=f"retrieval.{row.precision}",
+                                 name=f"{row.artifact}::retrieval")
+            ET.SubElement(case, "system-out").text = row.error or message
+            if row_failures := row.failures(section.max_drop):
+                failures += 1
+                ET.SubElement(case, "failure", message=row_failures[0]).text = message
     suite.set("tests", str(cases))
     suite.set("failures", str(failures))
     return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"

@@ -96,6 +96,8 @@ class TextSuite:
     """
 
     implementation = "transformers AutoModel"
+    supports_eval_set = True
+    """BEIR retrieval sets can be scored (:mod:`qwen3emb.validate.retrieval`)."""
 
     def __init__(self, bundle: Any, manifest: Any, checkpoint: Any, *,
                  texts: Sequence[str] | None = None, probe_max_length: int | None = None,
@@ -103,6 +105,7 @@ class TextSuite:
                  ) -> None:
         self.bundle, self.manifest, self.checkpoint = bundle, manifest, checkpoint
         self.model, self.providers = model, providers
+        self.reference: ReferenceEmbedder | None = None
         self.limit = probe_max_length or min(PROBE_MAX_LENGTH, manifest.max_length)
         if not 8 <= self.limit <= manifest.max_length:
             raise InputError(f"probe max length {self.limit} is outside "
@@ -121,6 +124,11 @@ class TextSuite:
 
     def held_precisions(self) -> list[str]:
         return [m[1] for m in self._models()]
+
+    def artifacts(self, precisions: Sequence[str] | None = None
+                  ) -> list[tuple[str, str, dict[str, Any]]]:
+        """(kind, precision, manifest entry) of each model to check, floors' order."""
+        return [m for m in self._models() if not precisions or m[1] in precisions]
 
     def run(self, precisions: Sequence[str] | None, progress: bool = False
             ) -> list[ArtifactResult]:
@@ -141,7 +149,8 @@ class TextSuite:
         ref.prefetch([*(t for _, t in self.probes.texts),
                       *(_reference_query(task, q) for q, _ in self.probes.pairs),
                       *(d for _, d in self.probes.pairs)], self.limit)
-        models = [m for m in self._models() if not precisions or m[1] in precisions]
+        self.reference = ref
+        models = self.artifacts(precisions)
         results: list[ArtifactResult] = []
         with bar(len(models), "validate", progress, unit="artifact") as ticker:
             for kind, precision, entry in models:
@@ -155,20 +164,10 @@ def _check_one(bundle: Any, kind: str, precision: str, entry: dict[str, Any],
                ref: ReferenceEmbedder, probes: ProbeSet, limit: int, providers: Any,
                manifest: Any) -> ArtifactResult:
     """Validate one artifact; an artifact that cannot even run is recorded as failed."""
-    from qwen3emb.runtime.text import TextEmbedder
-
     result = ArtifactResult(artifact=entry["path"], kind=kind, precision=precision,
                             floor=FLOORS.get(precision, FLOORS["int4"]))
     try:
-        if kind == "onnx":
-            runner: Any = TextEmbedder(bundle, providers, precision=precision, verify=False,
-                                       max_length=limit, strict=False)
-            out_dim = int(manifest.embedding["output_dim"])
-        else:
-            from qwen3emb.runtime.gguf import GGUFTextEmbedder
-
-            runner = GGUFTextEmbedder(bundle, gguf_type=precision, max_length=limit)
-            out_dim = runner.dim
+        runner, out_dim = open_runner(bundle, kind, precision, limit, providers, manifest)
         check_artifact(runner, ref, probes, result, limit, out_dim, manifest.dim,
                        manifest.mrl_min)
     except Qwen3EmbError as e:
@@ -176,6 +175,25 @@ def _check_one(bundle: Any, kind: str, precision: str, entry: dict[str, Any],
     logger.info("%s: min cosine %.6f (floor %s)", entry["path"], result.min_cosine,
                 result.floor)
     return result
+
+
+def open_runner(bundle: Any, kind: str, precision: str, limit: int, providers: Any,
+                manifest: Any) -> tuple[Any, int]:
+    """The runtime embedder of one artifact (ONNX or GGUF) and its output width.
+
+    Raises:
+        Qwen3EmbError: the artifact does not load.
+    """
+    if kind == "onnx":
+        from qwen3emb.runtime.text import TextEmbedder
+
+        runner = TextEmbedder(bundle, providers, precision=precision, verify=False,
+                              max_length=limit, strict=False)
+        return runner, int(manifest.embedding["output_dim"])
+    from qwen3emb.runtime.gguf import GGUFTextEmbedder
+
+    gguf = GGUFTextEmbedder(bundle, gguf_type=precision, max_length=limit)
+    return gguf, gguf.dim
 
 
 def choose_reference_dtype(checkpoint: Any) -> str:
