@@ -59,6 +59,20 @@ class Family:
         graph's last layer then differs from the others)."""
         return False
 
+    def layer_plan(self, graph: str) -> tuple[str, int, int] | None:
+        """How the streamed exporter may trace graph ``graph`` shallow and copy one traced
+        layer to the full depth (:attr:`num_layers`), or ``None`` to trace every layer.
+
+        Returns:
+            ``(scope, template, tail)``: the layer list's module path in the graph module
+            (``backbone.layers``), the layer to copy (layers ``0..template`` are traced; layer
+            0 computes what all layers share, so ``template >= 1``), and 1 when a different
+            last layer is traced after it (:attr:`pooled_last_layer`), else 0.
+        """
+        if not self.uniform_layers():
+            return None
+        return f"backbone.{self.layers_scope}", 1, int(self.pooled_last_layer)
+
     def host_buffers(self, backbone: Any) -> dict[str, Any]:
         """Values of buffers that are computed, not stored (e.g. rotary frequencies), as numpy
         arrays keyed by their name in ``backbone``; a meta backbone has none of them."""

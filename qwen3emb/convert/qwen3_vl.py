@@ -212,6 +212,19 @@ class Qwen3VLFamily(Family):
         return {"visual.rotary_pos_emb.inv_freq": vision.inv_freq.float().numpy(),
                 "language_model.rotary_emb.inv_freq": text.inv_freq.float().numpy()}
 
+    def uniform_layers(self) -> bool:
+        # Every Qwen3-VL text layer is full attention (no sliding window, no layer_types).
+        return len(set(self.text_config.get("layer_types") or ["full_attention"])) == 1
+
+    def layer_plan(self, graph: str) -> tuple[str, int, int] | None:
+        """The decoder adds a deepstack map after each of its first layers (outside them), so
+        the first layer that reads the residual stream straight from the previous one is
+        the template: ``deepstack_layers + 2`` layers are traced, the last one copied. The
+        vision tower (taps at some blocks) is traced whole."""
+        if graph != "decoder" or not self.uniform_layers():
+            return None
+        return "lm.layers", self.deepstack_layers + 1, 0
+
     def backbone_name(self, graph: str, name: str) -> str:
         """The vision graph holds ``backbone.visual`` as ``visual`` (same names); the decoder
         holds ``backbone.language_model`` as ``lm``. Checkpoints saved from

@@ -20,16 +20,12 @@ from qwen3emb.convert.base import Family
 from qwen3emb.convert.weights import ShardedWeights
 from qwen3emb.errors import OutputError
 from qwen3emb.export.onnx.contract import check_graph_contract
-from qwen3emb.export.onnx.replicate import TRACED_LAYERS, ReplicationError, replicate_layers
+from qwen3emb.export.onnx.replicate import ReplicationError, replicate_layers
 
 logger = logging.getLogger(__name__)
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Weights above 1 GiB go to ``<model>.onnx.data`` (protobuf caps a file at 2 GiB)."""
-
-BACKBONE_PREFIX = "backbone."
-"""The embedding wrapper holds the HF model as ``self.backbone``."""
-
 
 TRACE_MODES = ("shallow", "full")
 """``shallow``: trace two layers and replicate the second (uniform decoders only); ``full``:
@@ -44,20 +40,21 @@ def trace_graph(family: Family, spec: Any, dimensions: int | None = None, *,
         family: the checkpoint's family.
         spec: the graph contract (one of :meth:`Family.graph_specs`).
         dimensions: Matryoshka width baked into the embedding graph.
-        trace: ``"shallow"`` traces :data:`TRACED_LAYERS` layers (plus the pooled last layer,
-            see ``Family.pooled_last_layer``) and copies layer ``TRACED_LAYERS - 1`` to full
-            depth when the family's layers are uniform (else it traces them all);
-            ``"full"`` always traces every layer.
+        trace: ``"shallow"`` traces the first layers (plus the pooled last layer, see
+            ``Family.pooled_last_layer``) and copies the last of them to full depth when the
+            family allows it for this graph (``Family.layer_plan``; else it traces them
+            all); ``"full"`` always traces every layer.
 
     Raises:
         OutputError: the exporter failed.
     """
+    plan = family.layer_plan(spec.name) if trace == "shallow" else None
     total = family.num_layers
-    tail = int(family.pooled_last_layer)
-    if trace == "shallow" and total > TRACED_LAYERS + tail and family.uniform_layers():
-        model = _trace(family, spec, dimensions, TRACED_LAYERS + tail)
+    if plan is not None and total > plan[1] + 1 + plan[2]:
+        scope, template, tail = plan
+        model = _trace(family, spec, dimensions, template + 1 + tail)
         try:
-            replicate_layers(model, BACKBONE_PREFIX + family.layers_scope, total, tail)
+            replicate_layers(model, scope, total, tail, template=template)
             return model
         except ReplicationError as e:
             logger.warning("cannot replicate the traced layers (%s); tracing all %d", e, total)
