@@ -28,8 +28,9 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Weights above 1 GiB go to ``<model>.onnx.data`` (protobuf caps a file at 2 GiB)."""
 
 TRACE_MODES = ("shallow", "full")
-"""``shallow``: trace two layers and replicate the second (uniform decoders only); ``full``:
-trace every layer."""
+"""``shallow``: trace the first layers and replicate the last of them, where the family's
+``layer_plan`` allows it for the graph (two layers for text, five for the Qwen3-VL decoder);
+``full``: trace every layer."""
 
 
 def trace_graph(family: Family, spec: Any, dimensions: int | None = None, *,
