@@ -148,7 +148,7 @@ def test_replication_refuses_a_graph_that_is_already_deep(exports: dict[str, Pat
 def test_trace_falls_back_to_full_depth_when_replication_fails(
         deep_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    def refuse(model: Any, scope: str, total: int, tail: int = 0) -> int:
+    def refuse(model: Any, scope: str, total: int, tail: int = 0, **options: Any) -> int:
         raise ReplicationError("no residual input")
 
     monkeypatch.setattr(onnx_export, "replicate_layers", refuse)

@@ -59,10 +59,33 @@ class Family:
         graph's last layer then differs from the others)."""
         return False
 
+    def layer_plan(self, graph: str) -> tuple[str, int, int] | None:
+        """How the streamed exporter may trace graph ``graph`` shallow and copy one traced
+        layer to the full depth (:attr:`num_layers`), or ``None`` to trace every layer.
+
+        Returns:
+            ``(scope, template, tail)``: the layer list's module path in the graph module
+            (``backbone.layers``), the layer to copy (layers ``0..template`` are traced; layer
+            0 computes what all layers share, so ``template >= 1``), and 1 when a different
+            last layer is traced after it (:attr:`pooled_last_layer`), else 0.
+        """
+        if not self.uniform_layers():
+            return None
+        return f"backbone.{self.layers_scope}", 1, int(self.pooled_last_layer)
+
     def host_buffers(self, backbone: Any) -> dict[str, Any]:
         """Values of buffers that are computed, not stored (e.g. rotary frequencies), as numpy
         arrays keyed by their name in ``backbone``; a meta backbone has none of them."""
         return {}
+
+    def backbone_name(self, graph: str, name: str) -> str:
+        """The backbone parameter (or buffer) behind initializer ``name`` of graph ``graph``.
+
+        The graph module of :meth:`graph_module` holds the backbone (or a part of it) under an
+        attribute of its own; this undoes that prefix. By default the embedding module holds
+        the whole backbone as ``self.backbone``.
+        """
+        return name.removeprefix("backbone.")
 
     def checkpoint_key(self, name: str, available: Any) -> str | None:
         """The checkpoint tensor behind backbone parameter ``name`` (``None`` if absent).
@@ -89,10 +112,11 @@ class Family:
 
     @property
     def streamable(self) -> bool:
-        """Whether the ONNX exporter may trace on the meta device and stream the weights from
-        the shards (:func:`qwen3emb.export.onnx.trace.export_onnx`); otherwise each graph of
-        :meth:`graph_specs` is traced from the loaded fp32 backbone with
-        :meth:`trace_inputs`."""
+        """Whether the ONNX exporter may trace each graph of :meth:`graph_specs` on the meta
+        device (:meth:`meta_backbone`, :meth:`graph_module`, :meth:`trace_inputs`) and stream
+        its weights from the shards (:meth:`backbone_name`, :meth:`checkpoint_key`,
+        :meth:`host_buffers`; :func:`qwen3emb.export.onnx.trace.export_onnx`); otherwise each
+        graph is traced from the loaded fp32 backbone."""
         return False
 
     def graph_specs(self, dim: int, opset: int) -> tuple[Any, ...]:
@@ -109,7 +133,10 @@ class Family:
         return self.embedding_module(backbone, dimensions)
 
     def trace_inputs(self, graph: str, spec: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Example inputs and ``torch.export`` dynamic shapes for tracing graph ``graph``."""
+        """Example inputs and ``torch.export`` dynamic shapes for tracing graph ``graph``.
+
+        The streamed exporter moves them to the meta device, so tracing may not depend on
+        their values."""
         raise NotImplementedError
 
     def graph_precisions(self, graph: str, precisions: list[str]) -> list[str]:

@@ -189,6 +189,14 @@ class Qwen3Family(Family):
     def graph_specs(self, dim: int, opset: int) -> tuple[TextGraphSpec]:
         return (TextGraphSpec(dim=dim, opset=opset),)
 
+    def trace_inputs(self, graph: str, spec: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        # Batch 2 (one row left-padded in real use) by 8 tokens; neither dimension is 0 or 1,
+        # which torch.export would specialize. Values do not matter: tracing runs on meta.
+        ids = torch.zeros((2, 8), dtype=torch.int64)
+        mask = torch.ones((2, 8), dtype=torch.int64)
+        axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+        return (ids, mask), {"input_ids": axes, "attention_mask": axes}
+
     def check_tokenizer(self, tokenizer: Any) -> dict[str, Any]:
         """The tokenizer must append ``<|endoftext|>`` and keep it last when truncating."""
         end_id = tokenizer.token_to_id(END_TOKEN)

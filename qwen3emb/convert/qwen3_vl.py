@@ -157,6 +157,11 @@ class Qwen3VLFamily(Family):
         return int(self.text_config.get("max_position_embeddings", 0)) or 1 << 31
 
     @property
+    def num_layers(self) -> int:
+        """Depth of the text decoder."""
+        return int(self.text_config["num_hidden_layers"])
+
+    @property
     def deepstack_layers(self) -> int:
         return len(self.vision_config["deepstack_visual_indexes"])
 
@@ -174,6 +179,63 @@ class Qwen3VLFamily(Family):
                 hint="Check that the checkpoint is complete and is a Qwen3-VL model",
             ) from e
         return model.eval()
+
+    def meta_backbone(self, num_layers: int | None = None) -> torch.nn.Module:
+        """The ``Qwen3VLModel`` of config.json with weightless (meta) parameters, for tracing.
+
+        Args:
+            num_layers: keep only the first ``num_layers`` decoder layers (``None`` = all).
+        """
+        from transformers import AutoConfig, Qwen3VLModel
+
+        try:
+            config = AutoConfig.from_pretrained(self.checkpoint.path)
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"transformers cannot read config.json in "
+                                  f"'{self.checkpoint.path}': {e}",
+                                  hint="Check the checkpoint's config.json") from e
+        if num_layers is not None:
+            config.text_config.num_hidden_layers = num_layers
+        with torch.device("meta"):
+            model = Qwen3VLModel._from_config(config, attn_implementation="sdpa",
+                                              dtype=torch.float32)
+        return model.eval()
+
+    def host_buffers(self, backbone: Any) -> dict[str, Any]:
+        """Both rotary tables' ``inv_freq``: the vision tower's axial one and the decoder's
+        M-RoPE one (computed in ``__init__``, so a meta backbone has no values for them)."""
+        vision = backbone.visual.rotary_pos_emb
+        text = backbone.language_model.rotary_emb
+        with torch.device("cpu"):
+            vision = type(vision)(config=vision.config)
+            text = type(text)(config=text.config)
+        return {"visual.rotary_pos_emb.inv_freq": vision.inv_freq.float().numpy(),
+                "language_model.rotary_emb.inv_freq": text.inv_freq.float().numpy()}
+
+    def uniform_layers(self) -> bool:
+        # Every Qwen3-VL text layer is full attention (no sliding window, no layer_types).
+        return len(set(self.text_config.get("layer_types") or ["full_attention"])) == 1
+
+    def layer_plan(self, graph: str) -> tuple[str, int, int] | None:
+        """The decoder adds a deepstack map after each of its first layers (outside them), so
+        the first layer that reads the residual stream straight from the previous one is
+        the template: ``deepstack_layers + 2`` layers are traced, the last one copied. The
+        vision tower (taps at some blocks) is traced whole."""
+        if graph != "decoder" or not self.uniform_layers():
+            return None
+        return "lm.layers", self.deepstack_layers + 1, 0
+
+    def backbone_name(self, graph: str, name: str) -> str:
+        """The vision graph holds ``backbone.visual`` as ``visual`` (same names); the decoder
+        holds ``backbone.language_model`` as ``lm``. Checkpoints saved from
+        ``Qwen3VLForConditionalGeneration`` add ``model.`` (see :meth:`checkpoint_key`)."""
+        if graph == "vision":
+            return name
+        return "language_model." + name.removeprefix("lm.") if name.startswith("lm.") else name
+
+    @property
+    def streamable(self) -> bool:
+        return True
 
     def vision_module(self, backbone: Any) -> torch.nn.Module:
         """The vision graph's module."""

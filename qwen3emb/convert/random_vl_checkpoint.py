@@ -56,6 +56,21 @@ VL_PRESETS: dict[str, dict[str, Any]] = {
         vision=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2,
                     deepstack_visual_indexes=[0, 1, 2], num_position_embeddings=2304),
     ),
+    # The released Qwen3-VL-Embedding-2B / -8B shapes (config.json of Qwen3-VL-2B/8B).
+    "2B": dict(
+        text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                  max_position_embeddings=262144, mrope_section=[24, 20, 20]),
+        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                    deepstack_visual_indexes=[5, 11, 17], num_position_embeddings=2304),
+    ),
+    "8B": dict(
+        text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                  max_position_embeddings=262144, mrope_section=[24, 20, 20]),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                    deepstack_visual_indexes=[8, 16, 24], num_position_embeddings=2304),
+    ),
 }
 
 
@@ -170,3 +185,84 @@ def build_random_vl_checkpoint(out_dir: str | Path, *, preset: str = "tiny", see
     (out / "config.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
     logger.info("wrote random Qwen3-VL %s checkpoint to %s", preset, out)
     return out
+
+
+def write_random_vl_shards(out_dir: str | Path, *, preset: str = "2B", seed: int = 0,
+                           shard_bytes: int = 2 << 30,
+                           num_hidden_layers: int | None = None) -> Path:
+    """Write a random-weight Qwen3-VL checkpoint of a real shape straight to bf16 shards.
+
+    Never builds the model: the tensor names and shapes come from a meta ``Qwen3VLModel``
+    and one tensor is in memory at a time (plus the shard being filled), so a 2B or 8B shape
+    is written without holding it. Names carry the ``model.`` prefix of checkpoints saved
+    from ``Qwen3VLForConditionalGeneration``, like the released ones.
+
+    Args:
+        out_dir: target directory (created).
+        preset: a shape from ``VL_PRESETS``.
+        seed: torch seed.
+        shard_bytes: maximum bytes per shard.
+        num_hidden_layers: text decoder depth instead of the preset's.
+
+    Returns:
+        The checkpoint directory (config.json, shards, index, tokenizer and processor files).
+    """
+    import torch
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    out = Path(out_dir)
+    build_tokenizer(out, vocab_size=REAL_VOCAB_SIZE, append_end_token=False)
+    write_processor_files(out)
+    config = make_vl_config(preset)
+    if num_hidden_layers is not None:
+        config["text_config"]["num_hidden_layers"] = num_hidden_layers
+    hf_config = Qwen3VLConfig(**config)
+    hf_config.save_pretrained(out)
+    saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    saved["architectures"] = config["architectures"]
+    (out / "config.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in Qwen3VLModel(hf_config).state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, Any] = {}
+    size = total_size = 0
+    for name, shape in shapes.items():
+        if name.endswith("bias"):
+            tensor = 0.02 * torch.randn(shape, generator=generator)
+        elif len(shape) == 1:  # norm weights: near 1, jittered so a wrong norm would show
+            tensor = 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            tensor = 0.02 * torch.randn(shape, generator=generator)
+        tensor = tensor.to(torch.bfloat16)
+        if shard and size + tensor.numel() * 2 > shard_bytes:
+            written.append(_flush(out, shard, len(written)))
+            size = 0
+        shard["model." + name] = tensor
+        size += tensor.numel() * 2
+        total_size += tensor.numel() * 2
+    written.append(_flush(out, shard, len(written)))
+    weight_map: dict[str, str] = {}
+    for i, (path, keys) in enumerate(written, start=1):
+        name = (f"model-{i:05d}-of-{len(written):05d}.safetensors" if len(written) > 1
+                else "model.safetensors")
+        path.rename(out / name)
+        weight_map.update({k: name for k in keys})
+    if len(written) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2),
+                                                          encoding="utf-8")
+    logger.info("wrote random Qwen3-VL %s checkpoint (%.2f GB bf16) to %s", preset,
+                total_size / 1e9, out)
+    return out
+
+
+def _flush(out: Path, shard: dict[str, Any], count: int) -> tuple[Path, list[str]]:
+    """Write ``shard`` under a temporary name (the final ones need the count) and empty it."""
+    from safetensors.torch import save_file
+
+    path = out / f".shard-{count:05d}.safetensors"
+    save_file(shard, str(path), metadata={"format": "pt"})
+    keys = list(shard)
+    shard.clear()
+    return path, keys

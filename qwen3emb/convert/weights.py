@@ -45,7 +45,6 @@ class ShardedWeights:
                                           f"{file.name}", hint="Re-download the checkpoint")
                 self._where[key] = file
                 self._meta[key] = (header[key]["dtype"], tuple(header[key]["shape"]))
-        self._handles: dict[Path, Any] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
@@ -68,21 +67,24 @@ class ShardedWeights:
         return int(np.prod(self.shape(key), dtype=np.int64)) * itemsize
 
     def load(self, key: str, dtype: Any = np.float32) -> np.ndarray:
-        """Read one tensor and convert it (bf16 → fp32 is exact)."""
+        """Read one tensor and convert it (bf16 → fp32 is exact).
+
+        The shard is opened for this read only: safetensors memory-maps it, and the pages a
+        read touched stay resident (and count in the process's RSS) as long as the mapping
+        lives, so a handle kept open across a whole export would grow to the shard's size.
+        """
         import torch
         from safetensors import safe_open
 
-        file = self._where[key]
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
-        tensor = self._handles[file].get_tensor(key)
         torch_dtype = {np.float32: torch.float32, np.float16: torch.float16}.get(dtype)
         if torch_dtype is None:
             raise ValueError(f"unsupported target dtype {dtype}")
+        with safe_open(str(self._where[key]), framework="pt") as handle:
+            tensor = handle.get_tensor(key)
         return tensor.to(torch_dtype).numpy()
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept for callers that close explicitly."""
 
 
 def _read_header(file: Path) -> dict[str, Any]:

@@ -46,15 +46,19 @@ def layer_of(node: Any, scope: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def replicate_layers(model: Any, scope: str, total: int, tail: int = 0) -> int:
-    """Insert copies of layer ``TRACED_LAYERS - 1`` until the graph has ``total`` layers.
+def replicate_layers(model: Any, scope: str, total: int, tail: int = 0, *,
+                     template: int = TRACED_LAYERS - 1) -> int:
+    """Insert copies of layer ``template`` until the graph has ``total`` layers.
 
     Args:
-        model: an ``onnx_ir.Model`` traced with ``TRACED_LAYERS + tail`` layers, weights
+        model: an ``onnx_ir.Model`` traced with ``template + 1 + tail`` layers, weights
             unbound.
         scope: the module path of the layer list in the graph, e.g. ``backbone.layers``.
         total: the depth of the real model.
         tail: 1 when the last traced layer is a different computation that must stay last.
+        template: the layer to copy; it must read the residual stream straight from layer
+            ``template - 1`` (the Qwen3-VL decoder adds deepstack features after its first
+            layers, so its template is the first layer after those).
 
     Returns:
         How many layers were added.
@@ -67,9 +71,8 @@ def replicate_layers(model: Any, scope: str, total: int, tail: int = 0) -> int:
 
     graph = model.graph
     nodes = list(graph)
-    template = TRACED_LAYERS - 1
-    traced = TRACED_LAYERS + tail
-    if tail not in (0, 1) or total < traced:
+    traced = template + 1 + tail
+    if tail not in (0, 1) or template < 1 or total < traced:
         raise ReplicationError(f"cannot grow {traced} traced layers (tail {tail}) to {total}")
     body = [n for n in nodes if layer_of(n, scope) == template]
     if not body:
@@ -109,7 +112,7 @@ def replicate_layers(model: Any, scope: str, total: int, tail: int = 0) -> int:
     if tail:
         _move_layer(graph, nodes, scope, traced - 1, total - 1)
     anchor, previous = body[-1], out
-    for k in range(TRACED_LAYERS, total - tail):
+    for k in range(template + 1, total - tail):
         mapping: dict[int, Any] = {id(residual[0]): previous}
         for value in weights.values():
             clone = ir.Value(name=f"{scope}.{k}.{value.name.removeprefix(prefix)}",

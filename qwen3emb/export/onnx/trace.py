@@ -20,86 +20,102 @@ from qwen3emb.convert.base import Family
 from qwen3emb.convert.weights import ShardedWeights
 from qwen3emb.errors import OutputError
 from qwen3emb.export.onnx.contract import check_graph_contract
-from qwen3emb.export.onnx.replicate import TRACED_LAYERS, ReplicationError, replicate_layers
-from qwen3emb.spec import TextGraphSpec
+from qwen3emb.export.onnx.replicate import ReplicationError, replicate_layers
 
 logger = logging.getLogger(__name__)
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 """Weights above 1 GiB go to ``<model>.onnx.data`` (protobuf caps a file at 2 GiB)."""
 
-BACKBONE_PREFIX = "backbone."
-"""The embedding wrapper holds the HF model as ``self.backbone``."""
-
-
 TRACE_MODES = ("shallow", "full")
-"""``shallow``: trace two layers and replicate the second (uniform decoders only); ``full``:
-trace every layer."""
+"""``shallow``: trace the first layers and replicate the last of them, where the family's
+``layer_plan`` allows it for the graph (two layers for text, five for the Qwen3-VL decoder);
+``full``: trace every layer."""
 
 
-def trace_graph(family: Family, spec: TextGraphSpec, dimensions: int | None = None, *,
+def trace_graph(family: Family, spec: Any, dimensions: int | None = None, *,
                 trace: str = "shallow") -> Any:
-    """Trace the embedding module with meta weights → an ``onnx_ir.Model`` without weight data.
+    """Trace one graph of the family with meta weights → an ``onnx_ir.Model`` without weight data.
 
     Args:
         family: the checkpoint's family.
-        spec: the graph contract.
-        dimensions: Matryoshka width baked into the graph.
-        trace: ``"shallow"`` traces :data:`TRACED_LAYERS` layers (plus the pooled last layer,
-            see ``Family.pooled_last_layer``) and copies layer ``TRACED_LAYERS - 1`` to full
-            depth when the family's layers are uniform (else it traces them all);
-            ``"full"`` always traces every layer.
+        spec: the graph contract (one of :meth:`Family.graph_specs`).
+        dimensions: Matryoshka width baked into the embedding graph.
+        trace: ``"shallow"`` traces the first layers (plus the pooled last layer, see
+            ``Family.pooled_last_layer``) and copies the last of them to full depth when the
+            family allows it for this graph (``Family.layer_plan``; else it traces them
+            all); ``"full"`` always traces every layer.
 
     Raises:
         OutputError: the exporter failed.
     """
+    plan = family.layer_plan(spec.name) if trace == "shallow" else None
     total = family.num_layers
-    tail = int(family.pooled_last_layer)
-    if trace == "shallow" and total > TRACED_LAYERS + tail and family.uniform_layers():
-        model = _trace(family, spec, dimensions, TRACED_LAYERS + tail)
+    if plan is not None and total > plan[1] + 1 + plan[2]:
+        scope, template, tail = plan
+        model = _trace(family, spec, dimensions, template + 1 + tail)
         try:
-            replicate_layers(model, BACKBONE_PREFIX + family.layers_scope, total, tail)
+            replicate_layers(model, scope, total, tail, template=template)
             return model
         except ReplicationError as e:
             logger.warning("cannot replicate the traced layers (%s); tracing all %d", e, total)
     return _trace(family, spec, dimensions, None)
 
 
-def _trace(family: Family, spec: TextGraphSpec, dimensions: int | None,
-           num_layers: int | None) -> Any:
+def _trace(family: Family, spec: Any, dimensions: int | None, num_layers: int | None) -> Any:
     import torch
 
     backbone = family.meta_backbone(num_layers)
-    module = family.embedding_module(backbone, dimensions)
-    # Batch 2 with one left-padded row; neither dimension is 0 or 1, which torch.export
-    # would specialize.
-    ids = torch.zeros((2, 8), dtype=torch.int64, device="meta")
-    mask = torch.ones((2, 8), dtype=torch.int64, device="meta")
-    axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+    module = family.graph_module(backbone, spec.name, dimensions)
+    example, dynamic = family.trace_inputs(spec.name, spec)
+    example = tuple(t.to("meta") for t in example)
     captured = io.StringIO()
-    logger.info("tracing %s (%s layers) with torch.onnx (dynamo, opset %d)", family.model_type,
-                num_layers or "all", spec.opset)
+    logger.info("tracing the %s graph of %s (%s layers) with torch.onnx (dynamo, opset %d)",
+                spec.name, family.model_type, num_layers or "all", spec.opset)
     try:
         with torch.no_grad(), contextlib.redirect_stdout(captured):
             program = torch.onnx.export(
-                module, (ids, mask), dynamo=True, input_names=spec.input_names,
+                module, example, dynamo=True, input_names=spec.input_names,
                 output_names=spec.output_names, opset_version=spec.opset,
-                dynamic_shapes={"input_ids": axes, "attention_mask": axes},
-                optimize=False, verbose=False,
+                dynamic_shapes=dynamic, optimize=False, verbose=False,
             )
     except Exception as e:
         logger.debug("exporter output:\n%s", captured.getvalue())
         raise OutputError(
-            f"torch.onnx.export failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}",
+            f"torch.onnx.export of the {spec.name} graph failed: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0][:200]}",
             hint="Run with QWEN3EMB_DEBUG=1 for the traceback; check torch/transformers versions",
         ) from e
     if program is None:  # only the legacy exporter returns None
         raise OutputError("torch.onnx.export returned no program",
                           hint="This is a bug in qwen3emb-export; please report it")
     model = program.model
+    name_axes(model, spec)
+    model.graph.meta["graph"] = spec.name
     model.graph.meta["host_buffers"] = family.host_buffers(backbone)
     model.graph.meta["nan_free_softmax"] = bool(getattr(module, "nan_free_softmax", False))
     return model
+
+
+def name_axes(model: Any, spec: Any) -> None:
+    """Rename the graph's dynamic I/O axes to the spec's names.
+
+    The exporter names derived axes after its symbols (``4*blocks``, ``groups*s79``); the
+    contract names them (``patches``, ``visual_tokens``). Axes already named right are left
+    alone.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    for values, tensors in ((graph.inputs, spec.inputs), (graph.outputs, spec.outputs)):
+        for value, tensor in zip(values, tensors):
+            if value.shape is None or len(value.shape) != len(tensor.axes):
+                continue
+            dims = list(value.shape)
+            renamed = [ir.SymbolicDim(axis) if not axis.isdigit() and not isinstance(dim, int)
+                       and dim.value != axis else dim for dim, axis in zip(dims, tensor.axes)]
+            if any(a is not b for a, b in zip(renamed, dims)):
+                value.shape = ir.Shape(renamed)
 
 
 def drop_nan_guards(model: Any) -> int:
@@ -152,10 +168,11 @@ def attach_weights(model: Any, family: Family,
     import onnx_ir as ir
 
     buffers: dict[str, np.ndarray] = model.graph.meta.get("host_buffers", {})
+    graph = model.graph.meta.get("graph", "model")
     total = 0
     missing: list[str] = []
     for name, value in model.graph.initializers.items():
-        inner = name.removeprefix(BACKBONE_PREFIX)
+        inner = family.backbone_name(graph, name)
         if inner in buffers:
             value.const_value = ir.tensor(buffers[inner], name=name)
             total += buffers[inner].nbytes
@@ -285,20 +302,20 @@ def optimize_graph(model: Any, *, skip: tuple[str, ...] = SKIPPED_REWRITES) -> N
 def export_onnx(
     family: Family,
     out_path: Path,
-    spec: TextGraphSpec,
+    spec: Any,
     *,
     dimensions: int | None = None,
     weights: str = "stream",
     trace: str = "shallow",
     progress: bool = False,
 ) -> Path:
-    """Export the family's embedding graph to ``out_path`` (fp32, dynamic batch and sequence).
+    """Export one graph of the family to ``out_path`` in fp32, with the spec's dynamic axes.
 
     Args:
         family: the checkpoint's family.
         out_path: the ``.onnx`` file; large weights go beside it as ``<name>.data``.
-        spec: the graph contract (names, opset, output width).
-        dimensions: Matryoshka width baked into the graph (``None`` = full width).
+        spec: the graph contract (one of :meth:`Family.graph_specs`: names, axes, opset).
+        dimensions: Matryoshka width baked into the embedding graph (``None`` = full width).
         weights: ``"stream"`` reads each tensor from its shard while writing (flat memory);
             ``"memory"`` loads the whole fp32 model first (the naive path, kept to prove that
             both give the same bytes).
