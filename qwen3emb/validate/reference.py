@@ -15,6 +15,12 @@ from qwen3emb.errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 
+def reference_query(task: str, query: str) -> str:
+    """The model card's query format. Written out here, not taken from constants, so a typo
+    there cannot hide."""
+    return f"Instruct: {task}\nQuery:{query}"
+
+
 def reference_token_ids(tokenizer: Any, text: str, max_length: int) -> list[int]:
     """The reference tokenization of ``text`` by transformers' tokenizer.
 

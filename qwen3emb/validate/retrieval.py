@@ -225,7 +225,7 @@ def evaluate_text_bundle(suite: Any, eval_set: EvalSet, request: EvalRequest,
     Raises:
         InputError: a max_length above the bundle's.
     """
-    from qwen3emb.validate.text import _reference_query
+    from qwen3emb.validate.reference import reference_query
 
     start = time.perf_counter()
     manifest, ref = suite.manifest, suite.reference
@@ -237,7 +237,7 @@ def evaluate_text_bundle(suite: Any, eval_set: EvalSet, request: EvalRequest,
     docs, queries = list(eval_set.doc_texts), list(eval_set.query_texts)
     logger.info("eval set: %d queries, %d documents, max length %d", len(queries), len(docs),
                 limit)
-    texts = docs + [_reference_query(task, q) for q in queries]
+    texts = docs + [reference_query(task, q) for q in queries]
     embedded = []
     with bar(len(texts), "reference", progress, unit="text") as ticker:
         for first in range(0, len(texts), 64):
@@ -275,7 +275,7 @@ def evaluate_text_bundle(suite: Any, eval_set: EvalSet, request: EvalRequest,
 def _score_artifact(suite: Any, row: RetrievalRow, eval_set: EvalSet, request: EvalRequest,
                     limit: int, reference_at: Any) -> None:
     """Embed the set with one artifact and fill ``row``; a failure is recorded, not raised."""
-    from qwen3emb.validate.text import open_runner
+    from qwen3emb.validate.runners import open_runner
 
     try:
         runner, width = open_runner(suite.bundle, row.kind, row.precision, limit,

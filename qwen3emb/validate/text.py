@@ -14,7 +14,8 @@ from qwen3emb.errors import InputError, Qwen3EmbError
 from qwen3emb.progress import bar
 from qwen3emb.validate.compare import ArtifactResult, top1_agreement
 from qwen3emb.validate.probes import ProbeSet, build_probes
-from qwen3emb.validate.reference import ReferenceEmbedder
+from qwen3emb.validate.reference import ReferenceEmbedder, reference_query
+from qwen3emb.validate.runners import open_runner
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +29,6 @@ PADDING_PROBES = 6
 def _floor_order(precision: str) -> int:
     order = list(FLOORS)
     return order.index(precision) if precision in order else len(order)
-
-
-def _reference_query(task: str, query: str) -> str:
-    # Written out here, not taken from constants, so a typo there cannot hide.
-    return f"Instruct: {task}\nQuery:{query}"
 
 
 def check_artifact(runner: Any, ref: ReferenceEmbedder, probes: ProbeSet, result: ArtifactResult,
@@ -65,7 +61,7 @@ def check_artifact(runner: Any, ref: ReferenceEmbedder, probes: ProbeSet, result
     docs = [d for _, d in probes.pairs]
     q_out = runner.encode_queries(queries, task=probes.task)
     d_out = runner.encode_documents(docs)
-    q_ref = ref.embed([_reference_query(task, q) for q in queries], max_length, ref_dims)
+    q_ref = ref.embed([reference_query(task, q) for q in queries], max_length, ref_dims)
     d_ref = ref.embed(docs, max_length, ref_dims)
     result.add("query", [str(i) for i in range(len(queries))], q_out, q_ref)
     result.add("document", [str(i) for i in range(len(docs))], d_out, d_ref)
@@ -147,7 +143,7 @@ class TextSuite:
                 hint="Pass the checkpoint the bundle was exported from")
         task = self.probes.task or DEFAULT_TASK
         ref.prefetch([*(t for _, t in self.probes.texts),
-                      *(_reference_query(task, q) for q, _ in self.probes.pairs),
+                      *(reference_query(task, q) for q, _ in self.probes.pairs),
                       *(d for _, d in self.probes.pairs)], self.limit)
         self.reference = ref
         models = self.artifacts(precisions)
@@ -175,25 +171,6 @@ def _check_one(bundle: Any, kind: str, precision: str, entry: dict[str, Any],
     logger.info("%s: min cosine %.6f (floor %s)", entry["path"], result.min_cosine,
                 result.floor)
     return result
-
-
-def open_runner(bundle: Any, kind: str, precision: str, limit: int, providers: Any,
-                manifest: Any) -> tuple[Any, int]:
-    """The runtime embedder of one artifact (ONNX or GGUF) and its output width.
-
-    Raises:
-        Qwen3EmbError: the artifact does not load.
-    """
-    if kind == "onnx":
-        from qwen3emb.runtime.text import TextEmbedder
-
-        runner = TextEmbedder(bundle, providers, precision=precision, verify=False,
-                              max_length=limit, strict=False)
-        return runner, int(manifest.embedding["output_dim"])
-    from qwen3emb.runtime.gguf import GGUFTextEmbedder
-
-    gguf = GGUFTextEmbedder(bundle, gguf_type=precision, max_length=limit)
-    return gguf, gguf.dim
 
 
 def choose_reference_dtype(checkpoint: Any) -> str:
