@@ -202,6 +202,13 @@ class Qwen3VLFamily(Family):
     support_files = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json",
                      "video_preprocessor_config.json")
 
+    interop_tools = ("llama.cpp",)
+    """Only llama.cpp (text GGUF + mmproj) is claimed for Qwen3-VL bundles: the other loaders
+    feed ``input_ids``/``attention_mask`` to one graph (or, in transformers.js, expect its own
+    split of Qwen3-VL into embed/vision/decoder-with-cache graphs), not our vision + decoder
+    graphs with host preprocessing; Ollama with a separate mmproj is untested
+    (docs/interop.md)."""
+
     VISION_PRECISIONS = ("fp32", "fp16")
     """The vision graph's precisions. It holds ~19% of the 2B's weights and ~7% of the 8B's,
     so int8/int4 decoders run with the fp32 vision graph, and fp16 vision is written only with

@@ -16,9 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from qwen3emb.constants import EXTERNAL_DATA_SUFFIX, SENTENCE_EMBEDDING
 from qwen3emb.convert.base import Family
 from qwen3emb.errors import OutputError
 from qwen3emb.export.onnx.contract import check_graph_contract
+from qwen3emb.export.onnx.outputs import add_hidden_state_output
 from qwen3emb.export.onnx.replicate import TRACED_LAYERS, ReplicationError, replicate_layers
 from qwen3emb.export.onnx.weights import ShardedWeights
 from qwen3emb.spec import TextGraphSpec
@@ -26,7 +28,7 @@ from qwen3emb.spec import TextGraphSpec
 logger = logging.getLogger(__name__)
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
-"""Weights above 1 GiB go to ``<model>.onnx.data`` (protobuf caps a file at 2 GiB)."""
+"""Weights above 1 GiB go to ``<model>.onnx_data`` (protobuf caps a file at 2 GiB)."""
 
 BACKBONE_PREFIX = "backbone."
 """The embedding wrapper holds the HF model as ``self.backbone``."""
@@ -83,7 +85,7 @@ def _trace(family: Family, spec: TextGraphSpec, dimensions: int | None,
         with torch.no_grad(), contextlib.redirect_stdout(captured):
             program = torch.onnx.export(
                 module, (ids, mask), dynamo=True, input_names=spec.input_names,
-                output_names=spec.output_names, opset_version=spec.opset,
+                output_names=[SENTENCE_EMBEDDING], opset_version=spec.opset,
                 dynamic_shapes={"input_ids": axes, "attention_mask": axes},
                 optimize=False, verbose=False,
             )
@@ -296,7 +298,7 @@ def export_onnx(
 
     Args:
         family: the checkpoint's family.
-        out_path: the ``.onnx`` file; large weights go beside it as ``<name>.data``.
+        out_path: the ``.onnx`` file; large weights go beside it as ``<name>_data``.
         spec: the graph contract (names, opset, output width).
         dimensions: Matryoshka width baked into the graph (``None`` = full width).
         weights: ``"stream"`` reads each tensor from its shard while writing (flat memory);
@@ -338,12 +340,14 @@ def export_onnx(
     total = attach_weights(model, family, source)
     fold_weight_transposes(model)
     optimize_graph(model)
+    if spec.hidden_state_output:
+        add_hidden_state_output(model)
     if model.graph.meta.get("nan_free_softmax"):
         logger.info("dropped %d softmax NaN guards (no attention row is empty)",
                     drop_nan_guards(model))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     external = total > EXTERNAL_DATA_THRESHOLD
-    data_name = out_path.name + ".data"
+    data_name = out_path.name + EXTERNAL_DATA_SUFFIX
     logger.info("writing %s (%.1f MB of fp32 weights%s)", out_path, total / 1e6,
                 ", external data" if external else "")
     with bar(total, f"write {out_path.name}", progress and external, unit="B") as writing:
