@@ -309,9 +309,8 @@ def test_hub_id_sources_become_base_model():
 
 # --- push -------------------------------------------------------------------------------------
 def test_push_fails_in_one_line_when_the_hub_is_unreachable(tiny_bundle, monkeypatch):
-    from typer.testing import CliRunner
-
     import huggingface_hub.constants
+    from typer.testing import CliRunner
 
     from qwen3emb.cli import create_app
 
@@ -350,3 +349,13 @@ def test_push_refuses_a_bundle_with_a_bad_hash(tiny_bundle, tmp_path):
     (copy / "modules.json").write_text("[]")
     with pytest.raises(BundleError, match="hash check"):
         push_bundle(copy, "me/x", token="hf_unused")
+
+
+def test_vl_bundles_claim_no_other_tool_and_say_so(vl_bundle):
+    # Shares the session's VL bundle with tests/test_vl.py (no extra export in the suite).
+    card = (vl_bundle / "README.md").read_text()
+    manifest = json.loads((vl_bundle / "manifest.json").read_text())
+    assert manifest["interop"]["tools"] == []
+    assert not (vl_bundle / "config.json").exists() and not (vl_bundle / "modules.json").exists()
+    assert "## Not supported" in card and "transformers.js" in card.split("## Not supported")[1]
+    assert "pipeline_tag: feature-extraction" in card.split("---")[1]

@@ -202,11 +202,12 @@ class Qwen3VLFamily(Family):
     support_files = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json",
                      "video_preprocessor_config.json")
 
-    interop_tools = ("llama.cpp",)
-    """Only llama.cpp (text GGUF + mmproj) is claimed for Qwen3-VL bundles: the other loaders
-    feed ``input_ids``/``attention_mask`` to one graph (or, in transformers.js, expect its own
-    split of Qwen3-VL into embed/vision/decoder-with-cache graphs), not our vision + decoder
-    graphs with host preprocessing; Ollama with a separate mmproj is untested
+    interop_tools = ()
+    """No other tool loads our Qwen3-VL files as they are: sentence-transformers, fastembed and
+    TEI feed ``input_ids``/``attention_mask`` to one graph, not a vision graph plus a decoder
+    driven by host preprocessing; transformers.js's own ``qwen3_vl`` expects its split for
+    generation (embeddings, vision, decoder with a KV cache); llama-server and Ollama with the
+    mmproj GGUF are untested. Use qwen3emb's ``VLEmbedder`` / ``GGUFVLEmbedder``
     (docs/interop.md)."""
 
     VISION_PRECISIONS = ("fp32", "fp16")

@@ -107,18 +107,18 @@ def render_model_card(manifest: dict[str, Any]) -> str:
     tags += ["onnx"] * has_onnx + ["gguf"] * has_gguf
     tags += [t if t != "tei" else "text-embeddings-inference" for t in tools
              if t in ("sentence-transformers", "transformers.js", "tei")]
-    front = ["---",
-             f"library_name: {'sentence-transformers' if 'sentence-transformers' in tools else 'onnx'}",
-             "pipeline_tag: feature-extraction"]
+    library = "sentence-transformers" if "sentence-transformers" in tools else "onnx"
+    front = ["---", f"library_name: {library}", "pipeline_tag: feature-extraction"]
     if HUB_ID.match(source):
         front.append(f"base_model: {source}")
     front.append("tags:")
     front += [f"- {t}" for t in dict.fromkeys(tags)]
     front.append("---")
     embedding = manifest.get("embedding", {})
+    version = manifest.get("versions", {}).get("qwen3emb-export", __version__)
     lines = [*front, "",
              f"# {Path(source).name or source} (ONNX / GGUF embedding bundle)", "",
-             f"Exported by qwen3emb-export {manifest.get('versions', {}).get('qwen3emb-export', __version__)} "
+             f"Exported by qwen3emb-export {version} "
              f"from `{source}`. Family `{manifest['family']}`; "
              f"{embedding.get('output_dim', '?')}-dimensional embeddings, "
              f"{embedding.get('pooling', 'last_token')} pooling and "

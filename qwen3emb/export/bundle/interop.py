@@ -184,7 +184,7 @@ def check_interop_files(bundle: Path) -> list[str]:
     tools = set(manifest.get("interop", {}).get("tools", []))
     problems: list[str] = []
 
-    def read(name: str) -> dict[str, Any] | list[Any] | None:
+    def read(name: str) -> Any:
         path = bundle / name
         if not path.is_file():
             problems.append(f"{name} is missing")

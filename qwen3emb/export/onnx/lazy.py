@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from qwen3emb.constants import EXTERNAL_DATA_SUFFIX
+
 logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ def add_hidden_state_output(model: Any) -> None:
     batch, width = embedding.shape.dims[0], embedding.shape.dims[-1]
 
     def add(op: str, inputs: list[Any], **attributes: Any) -> Any:
-        node = ir.node(op, inputs, attributes or None, name=f"/interop/{op}")
+        node = ir.node(op, inputs, attributes or None,
+                       name=f"/interop/{op}_{sum(1 for n in graph if n.op_type == op)}")
         graph.append(node)
         return node.outputs[0]
 
