@@ -47,12 +47,17 @@ def _needs(environment: Path, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def interop_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint with fp32/int8/int4 ONNX and f32/q8_0 GGUF files."""
+    """The tiny checkpoint with fp32/int8/int4 ONNX and f32/q8_0 GGUF files, its ONNX weights
+    in external data files as a real model's are (above 1 GiB), so every tool is tested on the
+    ``model.onnx_data`` layout."""
+    from qwen3emb.export.onnx import trace
     from qwen3emb.pipeline import export_bundle
 
     out = tmp_path_factory.mktemp("interop") / "bundle"
-    export_bundle(tiny_checkpoint, out, validate=False, precisions=["int8", "int4"],
-                  formats=["onnx", "gguf"], gguf_types=["f32", "q8_0"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trace, "EXTERNAL_DATA_THRESHOLD", 0)
+        export_bundle(tiny_checkpoint, out, validate=False, precisions=["int8", "int4"],
+                      formats=["onnx", "gguf"], gguf_types=["f32", "q8_0"])
     return out
 
 
@@ -265,7 +270,11 @@ def test_tei_and_ollama_files_and_fields_are_present(interop_bundle):
     checkpoint = json.loads((interop_bundle / "manifest.json").read_text())
     assert config["model_type"] == "qwen3" and config["architectures"]
     assert config["hidden_size"] == checkpoint["embedding"]["dim"]
-    assert config["transformers.js_config"] == {"dtype": "fp32"}  # no external data here
+    external = {"model.onnx": 1, "model_int8.onnx": 1, "model_int4.onnx": 1}
+    assert config["transformers.js_config"] == {"dtype": "fp32",
+                                                "use_external_data_format": external}
+    for name in external:  # the name transformers.js and TEI fetch: <file>_data
+        assert (interop_bundle / "onnx" / f"{name}_data").is_file()
     pooling = json.loads((interop_bundle / "1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode_lasttoken"] and not pooling["pooling_mode_mean_tokens"]
     st = json.loads((interop_bundle / "config_sentence_transformers.json").read_text())
