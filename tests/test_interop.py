@@ -368,3 +368,18 @@ def test_vl_bundles_claim_no_other_tool_and_say_so(vl_bundle):
     assert not (vl_bundle / "config.json").exists() and not (vl_bundle / "modules.json").exists()
     assert "## Not supported" in card and "transformers.js" in card.split("## Not supported")[1]
     assert "pipeline_tag: feature-extraction" in card.split("---")[1]
+
+
+def test_push_needs_no_torch(tiny_bundle, run_without_torch):
+    result = run_without_torch(f"""
+        import os
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        from qwen3emb.errors import OutputError
+        from qwen3emb.hub import push_bundle
+        try:
+            push_bundle({str(tiny_bundle)!r}, "me/x", token="hf_unused")
+        except OutputError as e:
+            print(e.one_line())
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "OfflineModeIsEnabled" in result.stdout
