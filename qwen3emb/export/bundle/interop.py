@@ -86,7 +86,10 @@ def write_interop_files(family: Family, stage: Path, manifest: dict[str, Any],
         path.parent.mkdir(parents=True, exist_ok=True)
         text = content if isinstance(content, str) else json.dumps(content, indent=2) + "\n"
         path.write_text(text, encoding="utf-8")
-        entries.append(file_entry(stage, path, kind="interop", role="interop"))
+        # The Modelfile belongs to the GGUF files it names; the rest to the ONNX graphs'
+        # loaders. Role "interop" keeps them out of Manifest.models().
+        kind = "gguf" if name.startswith(f"{GGUF_DIR}/") else "interop"
+        entries.append(file_entry(stage, path, kind=kind, role="interop"))
     if "sentence-transformers" in tools and onnx_models:
         # Normalize has no configuration; sentence-transformers only needs the folder name.
         (stage / "2_Normalize").mkdir(exist_ok=True)
