@@ -56,6 +56,11 @@ BUNDLE_FORMAT = "qwen3emb-bundle"
 BUNDLE_FORMAT_VERSION = 1
 ONNX_DIR = "onnx"
 GGUF_DIR = "gguf"
+EXTERNAL_DATA_SUFFIX = "_data"
+"""``model.onnx`` keeps weights above 1 GiB in ``model.onnx_data``: the name transformers.js
+and TEI fetch from the Hub (onnxruntime itself reads whatever name the graph records)."""
+MODEL_CARD_FILE = "README.md"
+"""The Hub model card written into every bundle (docs/interop.md)."""
 FORMATS = ("onnx", "gguf")
 DEFAULT_GGUF_TYPE = "f16"
 REPORTS_DIR = "reports"
@@ -73,6 +78,11 @@ TOKENIZER_FILES = (
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 SENTENCE_EMBEDDING = "sentence_embedding"
+LAST_HIDDEN_STATE = "last_hidden_state"
+"""Second output of text graphs: ``sentence_embedding`` repeated at every position
+[batch, sequence, dim], for loaders that read only this name and pool it themselves
+(optimum / sentence-transformers' ONNX backend, transformers.js): any pooling of a constant
+row, then L2, gives the embedding back (docs/interop.md)."""
 DEFAULT_OPSET = 18
 """At opset 23 the exporter writes attention as one ONNX ``Attention`` node (boolean mask, K/V
 repeated for GQA; left and right padding pass parity, tests/test_export.py), but onnxruntime

@@ -10,6 +10,7 @@ from typing import Any
 
 from qwen3emb.constants import MANIFEST_FILE, REPORTS_DIR
 from qwen3emb.export import ExportResult, write_bundle
+from qwen3emb.export.bundle.card import write_model_card
 from qwen3emb.manifest import write_json_atomic
 
 
@@ -66,3 +67,4 @@ def record_parity(stage: Path, manifest: dict[str, Any], report: Any) -> None:
         "min_cosine": {getattr(a, key): round(a.min_cosine, 8) for a in report.artifacts},
     }
     write_json_atomic(stage / MANIFEST_FILE, manifest)
+    write_model_card(stage, manifest)  # its parity table

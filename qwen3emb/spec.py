@@ -14,6 +14,7 @@ from qwen3emb.constants import (
     DEFAULT_OPSET,
     FLOORS,
     INPUT_IDS,
+    LAST_HIDDEN_STATE,
     SENTENCE_EMBEDDING,
 )
 from qwen3emb.errors import InputError
@@ -38,11 +39,15 @@ class TextGraphSpec:
     """The ONNX contract of a text embedding graph.
 
     ``input_ids`` and ``attention_mask`` (int64, [batch, sequence]) in, ``sentence_embedding``
-    (float32, [batch, dim], unit L2 norm) out. No KV cache, no position_ids input.
+    (float32, [batch, dim], unit L2 norm) out first, then (with ``hidden_state_output``)
+    ``last_hidden_state`` [batch, sequence, dim]: the same embedding broadcast over the
+    sequence, for loaders that read only that name (see :data:`LAST_HIDDEN_STATE`). No KV
+    cache, no position_ids input.
     """
 
     dim: int
     opset: int = DEFAULT_OPSET
+    hidden_state_output: bool = True
     inputs: tuple[TensorSpec, ...] = field(default=(
         TensorSpec(INPUT_IDS, "int64", ("batch", "sequence")),
         TensorSpec(ATTENTION_MASK, "int64", ("batch", "sequence")),
@@ -62,7 +67,11 @@ class TextGraphSpec:
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
-        return (TensorSpec(SENTENCE_EMBEDDING, "float32", ("batch", str(self.dim))),)
+        embedding = TensorSpec(SENTENCE_EMBEDDING, "float32", ("batch", str(self.dim)))
+        if not self.hidden_state_output:
+            return (embedding,)
+        return (embedding,
+                TensorSpec(LAST_HIDDEN_STATE, "float32", ("batch", "sequence", str(self.dim))))
 
     @property
     def input_names(self) -> list[str]:

@@ -60,10 +60,14 @@ def test_graph_has_dynamic_batch_and_sequence_and_no_cache_inputs(tiny_bundle: P
         "input_ids": (onnx.TensorProto.INT64, ["batch", "sequence"]),
         "attention_mask": (onnx.TensorProto.INT64, ["batch", "sequence"]),
     }
-    (output,) = model.graph.output
+    # sentence_embedding first; last_hidden_state (it, broadcast) for other loaders.
+    output, hidden = model.graph.output
     assert output.name == "sentence_embedding"
     assert output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert shape(output) == ["batch", 64]
+    assert hidden.name == "last_hidden_state"
+    assert hidden.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert shape(hidden) == ["batch", "sequence", 64]
 
 
 def test_existing_output_is_not_overwritten_without_force(tiny_checkpoint: Path,

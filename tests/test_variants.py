@@ -81,7 +81,7 @@ def test_variant_holds_one_source_tensor_at_a_time(wide_bundle, external_source,
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert variant.files == (tmp_path / "model.onnx", tmp_path / "model.onnx.data")
+    assert variant.files == (tmp_path / "model.onnx", tmp_path / "model.onnx_data")
     assert most[0] == 1, "two fp32 source tensors were in memory at once"
     # The source copy, its transformed copy and the outputs of one tensor, plus the graph.
     assert peak < 6 * largest + 2_000_000, (peak, largest, total)
@@ -122,7 +122,7 @@ def test_external_and_inline_sources_give_the_same_variant(wide_bundle, external
         variant = build_variant(source, "int4", calibration=wide_calibration, target=target)
         session = ort.InferenceSession(str(variant.path), providers=["CPUExecutionProvider"])
         outputs.append(session.run(None, feed)[0])
-    assert variant.files[1:] == (target.with_name("b.onnx.data"),)
+    assert variant.files[1:] == (target.with_name("b.onnx_data"),)
     np.testing.assert_array_equal(outputs[0], outputs[1])
     assert np.isfinite(outputs[0]).all()
 

@@ -300,7 +300,9 @@ def create_app() -> typer.Typer:
             help="Print the version.")] = False) -> None:
         """qwen3emb-export"""
 
-    for command in (export, validate, embed, inspect, demo):
+    from qwen3emb.cli.push import push
+
+    for command in (export, validate, embed, inspect, demo, push):
         app.command()(handle_errors(command) if command is not embed else command)
     return app
 

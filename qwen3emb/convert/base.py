@@ -170,6 +170,21 @@ class Family:
         """
         raise NotImplementedError
 
+    # --- what other tools' loaders read (qwen3emb.export.bundle.interop) -------------------
+
+    interop_tools: ClassVar[tuple[str, ...]] = ()
+    """Tools whose loaders read this family's bundles with no code of ours (keys of
+    ``qwen3emb.export.bundle.interop.TOOLS``); the writer lays out their files."""
+
+    def loader_config(self) -> dict[str, Any]:
+        """``config.json`` for other loaders: the checkpoint's own configuration."""
+        return dict(self.config)
+
+    def prompts(self) -> dict[str, str]:
+        """Named prompts prepended to texts by tools that support them (sentence-transformers'
+        ``prompt_name``); empty when the family has none."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """Family facts for the manifest."""
         return {

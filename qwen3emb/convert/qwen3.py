@@ -218,6 +218,13 @@ class Qwen3Family(Family):
                                    "truncate the text, keep the end token last; pool that "
                                    "token")}
 
+    interop_tools = ("sentence-transformers", "transformers.js", "fastembed", "tei", "llama.cpp",
+                     "ollama")
+
+    def prompts(self) -> dict[str, str]:
+        """The default query instruction up to the query itself; documents get none."""
+        return {"query": QUERY_TEMPLATE.format(task=DEFAULT_TASK, query=""), "document": ""}
+
     def manifest_sections(self, out_dim: int, *, onnx: bool, gguf: bool) -> dict[str, Any]:
         return {
             "embedding": {"dim": self.embedding_dim, "output_dim": out_dim,

@@ -159,6 +159,14 @@ class Qwen3VLFamily(Family):
     support_files = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json",
                      "video_preprocessor_config.json")
 
+    interop_tools = ()
+    """No other tool loads our Qwen3-VL files as they are: sentence-transformers, fastembed and
+    TEI feed ``input_ids``/``attention_mask`` to one graph, not a vision graph plus a decoder
+    driven by host preprocessing; transformers.js's own ``qwen3_vl`` expects its split for
+    generation (embeddings, vision, decoder with a KV cache); llama-server and Ollama with the
+    mmproj GGUF are untested. Use qwen3emb's ``VLEmbedder`` / ``GGUFVLEmbedder``
+    (docs/interop.md)."""
+
     VISION_PRECISIONS = ("fp32", "fp16")
     """The vision graph's precisions. It holds ~19% of the 2B's weights and ~7% of the 8B's,
     so int8/int4 decoders run with the fp32 vision graph, and fp16 vision is written only with

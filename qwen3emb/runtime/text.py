@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen3emb.constants import ATTENTION_MASK, INPUT_IDS
+from qwen3emb.constants import ATTENTION_MASK, INPUT_IDS, SENTENCE_EMBEDDING
 from qwen3emb.errors import BundleError, InputError
 from qwen3emb.manifest import Manifest, read_manifest
 from qwen3emb.runtime.common import (
@@ -136,7 +136,9 @@ class TextEmbedder:
         """Run the graph on already padded int64 arrays → [batch, dim] float32."""
         feeds = {INPUT_IDS: input_ids.astype(np.int64, copy=False),
                  ATTENTION_MASK: attention_mask.astype(np.int64, copy=False)}
-        return np.asarray(self.session.run(None, feeds)[0], dtype=np.float32)
+        # Only the pooled output: the graph's second one (last_hidden_state) is for other
+        # loaders (docs/interop.md).
+        return np.asarray(self.session.run([SENTENCE_EMBEDDING], feeds)[0], dtype=np.float32)
 
     def pad(self, ids: Sequence[Sequence[int]], side: str = "right"
             ) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from qwen3emb.constants import EXTERNAL_DATA_SUFFIX
 from qwen3emb.errors import OutputError
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def check_loadable(stage: Path, artifacts: list[dict[str, Any]]) -> None:
 
 
 def _weight_bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
+    data = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 

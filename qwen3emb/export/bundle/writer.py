@@ -27,6 +27,8 @@ from qwen3emb.constants import (
 )
 from qwen3emb.convert import Family, family_for, load_checkpoint
 from qwen3emb.errors import CheckpointError, InputError
+from qwen3emb.export.bundle.card import write_model_card
+from qwen3emb.export.bundle.interop import write_interop_files
 from qwen3emb.export.bundle.staging import check_loadable, staged_directory
 from qwen3emb.manifest import file_entry, write_json_atomic
 
@@ -151,9 +153,11 @@ def write_bundle(
             artifacts += entries
         if gguf_list:
             artifacts += _write_gguf(family, stage, gguf_list, limit, progress)
-        manifest["artifacts"] = artifacts + support
+        interop = write_interop_files(family, stage, manifest, artifacts)
+        manifest["artifacts"] = artifacts + support + interop
         check_loadable(stage, artifacts)
         write_json_atomic(stage / MANIFEST_FILE, manifest)
+        write_model_card(stage, manifest)
         report = check(stage, manifest, backbone) if check is not None else None
     logger.info("bundle written to %s", out_path)
     return ExportResult(bundle=out_path, manifest=manifest, report=report)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qwen3emb.constants import EXTERNAL_DATA_SUFFIX
 from qwen3emb.errors import OutputError
 from qwen3emb.export.onnx.contract import check_graph_contract
 from qwen3emb.export.onnx.trace import EXTERNAL_DATA_THRESHOLD
@@ -59,7 +60,7 @@ def export_module(module: Any, example: tuple[Any, ...], dynamic: dict[str, Any]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if weight_bytes > EXTERNAL_DATA_THRESHOLD:
         onnx.save_model(model, os.fspath(out_path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=out_path.name + ".data",
+                        all_tensors_to_one_file=True, location=out_path.name + EXTERNAL_DATA_SUFFIX,
                         size_threshold=1024)
     else:
         onnx.save_model(model, os.fspath(out_path))

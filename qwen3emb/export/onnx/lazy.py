@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from qwen3emb.constants import EXTERNAL_DATA_SUFFIX
+
 logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
@@ -59,8 +61,11 @@ class LazyGraph:
         self.row_scales: dict[str, np.ndarray] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         kept = []
+        self.has_external_data = False
+        """Whether the source keeps weights in an external data file."""
         for tensor in self.model.graph.initializer:
             external = tensor.data_location == onnx.TensorProto.EXTERNAL
+            self.has_external_data |= external
             # Every float initializer is read lazily, so rewrites treat all weights alike.
             if tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
                 name = tensor.name
@@ -128,7 +133,7 @@ class LazyGraph:
 
         Args:
             path: the ``.onnx`` file.
-            external: put the weights in ``<name>.data`` beside it (needed above 2 GB).
+            external: put the weights in ``<name>_data`` beside it (needed above 2 GB).
             progress: show a byte progress bar.
 
         Returns:
@@ -153,7 +158,7 @@ class LazyGraph:
         if not external:
             ir.save(model, os.fspath(path))
             return [path]
-        data = path.with_name(path.name + ".data")
+        data = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
         with bar(total, f"write {path.name}", progress, unit="B") as writing:
             ir.save(model, os.fspath(path), external_data=data.name,
                     callback=lambda tensor, info: writing.update(int(tensor.nbytes)))

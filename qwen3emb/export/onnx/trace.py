@@ -16,16 +16,18 @@ from typing import Any
 
 import numpy as np
 
+from qwen3emb.constants import EXTERNAL_DATA_SUFFIX, LAST_HIDDEN_STATE
 from qwen3emb.convert.base import Family
 from qwen3emb.convert.weights import ShardedWeights
 from qwen3emb.errors import OutputError
 from qwen3emb.export.onnx.contract import check_graph_contract
+from qwen3emb.export.onnx.outputs import add_hidden_state_output
 from qwen3emb.export.onnx.replicate import ReplicationError, replicate_layers
 
 logger = logging.getLogger(__name__)
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
-"""Weights above 1 GiB go to ``<model>.onnx.data`` (protobuf caps a file at 2 GiB)."""
+"""Weights above 1 GiB go to ``<model>.onnx_data`` (protobuf caps a file at 2 GiB)."""
 
 TRACE_MODES = ("shallow", "full")
 """``shallow``: trace the first layers and replicate the last of them, where the family's
@@ -76,7 +78,7 @@ def _trace(family: Family, spec: Any, dimensions: int | None, num_layers: int | 
         with torch.no_grad(), contextlib.redirect_stdout(captured):
             program = torch.onnx.export(
                 module, example, dynamo=True, input_names=spec.input_names,
-                output_names=spec.output_names, opset_version=spec.opset,
+                output_names=traced_outputs(spec), opset_version=spec.opset,
                 dynamic_shapes=dynamic, optimize=False, verbose=False,
             )
     except Exception as e:
@@ -116,6 +118,12 @@ def name_axes(model: Any, spec: Any) -> None:
                        and dim.value != axis else dim for dim, axis in zip(dims, tensor.axes)]
             if any(a is not b for a, b in zip(renamed, dims)):
                 value.shape = ir.Shape(renamed)
+
+
+def traced_outputs(spec: Any) -> list[str]:
+    """The outputs the torch module returns: ``last_hidden_state`` is added to the graph after
+    tracing (:func:`qwen3emb.export.onnx.outputs.add_hidden_state_output`)."""
+    return [name for name in spec.output_names if name != LAST_HIDDEN_STATE]
 
 
 def drop_nan_guards(model: Any) -> int:
@@ -313,7 +321,7 @@ def export_onnx(
 
     Args:
         family: the checkpoint's family.
-        out_path: the ``.onnx`` file; large weights go beside it as ``<name>.data``.
+        out_path: the ``.onnx`` file; large weights go beside it as ``<name>_data``.
         spec: the graph contract (one of :meth:`Family.graph_specs`: names, axes, opset).
         dimensions: Matryoshka width baked into the embedding graph (``None`` = full width).
         weights: ``"stream"`` reads each tensor from its shard while writing (flat memory);
@@ -355,12 +363,14 @@ def export_onnx(
     total = attach_weights(model, family, source)
     fold_weight_transposes(model)
     optimize_graph(model)
+    if getattr(spec, "hidden_state_output", False):
+        add_hidden_state_output(model)
     if model.graph.meta.get("nan_free_softmax"):
         logger.info("dropped %d softmax NaN guards (no attention row is empty)",
                     drop_nan_guards(model))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     external = total > EXTERNAL_DATA_THRESHOLD
-    data_name = out_path.name + ".data"
+    data_name = out_path.name + EXTERNAL_DATA_SUFFIX
     logger.info("writing %s (%.1f MB of fp32 weights%s)", out_path, total / 1e6,
                 ", external data" if external else "")
     with bar(total, f"write {out_path.name}", progress and external, unit="B") as writing:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen3emb.constants import ATTENTION_MASK, INPUT_IDS
+from qwen3emb.constants import ATTENTION_MASK, EXTERNAL_DATA_SUFFIX, INPUT_IDS
 from qwen3emb.errors import InputError
 from qwen3emb.export.quant import quantize as q
 from qwen3emb.manifest import file_entry
@@ -103,7 +103,7 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
     from qwen3emb.export.quant.variants import build_variants
 
     keys = {"role": "model", **(entry or {})}
-    data_path = raw_path.with_name(raw_path.name + ".data")
+    data_path = raw_path.with_name(raw_path.name + EXTERNAL_DATA_SUFFIX)
     # The rewrite needs the graph, not the weights: external weights stay on disk.
     model = onnx.load(os.fspath(raw_path), load_external_data=False)
     stats = optimize_graph(model)

@@ -36,7 +36,7 @@ from qwen3emb.export.quant.ops import (
 logger = logging.getLogger(__name__)
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
-"""Variants above 1 GiB of weights go to ``<model>.onnx.data`` (protobuf caps a file at 2 GiB)."""
+"""Variants above 1 GiB of weights go to ``<model>.onnx_data`` (protobuf caps a file at 2 GiB)."""
 INT4_SCHEME = ("4-bit weight-only MatMulNBits (q/k/gate/up), per-channel dynamic int8 "
                "v/o/down_proj (8-bit MatMulNBits where their input keeps outliers), after "
                "SmoothQuant-style smoothing; 8-bit GatherBlockQuantized embeddings")
@@ -77,7 +77,7 @@ def build_variants(source: Path, precisions: Sequence[str], *,
             for int4 and for the int8 schemes that read ranges
             (``quantize.CALIBRATED_INT8_SCHEMES``).
         int8_scheme: one of ``quantize.INT8_SCHEMES``.
-        external: write weights to ``<name>.data`` (default: when ``source`` has external
+        external: write weights to ``<name>_data`` (default: when ``source`` has external
             data or a variant exceeds 1 GiB).
         progress: byte progress bars while writing.
 
@@ -150,7 +150,7 @@ def build_variant(source: Path, precision: str, *, calibration: Calibration | No
     else:
         raise InputError(f"no variant '{precision}' to build", hint="Use fp16, int8 or int4")
     if external is None:
-        external = (source.with_name(source.name + ".data").exists()
+        external = (graph.has_external_data
                     or graph.nbytes() > EXTERNAL_DATA_THRESHOLD)
     files = graph.save(target, external=external, progress=progress)
     logger.info("wrote %s (%s)", target.name, scheme)

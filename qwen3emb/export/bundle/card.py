@@ -1,0 +1,169 @@
+"""The Hub model card (``README.md``) of a bundle: YAML metadata, files, parity table and one
+usage snippet per tool that loads the bundle (docs/interop.md).
+
+Written by the bundle writer, and again by :func:`qwen3emb.pipeline.record_parity` once the
+validator has filled the parity table. Not hashed in the manifest: it is documentation.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from qwen3emb import __version__
+from qwen3emb.constants import FLOORS, GGUF_DIR, MODEL_CARD_FILE
+from qwen3emb.export.bundle.interop import TOOLS
+
+PLACEHOLDER = "MODEL_ID"
+"""Stands for the Hub repo id (or the bundle directory) in the snippets."""
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+QUERY = "What is the capital of China?"
+DOCUMENT = "The capital of China is Beijing."
+
+SNIPPETS: dict[str, tuple[str, str]] = {
+    "sentence-transformers": ("python", f'''\
+from sentence_transformers import SentenceTransformer
+
+# int8: add model_kwargs={{"file_name": "onnx/model_int8.onnx"}} (fp16: model_fp16.onnx)
+model = SentenceTransformer("{PLACEHOLDER}", backend="onnx")
+queries = model.encode(["{QUERY}"], prompt_name="query")
+documents = model.encode(["{DOCUMENT}"])
+print(model.similarity(queries, documents))
+'''),
+    "fastembed": ("python", f'''\
+from fastembed import TextEmbedding
+from fastembed.common.model_description import ModelSource, PoolingType
+
+TextEmbedding.add_custom_model(
+    model="{PLACEHOLDER}", pooling=PoolingType.DISABLED, normalization=False,
+    sources=ModelSource(hf="{PLACEHOLDER}"), dim=DIM, model_file="onnx/model.onnx",
+    output_name="sentence_embedding")  # or onnx/model_int8.onnx, onnx/model_int4.onnx
+model = TextEmbedding("{PLACEHOLDER}")  # a local bundle: add specific_model_path="BUNDLE_DIR"
+task = "Given a web search query, retrieve relevant passages that answer the query"
+queries = list(model.embed([f"Instruct: {{task}}\\nQuery:{QUERY}"]))
+documents = list(model.embed(["{DOCUMENT}"]))
+'''),
+    "transformers.js": ("js", f'''\
+import {{ pipeline }} from '@huggingface/transformers';
+
+// dtype: 'fp32' (default here), 'fp16', 'int8'; int4: {{ model_file_name: 'model_int4' }}
+const extractor = await pipeline('feature-extraction', '{PLACEHOLDER}', {{ dtype: 'fp32' }});
+const task = 'Given a web search query, retrieve relevant passages that answer the query';
+const options = {{ pooling: 'last_token', normalize: true }};
+const queries = await extractor([`Instruct: ${{task}}\\nQuery:{QUERY}`], options);
+const documents = await extractor(['{DOCUMENT}'], options);
+console.log(queries.tolist(), documents.tolist());
+'''),
+    "tei": ("sh", f'''\
+# A TEI build with the ONNX Runtime backend (it takes sentence_embedding as is; fp32 only)
+text-embeddings-router --model-id {PLACEHOLDER} --port 8080
+curl localhost:8080/embed -H 'Content-Type: application/json' \\
+  -d '{{"inputs": "{DOCUMENT}"}}'
+'''),
+    "llama.cpp": ("sh", f'''\
+# Pooling (last token) and the end token come from the GGUF: no --pooling flag.
+# Raise the batch sizes to the longest input, or long inputs lose their end token.
+llama-server -m {GGUF_DIR}/GGUF_FILE --embedding -c 8192 -b 8192 -ub 8192 --port 8081
+# or: python -m llama_cpp.server --model {GGUF_DIR}/GGUF_FILE --embedding true \\
+#       --n_ctx 8192 --n_batch 8192 --n_ubatch 8192 --port 8081
+curl localhost:8081/v1/embeddings -H 'Content-Type: application/json' \\
+  -d '{{"input": "{DOCUMENT}"}}'
+'''),
+    "ollama": ("sh", f'''\
+ollama create qwen3-embedding -f {GGUF_DIR}/Modelfile
+curl localhost:11434/api/embed -d '{{"model": "qwen3-embedding", "input": "{DOCUMENT}"}}'
+'''),
+}
+"""One snippet per tool (tests/test_interop.py runs the Python and JavaScript ones against a
+bundle, with ``MODEL_ID`` replaced)."""
+
+NOT_RUN_HERE = ("tei", "ollama")
+"""Tools whose files and fields are checked, but that the tests cannot run."""
+
+
+def write_model_card(bundle: Path, manifest: dict[str, Any]) -> Path:
+    """Render ``README.md`` from the manifest into ``bundle``.
+
+    Returns:
+        The card's path.
+    """
+    path = bundle / MODEL_CARD_FILE
+    path.write_text(render_model_card(manifest), encoding="utf-8")
+    return path
+
+
+def render_model_card(manifest: dict[str, Any]) -> str:
+    """The model card's Markdown, YAML front matter first."""
+    tools = list(manifest.get("interop", {}).get("tools", []))
+    artifacts = manifest["artifacts"]
+    models = [a for a in artifacts if a.get("role") == "model"]
+    has_gguf = any(a.get("kind") == "gguf" for a in models)
+    has_onnx = any(a.get("kind") == "onnx" for a in models)
+    source = str(manifest["source"]["model"])
+    tags = ["qwen3emb-export", manifest["family"], "embeddings"]
+    tags += ["onnx"] * has_onnx + ["gguf"] * has_gguf
+    tags += [t if t != "tei" else "text-embeddings-inference" for t in tools
+             if t in ("sentence-transformers", "transformers.js", "tei")]
+    library = "sentence-transformers" if "sentence-transformers" in tools else "onnx"
+    front = ["---", f"library_name: {library}", "pipeline_tag: feature-extraction"]
+    if HUB_ID.match(source):
+        front.append(f"base_model: {source}")
+    front.append("tags:")
+    front += [f"- {t}" for t in dict.fromkeys(tags)]
+    front.append("---")
+    embedding = manifest.get("embedding", {})
+    version = manifest.get("versions", {}).get("qwen3emb-export", __version__)
+    lines = [*front, "",
+             f"# {Path(source).name or source} (ONNX / GGUF embedding bundle)", "",
+             f"Exported by qwen3emb-export {version} "
+             f"from `{source}`. Family `{manifest['family']}`; "
+             f"{embedding.get('output_dim', '?')}-dimensional embeddings, "
+             f"{embedding.get('pooling', 'last_token')} pooling and "
+             f"{embedding.get('normalization', 'l2')} normalization inside the graphs; "
+             f"inputs up to {manifest.get('tokenizer', {}).get('max_length', '?')} tokens.", ""]
+    prompt = manifest.get("prompt", {})
+    if prompt.get("query_template"):
+        lines += ["Queries take an instruction, documents none: "
+                  f"`{prompt['query_template']!r}` with the default task "
+                  f"`{prompt.get('default_task', '')}`.", ""]
+    lines += ["## Files", "", "| file | format | precision | MB |", "|---|---|---|---|"]
+    lines += [f"| `{a['path']}` | {a['kind']} | {a.get('precision', '')} | "
+              f"{a['size'] / 1e6:.1f} |" for a in models]
+    lines += ["", *_parity_lines(manifest), ""]
+    lines += ["## Use it from…", "",
+              f"Replace `{PLACEHOLDER}` with this repository's id (or the bundle directory).", ""]
+    gguf_files = [Path(a["path"]).name for a in models if a.get("kind") == "gguf"]
+    for tool in tools:
+        if tool not in SNIPPETS or (tool in ("llama.cpp", "ollama") and not has_gguf):
+            continue
+        language, code = SNIPPETS[tool]
+        code = code.replace("DIM", str(embedding.get("output_dim", "DIM")))
+        if gguf_files:
+            code = code.replace("GGUF_FILE", gguf_files[0])
+        note = " (files and fields checked; not run by the tests)" if tool in NOT_RUN_HERE else ""
+        lines += [f"### {TOOLS[tool]}{note}", "", f"```{language}", code.rstrip(), "```", ""]
+    missing = [name for key, name in TOOLS.items() if key not in tools]
+    if missing:
+        lines += ["## Not supported", "",
+                  f"This `{manifest['family']}` bundle has no files for: {', '.join(missing)}. "
+                  "Use qwen3emb's runtime (`pip install qwen3emb-export`) instead.", ""]
+    return "\n".join(lines)
+
+
+def _parity_lines(manifest: dict[str, Any]) -> list[str]:
+    parity = manifest.get("parity", {})
+    status = parity.get("status", "not-run")
+    lines = ["## Parity with the reference", ""]
+    if status == "not-run":
+        return lines + ["Not validated at export (`--no-validate`)."]
+    lines += [f"Minimum cosine to the HuggingFace reference ({parity.get('reference_precision')}) "
+              f"over the validator's probe set: **{status}**.", "",
+              "| artifact | min cosine | floor |", "|---|---|---|"]
+    precision_of = {a["path"]: a.get("precision") for a in manifest["artifacts"]}
+    for key, value in parity.get("min_cosine", {}).items():
+        floor = FLOORS.get(precision_of.get(key) or key)
+        lines.append(f"| {key} | {value:.6f} | {'' if floor is None else floor} |")
+    return lines
