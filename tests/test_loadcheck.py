@@ -54,11 +54,15 @@ def test_equal_norm_vl_checkpoint_exports_a_loadable_valid_bundle(
 
 def test_unloadable_graph_fails_the_export_and_leaves_nothing(
         equal_norm_vl_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without the node-name fix the check catches the graph onnxruntime refuses."""
+    """Without the node-name fix the check catches the graph onnxruntime refuses. The in-memory
+    tracer (dynamo with its optimizer, which merges identical initializers) is where the
+    duplicate names arose; the streamed tracer binds each weight by name and merges none."""
+    from qwen3emb.convert.qwen3_vl import Qwen3VLFamily
     from qwen3emb.export.onnx import optimize
     from qwen3emb.pipeline import export_bundle
 
     monkeypatch.setattr(optimize, "unique_node_names", lambda model: 0)
+    monkeypatch.setattr(Qwen3VLFamily, "streamable", property(lambda self: False))
     out = tmp_path / "bundle"
     with pytest.raises(OutputError) as info:
         export_bundle(equal_norm_vl_checkpoint, out, validate=False)
