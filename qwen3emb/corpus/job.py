@@ -1,0 +1,345 @@
+"""The driver of a corpus job: plan units, run one Ray Data pipeline, commit units as they come.
+
+One pipeline covers every pending unit: ``from_items(units)`` → ``map_batches(read_units)``
+(zero-CPU tasks, one unit per block) → ``map_batches(EmbedActor)`` (an actor pool holding the
+CPUs, one unit per call). The driver streams the results, gathers each unit's rows (dropping any
+row a retried task delivers twice), and commits a unit once all its rows are in. Ray gives
+at-least-once delivery after failures; the unit keys and commits make the output exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from qwen3emb.corpus.actor import EmbedActor, EmbedSettings
+from qwen3emb.corpus.cluster import describe_versions, plan_resources, ray_session
+from qwen3emb.corpus.commit import FORMAT, OutputDir
+from qwen3emb.corpus.inputs import Columns, check_inputs, discover_inputs
+from qwen3emb.corpus.plan import Unit, job_salt, plan_digest, plan_units
+from qwen3emb.corpus.read import read_units
+from qwen3emb.errors import BundleError, InputError, OutputError
+from qwen3emb.manifest import Manifest, read_manifest, sha256_file
+from qwen3emb.progress import bar
+
+logger = logging.getLogger(__name__)
+
+TEXT_UNIT_ROWS = 1024
+IMAGE_UNIT_ROWS = 64
+"""Rows per unit: a unit is one block in the pipeline and one part file; image rows carry their
+bytes, so their units are smaller."""
+
+
+@dataclass(frozen=True)
+class CorpusOptions:
+    """What to embed and how; every field changes the output, so all go into the unit keys.
+
+    Args:
+        text_column, id_column, image_column: see :class:`~qwen3emb.corpus.inputs.Columns`.
+        query: text bundles: embed rows as queries (instruction ``Instruct: ...\\nQuery:``).
+        instruction: the query task (text bundles, with ``query``) or the system instruction
+            (Qwen3-VL bundles).
+        dimensions: Matryoshka width.
+        precision: the bundle's ONNX model to run.
+        float16: store float16 vectors.
+        batch_size: rows per onnxruntime call.
+        unit_rows: rows per unit (default 1024, 64 with an image column).
+    """
+
+    text_column: str = "text"
+    id_column: str | None = None
+    image_column: str | None = None
+    query: bool = False
+    instruction: str | None = None
+    dimensions: int | None = None
+    precision: str = "fp32"
+    float16: bool = False
+    batch_size: int = 32
+    unit_rows: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.unit_rows is not None and self.unit_rows < 1:
+            raise InputError(f"--unit-rows must be at least 1, got {self.unit_rows}")
+        if self.instruction is not None and not self.instruction.strip():
+            raise InputError("--instruction is empty", hint="Omit it to use the default")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide the job runs.
+
+    Args:
+        address: Ray cluster address (default ``RAY_ADDRESS``, else a local Ray).
+        actors: embedding actors (default: as many as the CPUs allow).
+        threads_per_actor: onnxruntime threads per actor (default: up to 4).
+        num_cpus: CPUs of a local Ray (default: this machine's).
+        object_store_memory: bytes of a local Ray's object store.
+        verbose: Ray's own logs and its workers' output.
+    """
+
+    address: str | None = None
+    actors: int | None = None
+    threads_per_actor: int | None = None
+    num_cpus: int | None = None
+    object_store_memory: int | None = None
+    verbose: bool = False
+
+
+@dataclass
+class CorpusSummary:
+    """What a run did. Totals cover the whole OUT; ``*_now`` only this run."""
+
+    out: str
+    rows: int
+    errors: int
+    errors_by_code: dict[str, int]
+    tokens: int
+    units: int
+    units_now: int
+    rows_now: int
+    tokens_now: int
+    seconds: float
+    where: str = "nowhere (nothing was left to do)"
+    actors: int = 0
+    threads_per_actor: int = 0
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_now / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_now / self.seconds if self.seconds > 0 else 0.0
+
+
+def embed_corpus(bundle: str | Path, inputs: Sequence[str], out: str | Path, *,
+                 options: CorpusOptions | None = None, ray_options: RayOptions | None = None,
+                 resume: bool = False, progress: bool = False) -> CorpusSummary:
+    """Embed every record of ``inputs`` into Parquet parts under ``out``, exactly once.
+
+    Args:
+        bundle: a text or Qwen3-VL bundle directory (shared storage on a cluster).
+        inputs: files, directories or globs (Parquet, JSONL, CSV, text).
+        out: the output directory; must not exist unless ``resume``.
+        options: what to embed and how.
+        ray_options: where to run.
+        resume: continue ``out``: keep committed units, discard partial ones, do the rest.
+        progress: a progress bar on stderr (rows/s, units done).
+
+    Returns:
+        The summary; ``out/_manifest.json`` holds the same counts.
+
+    Raises:
+        InputError: bad options, an input that cannot be read (before any work starts).
+        BundleError: the bundle is missing, corrupt, or lacks the precision.
+        OutputError: ``out`` exists without ``resume`` or holds another job.
+    """
+    options = options or CorpusOptions()
+    ray_options = ray_options or RayOptions()
+    started, clock = _now(), time.perf_counter()
+    manifest = read_manifest(bundle)
+    vision = _check_bundle(manifest, options)
+    bundle_sha = sha256_file(manifest.root / "manifest.json")
+    columns = Columns(options.text_column, options.id_column, options.image_column, vision)
+    files = discover_inputs([str(i) for i in inputs])
+    details = check_inputs(files, columns)
+    unit_rows = options.unit_rows or (IMAGE_UNIT_ROWS if options.image_column else TEXT_UNIT_ROWS)
+    key_options = {**asdict(options), "unit_rows": unit_rows}
+    units = plan_units(files, details, unit_rows=unit_rows,
+                       salt=job_salt(bundle_sha, key_options))
+    job = {"bundle": str(manifest.root.resolve()), "bundle_sha256": bundle_sha,
+           "options": key_options, "inputs": [asdict(f) for f in files],
+           "plan_sha256": plan_digest(units), "units": len(units)}
+    output = OutputDir(str(out))
+    markers = output.open(job, resume)
+    pending = [u for u in units if u.key not in markers]
+    logger.info("%d units planned over %d files; %d already committed", len(units), len(files),
+                len(units) - len(pending))
+    settings = EmbedSettings(str(manifest.root.resolve()), bundle_sha, options.precision,
+                             batch_size=options.batch_size, dimensions=options.dimensions,
+                             query=options.query, instruction=options.instruction,
+                             float16=options.float16)
+    where, actors, threads = "nowhere (nothing was left to do)", 0, 0
+    if pending:
+        with ray_session(ray_options.address, num_cpus=ray_options.num_cpus,
+                         object_store_memory=ray_options.object_store_memory,
+                         verbose=ray_options.verbose) as where:
+            actors, threads, _ = plan_resources(ray_options.actors,
+                                                ray_options.threads_per_actor,
+                                                local=where.startswith("a local"))
+            settings = EmbedSettings(**{**asdict(settings), "threads": threads})
+            markers.update(run_pipeline(pending, settings, columns, output, actors=actors,
+                                        progress=progress))
+    seconds = time.perf_counter() - clock
+    done = [markers[u.key] for u in units]
+    now = [markers[u.key] for u in pending]
+    errors = output.write_errors(done)
+    by_code: dict[str, int] = {}
+    for m in done:
+        for e in m["errors"]:
+            by_code[e["code"]] = by_code.get(e["code"], 0) + 1
+    summary = CorpusSummary(
+        out=output.url, rows=sum(m["rows"] for m in done), errors=errors, errors_by_code=by_code,
+        tokens=sum(m["tokens"] for m in done), units=len(units), units_now=len(pending),
+        rows_now=sum(m["rows"] for m in now), tokens_now=sum(m["tokens"] for m in now),
+        seconds=seconds, where=where, actors=actors, threads_per_actor=threads)
+    summary.manifest = _manifest(job, manifest, options, summary, started, output, resume)
+    output.write_manifest(summary.manifest)
+    output.finish()
+    return summary
+
+
+def _check_bundle(manifest: Manifest, options: CorpusOptions) -> bool:
+    """Check the options against the bundle and its files once; returns whether it is VL."""
+    vision = "vision" in manifest.data
+    if options.image_column and not vision:
+        raise InputError("--image-column needs a Qwen3-VL bundle",
+                         hint="Drop --image-column, or pass a Qwen3-VL bundle")
+    if vision and options.query:
+        raise InputError("--query is for text bundles",
+                         hint="With a Qwen3-VL bundle, pass --instruction instead")
+    if not vision and options.instruction is not None and not options.query:
+        raise InputError("--instruction applies to queries with a text bundle",
+                         hint="Add --query, or drop --instruction")
+    onnx = {a["precision"] for a in manifest.artifacts if a.get("kind") == "onnx"}
+    if options.precision not in onnx:
+        raise InputError(f"bundle has no '{options.precision}' ONNX model",
+                         hint=f"Available precisions: {', '.join(sorted(onnx)) or 'none'}")
+    dim, low = int(manifest.embedding["output_dim"]), manifest.mrl_min
+    if options.dimensions is not None and not low <= options.dimensions <= dim:
+        raise InputError(f"--dimensions {options.dimensions} is outside this bundle's "
+                         f"Matryoshka range {low}..{dim}", hint=f"Choose {low} to {dim}")
+    problems = manifest.verify()
+    if problems:
+        raise BundleError(f"bundle '{manifest.root}' fails its hash check: {problems[0]}",
+                          hint="Re-run the export; do not edit bundle files by hand")
+    return vision
+
+
+def run_pipeline(pending: Sequence[Unit], settings: EmbedSettings, columns: Columns,
+                 output: OutputDir, *, actors: int, progress: bool) -> dict[str, dict[str, Any]]:
+    """Run the Ray Data pipeline over ``pending`` units, committing each as it completes.
+
+    Returns:
+        The markers of the units committed.
+
+    Raises:
+        OutputError: a unit never completed (the engine lost it); a rerun with --resume
+            finishes the job.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    items = [{"unit": u.to_json()} for u in pending]
+    ds = (ray.data.from_items(items, override_num_blocks=len(items))
+          .map_batches(read_units, batch_size=1, batch_format="pyarrow",  # type: ignore[arg-type]
+                       fn_kwargs={"columns": columns}, num_cpus=0,
+                       compute=ray.data.TaskPoolStrategy(size=max(2, actors)))
+          .map_batches(EmbedActor, batch_size=None, batch_format="pyarrow",
+                       fn_constructor_kwargs={"settings": settings},
+                       num_cpus=settings.threads,
+                       compute=ray.data.ActorPoolStrategy(size=actors)))
+    collector = UnitCollector(pending)
+    markers: dict[str, dict[str, Any]] = {}
+    with bar(sum(u.rows for u in pending), "embed-corpus", progress, unit="rows") as pbar:
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for unit, rows in collector.add(table):
+                markers[unit.key] = output.commit(unit, rows)
+                pbar.update(unit.rows)
+                pbar.set_postfix_str(f"units {len(markers)}/{len(pending)}")
+                logger.debug("committed %s (%d rows)", unit.name, len(rows))
+    missing = len(pending) - len(markers)
+    if missing:
+        raise OutputError(f"{missing} of {len(pending)} units did not complete",
+                          hint="Rerun the same command with --resume to finish them")
+    return markers
+
+
+class UnitCollector:
+    """Gathers streamed result rows per unit; yields a unit once all its rows arrived.
+
+    A row seen twice (a task retried after a worker died) is kept once.
+    """
+
+    def __init__(self, units: Sequence[Unit]) -> None:
+        self.units = {u.key: u for u in units}
+        self.parts: dict[str, list[Any]] = {}
+        self.seen: dict[str, set[int]] = {}
+        self.finished: set[str] = set()
+
+    def add(self, table: Any) -> list[tuple[Unit, Any]]:
+        """Add one result block; returns the units it completed, with their rows by ``_row``."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        complete = []
+        keys = table["_unit"]
+        for key in pc.unique(keys).to_pylist():
+            if key not in self.units or key in self.finished:
+                continue
+            rows = table.filter(pc.equal(keys, key))
+            seen = self.seen.setdefault(key, set())
+            keep = []
+            for r in rows["_row"].to_pylist():
+                keep.append(r not in seen)
+                seen.add(r)
+            self.parts.setdefault(key, []).append(rows.filter(pa.array(keep)))
+            expected = rows["_n"][0].as_py()
+            if expected == 0 or len(seen) == expected:
+                whole = pa.concat_tables(self.parts.pop(key)).sort_by("_row")
+                self.finished.add(key)
+                complete.append((self.units[key], whole))
+        return complete
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _manifest(job: dict[str, Any], manifest: Manifest, options: CorpusOptions,
+              summary: CorpusSummary, started: str, output: OutputDir, resume: bool
+              ) -> dict[str, Any]:
+    from qwen3emb import __version__
+    from qwen3emb.constants import DEFAULT_TASK, VL_DEFAULT_INSTRUCTION
+
+    vision = "vision" in manifest.data
+    instruction = options.instruction or (
+        VL_DEFAULT_INSTRUCTION if vision else DEFAULT_TASK if options.query else None)
+    previous = output.read_manifest().get("runs", []) if resume else []
+    run = {"started": started, "finished": _now(), "seconds": round(summary.seconds, 3),
+           "where": summary.where, "actors": summary.actors,
+           "threads_per_actor": summary.threads_per_actor, "units": summary.units_now,
+           "rows": summary.rows_now, "tokens": summary.tokens_now,
+           "rows_per_second": round(summary.rows_per_second, 2),
+           "tokens_per_second": round(summary.tokens_per_second, 2)}
+    return {
+        "format": FORMAT, "format_version": 1, "status": "complete",
+        "tool": {"name": "qwen3emb-export", "version": __version__},
+        "libraries": describe_versions(),
+        "bundle": {"path": job["bundle"], "sha256": job["bundle_sha256"],
+                   "model": manifest.data.get("source", {}).get("model"),
+                   "family": manifest.family},
+        "embedding": {"dims": options.dimensions or int(manifest.embedding["output_dim"]),
+                      "dtype": "float16" if options.float16 else "float32",
+                      "precision": options.precision, "query": options.query,
+                      "instruction": instruction},
+        "columns": ["id", "embedding", "n_tokens", "truncated"],
+        "rows": {"embedded": summary.rows, "skipped": summary.errors,
+                 "input": summary.rows + summary.errors,
+                 "skipped_by_reason": dict(sorted(summary.errors_by_code.items())),
+                 "tokens": summary.tokens},
+        "units": summary.units,
+        "job": job,
+        "runs": [*previous, run],
+    }
