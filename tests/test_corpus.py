@@ -157,6 +157,23 @@ def test_unreadable_inputs_fail_before_any_work(tiny_bundle: Path, tmp_path: Pat
         assert not out.exists()
 
 
+def test_engine_failures_are_reported_by_their_cause() -> None:
+    from qwen3emb.corpus.job import failure_cause
+    from qwen3emb.errors import BundleError
+
+    remote = RuntimeError("The actor died.\nTraceback (most recent call last):\n  File \"x\"\n"
+                          "qwen3emb.errors.BundleError: the bundle at 'b' is not the one\n")
+    try:
+        raise remote from RuntimeError("")
+    except RuntimeError as e:
+        assert failure_cause(e) == "qwen3emb.errors.BundleError: the bundle at 'b' is not the one"
+    ours = BundleError("bad bundle")
+    try:
+        raise RuntimeError("wrapped") from ours
+    except RuntimeError as e:
+        assert failure_cause(e) is ours
+
+
 def test_corpus_package_imports_without_torch(run_without_torch) -> None:
     result = run_without_torch("""
         import sys

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -158,7 +159,7 @@ class OutputDir:
             "tokens": int(pc.sum(good["n_tokens"]).as_py() or 0) if len(good) else 0,
             "errors": [{"id": i, "code": c, "reason": r} for i, c, r in zip(
                 bad["id"].to_pylist(), bad["_code"].to_pylist(), bad["_reason"].to_pylist())],
-            "part": None, "part_size": 0}
+            "part": None, "part_size": 0, "committed": round(time.time(), 3)}
         if len(good):
             buffer = io.BytesIO()
             pq.write_table(good.select(["id", "embedding", "n_tokens", "truncated"]), buffer)

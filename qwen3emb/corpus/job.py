@@ -10,115 +10,33 @@ at-least-once delivery after failures; the unit keys and commits make the output
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from qwen3emb.corpus.actor import EmbedActor, EmbedSettings
+from qwen3emb.corpus.bundle import check_bundle
 from qwen3emb.corpus.cluster import describe_versions, plan_resources, ray_session
 from qwen3emb.corpus.commit import FORMAT, OutputDir
-from qwen3emb.corpus.inputs import Columns, check_inputs, discover_inputs
+from qwen3emb.corpus.inputs import Columns, check_inputs, discover_inputs, one_line
+from qwen3emb.corpus.options import (
+    IMAGE_UNIT_ROWS,
+    TEXT_UNIT_ROWS,
+    CorpusOptions,
+    CorpusSummary,
+    RayOptions,
+)
 from qwen3emb.corpus.plan import Unit, job_salt, plan_digest, plan_units
 from qwen3emb.corpus.read import read_units
-from qwen3emb.errors import BundleError, InputError, OutputError
+from qwen3emb.errors import OutputError, Qwen3EmbError
 from qwen3emb.manifest import Manifest, read_manifest, sha256_file
 from qwen3emb.progress import bar
 
 logger = logging.getLogger(__name__)
-
-TEXT_UNIT_ROWS = 1024
-IMAGE_UNIT_ROWS = 64
-"""Rows per unit: a unit is one block in the pipeline and one part file; image rows carry their
-bytes, so their units are smaller."""
-
-
-@dataclass(frozen=True)
-class CorpusOptions:
-    """What to embed and how; every field changes the output, so all go into the unit keys.
-
-    Args:
-        text_column, id_column, image_column: see :class:`~qwen3emb.corpus.inputs.Columns`.
-        query: text bundles: embed rows as queries (instruction ``Instruct: ...\\nQuery:``).
-        instruction: the query task (text bundles, with ``query``) or the system instruction
-            (Qwen3-VL bundles).
-        dimensions: Matryoshka width.
-        precision: the bundle's ONNX model to run.
-        float16: store float16 vectors.
-        batch_size: rows per onnxruntime call.
-        unit_rows: rows per unit (default 1024, 64 with an image column).
-    """
-
-    text_column: str = "text"
-    id_column: str | None = None
-    image_column: str | None = None
-    query: bool = False
-    instruction: str | None = None
-    dimensions: int | None = None
-    precision: str = "fp32"
-    float16: bool = False
-    batch_size: int = 32
-    unit_rows: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.unit_rows is not None and self.unit_rows < 1:
-            raise InputError(f"--unit-rows must be at least 1, got {self.unit_rows}")
-        if self.instruction is not None and not self.instruction.strip():
-            raise InputError("--instruction is empty", hint="Omit it to use the default")
-
-
-@dataclass(frozen=True)
-class RayOptions:
-    """Where and how wide the job runs.
-
-    Args:
-        address: Ray cluster address (default ``RAY_ADDRESS``, else a local Ray).
-        actors: embedding actors (default: as many as the CPUs allow).
-        threads_per_actor: onnxruntime threads per actor (default: up to 4).
-        num_cpus: CPUs of a local Ray (default: this machine's).
-        object_store_memory: bytes of a local Ray's object store.
-        verbose: Ray's own logs and its workers' output.
-    """
-
-    address: str | None = None
-    actors: int | None = None
-    threads_per_actor: int | None = None
-    num_cpus: int | None = None
-    object_store_memory: int | None = None
-    verbose: bool = False
-
-
-@dataclass
-class CorpusSummary:
-    """What a run did. Totals cover the whole OUT; ``*_now`` only this run."""
-
-    out: str
-    rows: int
-    errors: int
-    errors_by_code: dict[str, int]
-    tokens: int
-    units: int
-    units_now: int
-    rows_now: int
-    tokens_now: int
-    seconds: float
-    where: str = "nowhere (nothing was left to do)"
-    actors: int = 0
-    threads_per_actor: int = 0
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.rows_now / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens_now / self.seconds if self.seconds > 0 else 0.0
-
 
 def embed_corpus(bundle: str | Path, inputs: Sequence[str], out: str | Path, *,
                  options: CorpusOptions | None = None, ray_options: RayOptions | None = None,
@@ -146,7 +64,7 @@ def embed_corpus(bundle: str | Path, inputs: Sequence[str], out: str | Path, *,
     ray_options = ray_options or RayOptions()
     started, clock = _now(), time.perf_counter()
     manifest = read_manifest(bundle)
-    vision = _check_bundle(manifest, options)
+    vision = check_bundle(manifest, options)
     bundle_sha = sha256_file(manifest.root / "manifest.json")
     columns = Columns(options.text_column, options.id_column, options.image_column, vision)
     files = discover_inputs([str(i) for i in inputs])
@@ -197,33 +115,6 @@ def embed_corpus(bundle: str | Path, inputs: Sequence[str], out: str | Path, *,
     return summary
 
 
-def _check_bundle(manifest: Manifest, options: CorpusOptions) -> bool:
-    """Check the options against the bundle and its files once; returns whether it is VL."""
-    vision = "vision" in manifest.data
-    if options.image_column and not vision:
-        raise InputError("--image-column needs a Qwen3-VL bundle",
-                         hint="Drop --image-column, or pass a Qwen3-VL bundle")
-    if vision and options.query:
-        raise InputError("--query is for text bundles",
-                         hint="With a Qwen3-VL bundle, pass --instruction instead")
-    if not vision and options.instruction is not None and not options.query:
-        raise InputError("--instruction applies to queries with a text bundle",
-                         hint="Add --query, or drop --instruction")
-    onnx = {a["precision"] for a in manifest.artifacts if a.get("kind") == "onnx"}
-    if options.precision not in onnx:
-        raise InputError(f"bundle has no '{options.precision}' ONNX model",
-                         hint=f"Available precisions: {', '.join(sorted(onnx)) or 'none'}")
-    dim, low = int(manifest.embedding["output_dim"]), manifest.mrl_min
-    if options.dimensions is not None and not low <= options.dimensions <= dim:
-        raise InputError(f"--dimensions {options.dimensions} is outside this bundle's "
-                         f"Matryoshka range {low}..{dim}", hint=f"Choose {low} to {dim}")
-    problems = manifest.verify()
-    if problems:
-        raise BundleError(f"bundle '{manifest.root}' fails its hash check: {problems[0]}",
-                          hint="Re-run the export; do not edit bundle files by hand")
-    return vision
-
-
 def run_pipeline(pending: Sequence[Unit], settings: EmbedSettings, columns: Columns,
                  output: OutputDir, *, actors: int, progress: bool) -> dict[str, dict[str, Any]]:
     """Run the Ray Data pipeline over ``pending`` units, committing each as it completes.
@@ -253,17 +144,47 @@ def run_pipeline(pending: Sequence[Unit], settings: EmbedSettings, columns: Colu
     collector = UnitCollector(pending)
     markers: dict[str, dict[str, Any]] = {}
     with bar(sum(u.rows for u in pending), "embed-corpus", progress, unit="rows") as pbar:
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for unit, rows in collector.add(table):
-                markers[unit.key] = output.commit(unit, rows)
-                pbar.update(unit.rows)
-                pbar.set_postfix_str(f"units {len(markers)}/{len(pending)}")
-                logger.debug("committed %s (%d rows)", unit.name, len(rows))
+        try:
+            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for unit, rows in collector.add(table):
+                    markers[unit.key] = output.commit(unit, rows)
+                    pbar.update(unit.rows)
+                    pbar.set_postfix_str(f"units {len(markers)}/{len(pending)}")
+                    logger.debug("committed %s (%d rows)", unit.name, len(rows))
+        except Qwen3EmbError:
+            raise
+        except Exception as e:  # the engine wraps the cause in several layers
+            cause = failure_cause(e)
+            if isinstance(cause, Qwen3EmbError):
+                raise cause from e
+            raise OutputError(f"the Ray job failed after {len(markers)} of {len(pending)} "
+                              f"units: {cause}", hint="Committed units are kept; fix the cause "
+                              "and rerun with --resume") from e
     missing = len(pending) - len(markers)
     if missing:
         raise OutputError(f"{missing} of {len(pending)} units did not complete",
                           hint="Rerun the same command with --resume to finish them")
     return markers
+
+
+def failure_cause(error: BaseException) -> BaseException | str:
+    """What made the engine fail: one of our errors if the chain holds one, else the last
+    ``Type: message`` line of the remote traceback Ray puts in its messages, else ``error``."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and all(current is not c for c in chain):
+        chain.append(current)
+        inner = getattr(current, "cause", None)
+        current = inner if isinstance(inner, BaseException) else (
+            current.__cause__ or current.__context__)
+    for item in chain:
+        if isinstance(item, Qwen3EmbError):
+            return item
+    for item in chain:
+        for line in reversed(str(item).splitlines()):
+            if re.match(r"^[\w.]+(Error|Exception|Exit)\b[^:]*: \S", line.strip()):
+                return line.strip()
+    return f"{type(error).__name__}: {one_line(error)}"
 
 
 class UnitCollector:
