@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,47 @@ from qwen3emb.progress import bar
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything decided before any work starts."""
+
+    manifest: Manifest
+    settings: EmbedSettings
+    columns: Columns
+    units: list[Unit]
+    job: dict[str, Any]
+    """What identifies the job in ``_manifest.json`` (compared on ``--resume``)."""
+
+
+def plan_job(bundle: str | Path, inputs: Sequence[str], options: CorpusOptions) -> JobPlan:
+    """Check the bundle and the inputs, and cut the inputs into units.
+
+    Raises:
+        InputError: bad options, an input that cannot be read.
+        BundleError: the bundle is missing or a file it needs does not match its sha256.
+    """
+    manifest = read_manifest(bundle)
+    vision = check_bundle(manifest, options)
+    bundle_sha = sha256_file(manifest.root / "manifest.json")
+    columns = Columns(options.text_column, options.id_column, options.image_column, vision)
+    files = discover_inputs([str(i) for i in inputs])
+    details = check_inputs(files, columns)
+    unit_rows = options.unit_rows or (IMAGE_UNIT_ROWS if options.image_column else TEXT_UNIT_ROWS)
+    key_options = {**asdict(options), "unit_rows": unit_rows}
+    units = plan_units(files, details, unit_rows=unit_rows,
+                       salt=job_salt(bundle_sha, key_options))
+    root = str(manifest.root.resolve())
+    job = {"bundle": root, "bundle_sha256": bundle_sha, "options": key_options,
+           "inputs": [asdict(f) for f in files], "plan_sha256": plan_digest(units),
+           "units": len(units)}
+    settings = EmbedSettings(root, bundle_sha, options.precision, batch_size=options.batch_size,
+                             dimensions=options.dimensions, query=options.query,
+                             instruction=options.instruction, float16=options.float16)
+    logger.info("%d units planned over %d files", len(units), len(files))
+    return JobPlan(manifest, settings, columns, units, job)
+
+
 def embed_corpus(bundle: str | Path, inputs: Sequence[str], out: str | Path, *,
                  options: CorpusOptions | None = None, ray_options: RayOptions | None = None,
                  resume: bool = False, progress: bool = False) -> CorpusSummary:
@@ -58,58 +99,38 @@ def embed_corpus(bundle: str | Path, inputs: Sequence[str], out: str | Path, *,
     Raises:
         InputError: bad options, an input that cannot be read (before any work starts).
         BundleError: the bundle is missing, corrupt, or lacks the precision.
-        OutputError: ``out`` exists without ``resume`` or holds another job.
+        OutputError: ``out`` exists without ``resume`` or holds another job; the engine
+            failed (committed units are kept for ``--resume``).
     """
     options = options or CorpusOptions()
-    ray_options = ray_options or RayOptions()
+    cluster = ray_options or RayOptions()
     started, clock = _now(), time.perf_counter()
-    manifest = read_manifest(bundle)
-    vision = check_bundle(manifest, options)
-    bundle_sha = sha256_file(manifest.root / "manifest.json")
-    columns = Columns(options.text_column, options.id_column, options.image_column, vision)
-    files = discover_inputs([str(i) for i in inputs])
-    details = check_inputs(files, columns)
-    unit_rows = options.unit_rows or (IMAGE_UNIT_ROWS if options.image_column else TEXT_UNIT_ROWS)
-    key_options = {**asdict(options), "unit_rows": unit_rows}
-    units = plan_units(files, details, unit_rows=unit_rows,
-                       salt=job_salt(bundle_sha, key_options))
-    job = {"bundle": str(manifest.root.resolve()), "bundle_sha256": bundle_sha,
-           "options": key_options, "inputs": [asdict(f) for f in files],
-           "plan_sha256": plan_digest(units), "units": len(units)}
+    plan = plan_job(bundle, inputs, options)
     output = OutputDir(str(out))
-    markers = output.open(job, resume)
-    pending = [u for u in units if u.key not in markers]
-    logger.info("%d units planned over %d files; %d already committed", len(units), len(files),
-                len(units) - len(pending))
-    settings = EmbedSettings(str(manifest.root.resolve()), bundle_sha, options.precision,
-                             batch_size=options.batch_size, dimensions=options.dimensions,
-                             query=options.query, instruction=options.instruction,
-                             float16=options.float16)
+    markers = output.open(plan.job, resume)
+    pending = [u for u in plan.units if u.key not in markers]
+    logger.info("%d of %d units to do", len(pending), len(plan.units))
     where, actors, threads = "nowhere (nothing was left to do)", 0, 0
     if pending:
-        with ray_session(ray_options.address, num_cpus=ray_options.num_cpus,
-                         object_store_memory=ray_options.object_store_memory,
-                         verbose=ray_options.verbose) as where:
-            actors, threads, _ = plan_resources(ray_options.actors,
-                                                ray_options.threads_per_actor,
+        with ray_session(cluster.address, num_cpus=cluster.num_cpus, verbose=cluster.verbose,
+                         object_store_memory=cluster.object_store_memory) as where:
+            actors, threads, _ = plan_resources(cluster.actors, cluster.threads_per_actor,
                                                 local=where.startswith("a local"))
-            settings = EmbedSettings(**{**asdict(settings), "threads": threads})
-            markers.update(run_pipeline(pending, settings, columns, output, actors=actors,
+            settings = replace(plan.settings, threads=threads)
+            markers.update(run_pipeline(pending, settings, plan.columns, output, actors=actors,
                                         progress=progress))
-    seconds = time.perf_counter() - clock
-    done = [markers[u.key] for u in units]
+    done = [markers[u.key] for u in plan.units]
     now = [markers[u.key] for u in pending]
-    errors = output.write_errors(done)
     by_code: dict[str, int] = {}
-    for m in done:
-        for e in m["errors"]:
-            by_code[e["code"]] = by_code.get(e["code"], 0) + 1
+    for error in (e for m in done for e in m["errors"]):
+        by_code[error["code"]] = by_code.get(error["code"], 0) + 1
     summary = CorpusSummary(
-        out=output.url, rows=sum(m["rows"] for m in done), errors=errors, errors_by_code=by_code,
-        tokens=sum(m["tokens"] for m in done), units=len(units), units_now=len(pending),
-        rows_now=sum(m["rows"] for m in now), tokens_now=sum(m["tokens"] for m in now),
-        seconds=seconds, where=where, actors=actors, threads_per_actor=threads)
-    summary.manifest = _manifest(job, manifest, options, summary, started, output, resume)
+        out=output.url, rows=sum(m["rows"] for m in done), errors=output.write_errors(done),
+        errors_by_code=by_code, tokens=sum(m["tokens"] for m in done), units=len(plan.units),
+        units_now=len(pending), rows_now=sum(m["rows"] for m in now),
+        tokens_now=sum(m["tokens"] for m in now), seconds=time.perf_counter() - clock,
+        where=where, actors=actors, threads_per_actor=threads)
+    summary.manifest = _manifest(plan, options, summary, started, output, resume)
     output.write_manifest(summary.manifest)
     output.finish()
     return summary
@@ -228,12 +249,13 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _manifest(job: dict[str, Any], manifest: Manifest, options: CorpusOptions,
-              summary: CorpusSummary, started: str, output: OutputDir, resume: bool
-              ) -> dict[str, Any]:
+def _manifest(plan: JobPlan, options: CorpusOptions, summary: CorpusSummary, started: str,
+              output: OutputDir, resume: bool) -> dict[str, Any]:
+    """``_manifest.json`` of a finished run: the job, its output, and every run so far."""
     from qwen3emb import __version__
     from qwen3emb.constants import DEFAULT_TASK, VL_DEFAULT_INSTRUCTION
 
+    manifest, job = plan.manifest, plan.job
     vision = "vision" in manifest.data
     instruction = options.instruction or (
         VL_DEFAULT_INSTRUCTION if vision else DEFAULT_TASK if options.query else None)
