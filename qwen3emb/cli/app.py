@@ -1,4 +1,5 @@
-"""The Typer app and its commands export, validate, inspect and demo (embed: cli/embed.py)."""
+"""The Typer app and its commands export, validate, inspect and demo (embed, embed-corpus,
+push: their own modules)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from qwen3emb.cli._common import (
     handle_errors,
     quiet_libraries,
 )
+from qwen3emb.cli.corpus import embed_corpus
 from qwen3emb.cli.embed import embed
 from qwen3emb.cli.eval_options import (
     EvalMaxDropOpt,
@@ -302,7 +304,7 @@ def create_app() -> typer.Typer:
 
     from qwen3emb.cli.push import push
 
-    for command in (export, validate, embed, inspect, demo, push):
+    for command in (export, validate, embed, inspect, demo, embed_corpus, push):
         app.command()(handle_errors(command) if command is not embed else command)
     return app
 

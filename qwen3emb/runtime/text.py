@@ -132,6 +132,11 @@ class TextEmbedder:
         """Token ids per text, truncated to ``max_length`` with the end token last."""
         return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
 
+    def tokenize_with_truncation(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids per text (as :meth:`tokenize`) and whether each text was cut to fit."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        return [e.ids for e in encodings], [bool(e.overflowing) for e in encodings]
+
     def run_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Run the graph on already padded int64 arrays → [batch, dim] float32."""
         feeds = {INPUT_IDS: input_ids.astype(np.int64, copy=False),
@@ -168,9 +173,28 @@ class TextEmbedder:
             InputError: empty list, empty string, non-string, bad dimensions or batch_size.
         """
         items = check_texts(texts)
+        check_dimensions(dimensions, dim=self.dim, mrl_min=self.mrl_min)
+        return self.encode_tokens(self.tokenize(items), dimensions=dimensions,
+                                  batch_size=batch_size)
+
+    def encode_tokens(self, ids: Sequence[Sequence[int]], *, dimensions: int | None = None,
+                      batch_size: int = 32) -> np.ndarray:
+        """Embed texts already tokenized by :meth:`tokenize`; :meth:`encode` is this after it.
+
+        Args:
+            ids: token ids per text, each ending with the end token.
+            dimensions: Matryoshka width (``mrl_min..dim``).
+            batch_size: texts per onnxruntime call; batches group similar lengths, so a text's
+                batch mates (and with them the last bits of its vector) depend only on ``ids``.
+
+        Returns:
+            float32 array [len(ids), dimensions or dim], unit L2 norm per row.
+
+        Raises:
+            InputError: bad dimensions or batch_size.
+        """
         width = check_dimensions(dimensions, dim=self.dim, mrl_min=self.mrl_min)
-        ids = self.tokenize(items)
-        out = np.empty((len(items), self.dim), dtype=np.float32)
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
         for batch in length_batches([len(r) for r in ids], batch_size):
             out[batch] = self.run_ids(*self.pad([ids[i] for i in batch]))
         return out if width == self.dim else truncate_normalize(out, width)

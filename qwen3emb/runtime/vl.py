@@ -73,6 +73,8 @@ class PreparedItem:
     ids: list[int]
     positions: np.ndarray
     visuals: list[VisualInput] = field(default_factory=list)
+    truncated: bool = False
+    """The prompt was longer than ``max_tokens`` and was cut on the right."""
 
 
 def choose_graphs(manifest: Manifest, precision: str, vision_precision: str | None = None
@@ -208,11 +210,12 @@ class VLInputs:
                     f"item {index} needs {len(ids)} tokens, above max_tokens={self.max_tokens}, "
                     "and cutting it would cut its image/video",
                     hint="Lower max_pixels / max_frames, or raise max_tokens")
-            ids = ids[:self.max_tokens]  # the reference truncates on the right too
+        truncated = len(ids) > self.max_tokens
+        ids = ids[:self.max_tokens]  # the reference truncates on the right too
         positions = mrope_positions(ids, visuals, image_token_id=self.image_token_id,
                                     video_token_id=self.video_token_id,
                                     merge_size=self.geometry.merge_size)
-        return PreparedItem(ids, positions, visuals)
+        return PreparedItem(ids, positions, visuals, truncated)
 
     def _visual_count(self, ids: Sequence[int]) -> int:
         arr = np.asarray(ids)
@@ -328,6 +331,21 @@ class VLEmbedder(VLInputs):
         feeds = self.decoder_inputs(batch, features)
         return np.asarray(self.decoder.run(None, feeds)[0], dtype=np.float32)
 
+    def embed_prepared(self, prepared: Sequence[PreparedItem], *, batch_size: int = 8
+                       ) -> np.ndarray:
+        """Run the vision and decoder graphs on items from :meth:`prepare`.
+
+        Batches group similar lengths, so an item's batch mates depend only on ``prepared``.
+
+        Returns:
+            float32 [len(prepared), dim] (full width), unit L2 norm per row.
+        """
+        out = np.empty((len(prepared), self.dim), dtype=np.float32)
+        for batch in length_batches([len(p.ids) for p in prepared], batch_size):
+            chosen = [prepared[j] for j in batch]
+            out[batch] = self.run_decoder(chosen, self.encode_visuals(chosen))
+        return out
+
     # --- public API -----------------------------------------------------------------------
 
     def encode_with_errors(self, items: Sequence[Mapping[str, Any]], *,
@@ -348,11 +366,9 @@ class VLEmbedder(VLInputs):
             except Qwen3EmbError as e:
                 errors[i] = e.one_line()
         out = np.full((len(items), self.dim), np.nan, dtype=np.float32)
-        order = list(prepared)
-        for batch in length_batches([len(prepared[i].ids) for i in order], batch_size):
-            chosen = [prepared[order[j]] for j in batch]
-            features = self.encode_visuals(chosen)
-            out[[order[j] for j in batch]] = self.run_decoder(chosen, features)
+        if prepared:
+            out[list(prepared)] = self.embed_prepared(list(prepared.values()),
+                                                      batch_size=batch_size)
         if width != self.dim:
             good = ~np.isnan(out).any(axis=1)
             cut = np.full((len(items), width), np.nan, dtype=np.float32)
