@@ -1,4 +1,4 @@
-"""Typer commands: export, validate, embed, inspect, demo."""
+"""Typer commands: export, validate, embed, inspect, demo, serve."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from qwen3emb.cli._common import (
     handle_errors,
     quiet_libraries,
 )
+from qwen3emb.cli.serve import serve
 from qwen3emb.constants import DEFAULT_OPSET, EXIT_PARITY_FAILED, EXIT_USAGE
 from qwen3emb.errors import InputError, OutputError
 
@@ -435,7 +436,7 @@ def create_app() -> typer.Typer:
             help="Print the version.")] = False) -> None:
         """qwen3emb-export"""
 
-    for command in (export, validate, embed, inspect, demo):
+    for command in (export, validate, embed, inspect, demo, serve):
         app.command()(handle_errors(command) if command is not embed else command)
     return app
 

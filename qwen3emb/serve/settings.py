@@ -1,0 +1,135 @@
+"""What a server is started with: one frozen dataclass, checked on creation."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwen3emb.errors import InputError
+
+DEFAULT_MAX_BATCH_TOKENS = 16384
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_INPUTS = 2048
+"""OpenAI's own cap on inputs per embeddings request."""
+DEFAULT_MAX_QUEUE = 256
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+"""Room for a few data: URI images per request."""
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything ``create_app`` needs; the CLI builds it from its options.
+
+    Args:
+        bundle: the bundle directory.
+        precision: ONNX precision or GGUF type to serve; ``None``: fp32 ONNX, or the bundle's
+            highest-precision GGUF when it has no ONNX model.
+        providers: onnxruntime providers (short or full names); CPU when empty.
+        model_name: the ``model`` clients must send; default the bundle directory's name.
+        api_keys: accepted bearer keys; empty: no authentication.
+        max_batch_tokens: padded tokens per inference call.
+        max_batch_size: sequences per inference call.
+        batch_wait_ms: how long the batcher waits for more requests before a batch runs.
+        max_inputs: inputs per request.
+        max_tokens: tokens per input (end token and instruction included); default and upper
+            bound the bundle's ``max_length``.
+        max_queue: requests waiting or running at once; more get 429.
+        max_queue_tokens: tokens waiting or running at once; default ``8 * max_batch_tokens``.
+        max_body_bytes: request body cap; larger bodies get 413.
+        threads: inference threads (onnxruntime intra-op or llama.cpp).
+        default_task: task of ``input_type: "query"`` inputs sent without ``instruction``.
+        allow_files: directory under which VL items may name image/video files.
+        single_sequence: run one sequence per inference call (True) or batch them (False);
+            ``None`` decides from the model (see ``backend.single_sequence_default``).
+
+    Raises:
+        InputError: a limit below 1, or an empty key.
+    """
+
+    bundle: Path
+    precision: str | None = None
+    providers: tuple[str, ...] = ()
+    model_name: str | None = None
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    batch_wait_ms: float = 2.0
+    max_inputs: int = DEFAULT_MAX_INPUTS
+    max_tokens: int | None = None
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_queue_tokens: int | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    threads: int | None = None
+    default_task: str | None = None
+    allow_files: Path | None = None
+    single_sequence: bool | None = None
+
+    def __post_init__(self) -> None:
+        limits = {"max_batch_tokens": self.max_batch_tokens,
+                  "max_batch_size": self.max_batch_size, "max_inputs": self.max_inputs,
+                  "max_queue": self.max_queue, "max_body_bytes": self.max_body_bytes,
+                  "max_tokens": self.max_tokens or 2, "threads": self.threads or 1,
+                  "max_queue_tokens": self.max_queue_tokens or 1}
+        bad = [f"--{k.replace('_', '-')}={v}" for k, v in limits.items() if v < 1]
+        if self.max_tokens is not None and self.max_tokens < 2:
+            bad.append(f"--max-tokens={self.max_tokens}")
+        if self.batch_wait_ms < 0:
+            bad.append(f"batch_wait_ms={self.batch_wait_ms}")
+        if bad:
+            raise InputError(f"limits must be positive: {', '.join(bad)}",
+                             hint="Choose values of at least 1 (max tokens: at least 2)")
+        if any(not k for k in self.api_keys):
+            raise InputError("an API key is empty", hint="Remove blank keys from the key file")
+        if self.default_task is not None and not self.default_task.strip():
+            raise InputError("the default task is empty", hint="Omit --task to use the default")
+        if self.allow_files is not None and not Path(self.allow_files).is_dir():
+            raise InputError(f"--allow-files '{self.allow_files}' is not a directory",
+                             hint="Name an existing directory of images/videos")
+
+    @property
+    def queue_tokens(self) -> int:
+        """The token bound of the queue."""
+        return self.max_queue_tokens or 8 * self.max_batch_tokens
+
+    @property
+    def served_name(self) -> str:
+        """The model name clients must send."""
+        return self.model_name or Path(self.bundle).resolve().name
+
+    def key_matches(self, presented: str) -> bool:
+        """Compare ``presented`` with every key in constant time (no early exit)."""
+        given = presented.encode()
+        matched = False
+        for key in self.api_keys:
+            matched |= hmac.compare_digest(given, key.encode())
+        return matched
+
+
+def read_api_keys(path: Path) -> tuple[str, ...]:
+    """Keys from a file, one per line; blank lines and ``#`` comments are skipped.
+
+    Raises:
+        InputError: the file is missing, unreadable or holds no key.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise InputError(f"cannot read the API key file '{path}': {e.strerror or e}",
+                         hint="Pass a readable file with one key per line") from e
+    keys = tuple(s for s in (line.strip() for line in lines) if s and not s.startswith("#"))
+    if not keys:
+        raise InputError(f"the API key file '{path}' holds no key",
+                         hint="Put one key per line, or drop --api-key-file")
+    return keys
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` binds only the local machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
