@@ -36,7 +36,8 @@ def serve(
         help="Tokens waiting or running at once (default: 8 x --max-batch-tokens).")] = None,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 32 * 2**20,
     batch_wait_ms: Annotated[float, typer.Option(
-        help="How long to wait for more requests before a batch runs.")] = 2.0,
+        help="How long an idle server waits for more requests before a batch runs (while "
+        "a batch runs, the next one fills up anyway).")] = 0.0,
     threads: Annotated[int | None, typer.Option(help="Inference threads.")] = None,
     task: Annotated[str | None, typer.Option(
         help="Default task of queries sent without an instruction (default: the model "

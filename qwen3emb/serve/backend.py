@@ -364,7 +364,8 @@ def load_backend(settings: ServeSettings) -> Backend:
             raise InputError(f"serving Qwen3-VL GGUF ({vl_precision}) is not supported",
                              hint="Choose an ONNX --precision of the bundle")
         vl = VLEmbedder(settings.bundle, providers, precision=vl_precision,
-                        threads=settings.threads, max_tokens=settings.max_tokens)
+                        threads=settings.threads, max_tokens=settings.max_tokens,
+                        spinning=False)
         return VLBackend(vl, manifest, settings, vl_precision)
     onnx_models, gguf_models = manifest.models("onnx"), manifest.models("gguf")
     precision = settings.precision
@@ -383,6 +384,8 @@ def load_backend(settings: ServeSettings) -> Backend:
     from qwen3emb.runtime import TextEmbedder
 
     precision = precision or "fp32"
+    # No spin-waiting: the event loop shares the cores with inference.
     embedder = TextEmbedder(settings.bundle, providers, precision=precision,
-                            threads=settings.threads, max_length=settings.max_tokens)
+                            threads=settings.threads, max_length=settings.max_tokens,
+                            spinning=False)
     return TextBackend(embedder, manifest, settings, precision)

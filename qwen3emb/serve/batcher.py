@@ -1,13 +1,15 @@
 """The queue that turns concurrent requests into inference batches.
 
 Requests put their sequences in one FIFO queue. A single loop takes a window of queued
-sequences (at most ``max_batch_size`` of them and ``max_batch_tokens`` tokens, after waiting
-``wait_s`` for more to arrive when the queue is not already full), sorts it by length, cuts it
-into calls whose padded size fits the token budget, and runs them in one worker thread, never
-on the event loop. The queue is bounded both in requests and in tokens; a request that does not
-fit is refused at once (:class:`QueueFull`, HTTP 429) instead of waiting without bound. A
-request whose client goes away is cancelled: its sequences leave the queue and its capacity is
-freed.
+sequences (at most ``max_batch_size`` of them and ``max_batch_tokens`` tokens, after letting
+requests already received join, and waiting ``wait_s`` for more when asked to), sorts it by
+length, cuts it into calls whose padded size fits the token budget, and runs them in one
+worker thread, never on the event loop. While a call runs, the next window fills: that is
+where batches come from under load.
+
+The queue is bounded both in requests and in tokens; a request that does not fit is refused
+at once (:class:`QueueFull`, HTTP 429) instead of waiting without bound. A request whose client
+goes away is cancelled: its sequences leave the queue and its capacity is freed.
 """
 
 from __future__ import annotations
@@ -196,8 +198,8 @@ class Batcher:
             if not any(job.pending for job in self._jobs):
                 self._wake.clear()
                 continue
-            if self.wait_s > 0 and not self._full():
-                await asyncio.sleep(self.wait_s)
+            # Let requests already received join; optionally wait for stragglers.
+            await asyncio.sleep(self.wait_s if self.wait_s > 0 and not self._full() else 0)
             window = self._take_window()
             if not window:
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ class ServeSettings:
         api_keys: accepted bearer keys; empty: no authentication.
         max_batch_tokens: padded tokens per inference call.
         max_batch_size: sequences per inference call.
-        batch_wait_ms: how long the batcher waits for more requests before a batch runs.
+        batch_wait_ms: how long an idle batcher waits for more requests before a batch runs;
+            0: it only lets requests already received join (while a batch runs, the next one
+            fills up anyway, so waiting only adds latency to lone requests).
         max_inputs: inputs per request.
         max_tokens: tokens per input (end token and instruction included); default and upper
             bound the bundle's ``max_length``.
@@ -55,7 +58,7 @@ class ServeSettings:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-    batch_wait_ms: float = 2.0
+    batch_wait_ms: float = 0.0
     max_inputs: int = DEFAULT_MAX_INPUTS
     max_tokens: int | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
@@ -93,9 +96,9 @@ class ServeSettings:
         """The token bound of the queue."""
         return self.max_queue_tokens or 8 * self.max_batch_tokens
 
-    @property
+    @functools.cached_property
     def served_name(self) -> str:
-        """The model name clients must send."""
+        """The model name clients must send (resolved once: it is read on every request)."""
         return self.model_name or Path(self.bundle).resolve().name
 
     def key_matches(self, presented: str) -> bool:

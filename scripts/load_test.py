@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""Load-test `qwen3emb-export serve` beside the in-process runtime and llama.cpp's own server.
+
+For each server, short and long texts are sent one per request at concurrency 1, 8 and 64;
+each cell reports requests/s, p50/p99 latency, tokens/s and errors. The in-process runtime
+embeds the same texts without HTTP (batched 32 at a time, and one at a time: the server's
+policy for int8/int4), which gives the server's overhead. llama-cpp-python's OpenAI server
+(``python -m llama_cpp.server``, needs ``pip install 'llama-cpp-python[server]'``) serves the
+bundle's GGUF when one is there.
+
+    python scripts/load_test.py BUNDLE --precision int8 --gguf-type q8_0 -o docs/serve-load
+
+Writes ``load_test.json`` and ``load_test.md`` to the output directory. Timing on a shared
+machine: the script records ``os.getloadavg()`` before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONCURRENCY = (1, 8, 64)
+WORDS = ("river bank money loan water fish boat stream interest rate account deposit flood "
+         "bridge city market price trade north south ocean mountain valley forest road").split()
+
+
+def make_texts(kind: str, count: int, seed: int) -> list[str]:
+    """Distinct texts: ``short`` (6-12 words, ~40 tokens with the random checkpoints' small
+    BPE) or ``long`` (60-100 words, ~300 tokens)."""
+    rng = np.random.default_rng(seed)
+    low, high = (6, 13) if kind == "short" else (60, 101)
+    return [f"{i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(low, high))))
+            for i in range(count)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} not ready after {timeout} s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def drive(url: str, model: str | None, texts: list[str], concurrency: int
+                ) -> dict[str, Any]:
+    """Send each text as one request, ``concurrency`` at a time; measure the run."""
+    import httpx
+
+    latencies: list[float] = []
+    tokens = errors = 0
+    next_index = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal next_index, tokens, errors
+        while next_index < len(texts):
+            text = texts[next_index]
+            next_index += 1
+            body: dict[str, Any] = {"input": [text], "encoding_format": "float"}
+            if model is not None:
+                body["model"] = model
+            start = time.perf_counter()
+            try:
+                response = await client.post(url, json=body)
+                ok = response.status_code == 200
+                if ok:
+                    tokens += int(response.json()["usage"]["prompt_tokens"])
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - start)
+            errors += not ok
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    ms = np.array(latencies) * 1000
+    return {"concurrency": concurrency, "requests": len(texts), "errors": errors,
+            "seconds": round(wall, 3), "requests_per_s": round(len(texts) / wall, 2),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "p99_ms": round(float(np.percentile(ms, 99)), 1),
+            "tokens_per_s": round(tokens / wall, 1)}
+
+
+def run_server(name: str, command: list[str], ready: str, url: str, model: str | None,
+               sets: dict[str, list[str]], log: Path) -> list[dict[str, Any]]:
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+    rows = []
+    try:
+        wait_ready(ready, proc)
+        asyncio.run(drive(url, model, sets["short"][:8], 4))  # warm the connections up
+        for kind, texts in sets.items():
+            for c in CONCURRENCY:
+                cell = asyncio.run(drive(url, model, texts, c))
+                rows.append({"server": name, "texts": kind, **cell})
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        stop(proc)
+    return rows
+
+
+def in_process(bundle: Path, precision: str, sets: dict[str, list[str]],
+               threads: int | None) -> list[dict[str, Any]]:
+    """The runtime without HTTP: texts/s and tokens/s, batched 32 and one at a time."""
+    from qwen3emb.runtime import TextEmbedder
+
+    embedder = TextEmbedder(bundle, precision=precision, threads=threads)
+    rows = []
+    for kind, texts in sets.items():
+        tokens = sum(len(ids) for ids in embedder.tokenize(texts))
+        embedder.encode(texts[:8])
+        for batch in (32, 1):
+            start = time.perf_counter()
+            embedder.encode(texts, batch_size=batch)
+            wall = time.perf_counter() - start
+            rows.append({"server": f"in-process (batch {batch})", "texts": kind,
+                         "requests": len(texts), "seconds": round(wall, 3),
+                         "requests_per_s": round(len(texts) / wall, 2),
+                         "tokens_per_s": round(tokens / wall, 1)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [f"# Load test: `{meta['bundle_name']}` ({meta['precision']})", "",
+             f"{meta['machine']}; load average {meta['load_before']} before, "
+             f"{meta['load_after']} after. Texts: {meta['counts']}.", "",
+             "| server | texts | concurrency | req/s | p50 ms | p99 ms | tokens/s | errors |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['server']} | {r['texts']} | {r.get('concurrency', '-')} | "
+                     f"{r['requests_per_s']} | {r.get('p50_ms', '-')} | {r.get('p99_ms', '-')} | "
+                     f"{r['tokens_per_s']} | {r.get('errors', '-')} |")
+    if result.get("overhead"):
+        lines += ["", "Server overhead at concurrency 64 (1 - server req/s / in-process req/s "
+                  "with the server's batching policy):", ""]
+        lines += [f"- {k}: {v:.1%}" for k, v in result["overhead"].items()]
+    for note in result.get("notes", []):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--precision", default="fp32", help="ONNX precision to serve")
+    parser.add_argument("--gguf-type", default=None, help="GGUF of the bundle for llama.cpp")
+    parser.add_argument("--short", type=int, default=256, help="short texts (requests)")
+    parser.add_argument("--long", type=int, default=64, help="long texts (requests)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    args = parser.parse_args()
+    args.output.mkdir(parents=True, exist_ok=True)
+    sets = {"short": make_texts("short", args.short, 0), "long": make_texts("long", args.long, 1)}
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    rows = in_process(args.bundle, args.precision, sets, args.threads)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    ours = [sys.executable, "-m", "qwen3emb.cli", "serve", str(args.bundle), "--port", str(port),
+            "--precision", args.precision, "--model-name", "bench",
+            *(["--threads", str(args.threads)] if args.threads else [])]
+    rows += run_server(f"qwen3emb serve ({args.precision})", ours, base + "/ready",
+                       base + "/v1/embeddings", "bench", sets, args.output / "serve.log")
+    notes = []
+    if args.gguf_type and importlib.util.find_spec("llama_cpp.server") is not None:
+        from qwen3emb.manifest import read_manifest
+
+        gguf = args.bundle / read_manifest(args.bundle).models("gguf")[args.gguf_type]["path"]
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        # n_ctx = n_batch = n_ubatch = 4096 so that a long text is neither cut nor split.
+        llama = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host",
+                 "127.0.0.1", "--port", str(port), "--embedding", "true", "--n_ctx", "4096",
+                 "--n_batch", "4096", "--n_ubatch", "4096", "--verbose", "false",
+                 *(["--n_threads", str(args.threads)] if args.threads else [])]
+        rows += run_server(f"llama-cpp-python server ({args.gguf_type})", llama,
+                           base + "/v1/models", base + "/v1/embeddings", None, sets,
+                           args.output / "llama.log")
+    elif args.gguf_type:
+        notes.append("llama-cpp-python's server is not installed: pip install "
+                     "'llama-cpp-python[server]'")
+    policy = 1 if args.precision not in ("fp32", "fp16") else 32
+    overhead = {}
+    for kind in sets:
+        base_rps = next(r["requests_per_s"] for r in rows
+                        if r["server"] == f"in-process (batch {policy})" and r["texts"] == kind)
+        served = next(r["requests_per_s"] for r in rows if r["server"].startswith("qwen3emb")
+                      and r["texts"] == kind and r["concurrency"] == 64)
+        overhead[f"{kind} texts"] = 1 - served / base_rps
+    result = {"meta": {"bundle": str(args.bundle), "bundle_name": args.bundle.name,
+                       "precision": args.precision, "gguf_type": args.gguf_type,
+                       "machine": f"{platform.processor() or platform.machine()}, "
+                                  f"{os.cpu_count()} CPUs",
+                       "counts": {k: len(v) for k, v in sets.items()},
+                       "load_before": load_before,
+                       "load_after": [round(x, 2) for x in os.getloadavg()]},
+              "rows": rows, "overhead": overhead, "notes": notes}
+    (args.output / "load_test.json").write_text(json.dumps(result, indent=2))
+    (args.output / "load_test.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
