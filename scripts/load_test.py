@@ -161,9 +161,10 @@ def in_process(bundle: Path, precision: str, sets: dict[str, list[str]],
 
 def markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
-    lines = [f"# Load test: `{meta['bundle_name']}` ({meta['precision']})", "",
+    lines = [f"# Load test: `{meta['bundle_name']}`", "",
              f"{meta['machine']}; load average {meta['load_before']} before, "
-             f"{meta['load_after']} after. Texts: {meta['counts']}.", "",
+             f"{meta['load_after']} after. One text per request; texts: {meta['counts']}, "
+             f"average tokens {meta['tokens']}.", "",
              "| server | texts | concurrency | req/s | p50 ms | p99 ms | tokens/s | errors |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -172,7 +173,8 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['tokens_per_s']} | {r.get('errors', '-')} |")
     if result.get("overhead"):
         lines += ["", "Server overhead at concurrency 64 (1 - server req/s / in-process req/s "
-                  "with the server's batching policy):", ""]
+                  "with the server's batching policy: batch 32 for fp32/fp16, one sequence per "
+                  "call for int8/int4):", ""]
         lines += [f"- {k}: {v:.1%}" for k, v in result["overhead"].items()]
     for note in result.get("notes", []):
         lines += ["", note]
@@ -183,24 +185,38 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path)
-    parser.add_argument("--precision", default="fp32", help="ONNX precision to serve")
+    parser.add_argument("--precision", action="append", default=None,
+                        help="ONNX precision to serve (repeatable; default fp32)")
     parser.add_argument("--gguf-type", default=None, help="GGUF of the bundle for llama.cpp")
     parser.add_argument("--short", type=int, default=256, help="short texts (requests)")
     parser.add_argument("--long", type=int, default=64, help="long texts (requests)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args()
+    precisions = args.precision or ["fp32"]
     args.output.mkdir(parents=True, exist_ok=True)
     sets = {"short": make_texts("short", args.short, 0), "long": make_texts("long", args.long, 1)}
     load_before = [round(x, 2) for x in os.getloadavg()]
-    rows = in_process(args.bundle, args.precision, sets, args.threads)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    ours = [sys.executable, "-m", "qwen3emb.cli", "serve", str(args.bundle), "--port", str(port),
-            "--precision", args.precision, "--model-name", "bench",
-            *(["--threads", str(args.threads)] if args.threads else [])]
-    rows += run_server(f"qwen3emb serve ({args.precision})", ours, base + "/ready",
-                       base + "/v1/embeddings", "bench", sets, args.output / "serve.log")
+    rows: list[dict[str, Any]] = []
+    overhead = {}
+    for precision in precisions:
+        inproc = in_process(args.bundle, precision, sets, args.threads)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        ours = [sys.executable, "-m", "qwen3emb.cli", "serve", str(args.bundle), "--port",
+                str(port), "--precision", precision, "--model-name", "bench",
+                *(["--threads", str(args.threads)] if args.threads else [])]
+        served = run_server(f"qwen3emb serve ({precision})", ours, base + "/ready",
+                            base + "/v1/embeddings", "bench", sets,
+                            args.output / f"serve-{precision}.log")
+        rows += inproc + served
+        policy = 32 if precision in ("fp32", "fp16") else 1
+        for kind in sets:
+            alone = next(r["requests_per_s"] for r in inproc
+                         if r["server"].endswith(f"(batch {policy})") and r["texts"] == kind)
+            busy = next(r["requests_per_s"] for r in served
+                        if r["texts"] == kind and r["concurrency"] == 64)
+            overhead[f"{precision}, {kind} texts"] = 1 - busy / alone
     notes = []
     if args.gguf_type and importlib.util.find_spec("llama_cpp.server") is not None:
         from qwen3emb.manifest import read_manifest
@@ -219,19 +235,15 @@ def main() -> int:
     elif args.gguf_type:
         notes.append("llama-cpp-python's server is not installed: pip install "
                      "'llama-cpp-python[server]'")
-    policy = 1 if args.precision not in ("fp32", "fp16") else 32
-    overhead = {}
-    for kind in sets:
-        base_rps = next(r["requests_per_s"] for r in rows
-                        if r["server"] == f"in-process (batch {policy})" and r["texts"] == kind)
-        served = next(r["requests_per_s"] for r in rows if r["server"].startswith("qwen3emb")
-                      and r["texts"] == kind and r["concurrency"] == 64)
-        overhead[f"{kind} texts"] = 1 - served / base_rps
+    from qwen3emb.runtime import TextEmbedder
+
+    tokenizer = TextEmbedder(args.bundle)
+    tokens = {k: round(sum(map(len, tokenizer.tokenize(v))) / len(v), 1) for k, v in sets.items()}
     result = {"meta": {"bundle": str(args.bundle), "bundle_name": args.bundle.name,
-                       "precision": args.precision, "gguf_type": args.gguf_type,
+                       "precisions": precisions, "gguf_type": args.gguf_type,
                        "machine": f"{platform.processor() or platform.machine()}, "
                                   f"{os.cpu_count()} CPUs",
-                       "counts": {k: len(v) for k, v in sets.items()},
+                       "counts": {k: len(v) for k, v in sets.items()}, "tokens": tokens,
                        "load_before": load_before,
                        "load_after": [round(x, 2) for x in os.getloadavg()]},
               "rows": rows, "overhead": overhead, "notes": notes}

@@ -58,7 +58,8 @@ def _vectors(response: httpx.Response) -> np.ndarray:
 
 def test_openai_client_float_matches_the_runtime(client: openai.OpenAI,
                                                  runtime: TextEmbedder) -> None:
-    result = client.embeddings.create(model="tiny", input=TEXTS, encoding_format="float")
+    result = client.embeddings.create(model="tiny", input=TEXTS, encoding_format="float",
+                                      user="someone")
     got = np.array([d.embedding for d in result.data], dtype=np.float32)
     np.testing.assert_allclose(got, runtime.encode(TEXTS), atol=2e-6)
     assert [d.index for d in result.data] == [0, 1, 2] and result.model == "tiny"
@@ -80,6 +81,8 @@ def test_base64_is_little_endian_float32(server: Server, runtime: TextEmbedder) 
     raw = base64.b64decode(response.json()["data"][0]["embedding"])
     np.testing.assert_allclose(np.frombuffer(raw, dtype="<f4"), runtime.encode(TEXTS[:1])[0],
                                atol=2e-6)
+    alias = _post(server, {"input": TEXTS[0], "encoding_format": "base64"}, path="/embeddings")
+    assert alias.json()["data"] == response.json()["data"]
 
 
 def test_query_extensions_apply_the_instruction(client: openai.OpenAI,

@@ -33,7 +33,8 @@ def tight(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     keys = root / "keys.txt"
     keys.write_text(f"# operators\n{KEYS[0]}\n\n{KEYS[1]}\n")
     with running_server(tiny_bundle, root, "--api-key-file", str(keys), "--max-queue", "1",
-                        "--batch-wait-ms", str(WAIT_MS), "--max-body-bytes", "4000") as srv:
+                        "--batch-wait-ms", str(WAIT_MS), "--max-body-bytes", "4000",
+                        "--max-queue-tokens", "300") as srv:
         yield srv
 
 
@@ -90,6 +91,15 @@ def test_a_large_body_gets_413_before_it_is_read(tight: Server) -> None:
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "body_too_large"
     assert httpx.get(tight.url + "/health").status_code == 200
+
+
+def test_a_request_above_the_queue_token_bound_gets_413(tight: Server) -> None:
+    response = httpx.post(tight.url + "/v1/embeddings", headers=_auth(),
+                          json={"input": ["several words in one text " * 4] * 12})
+    assert response.status_code == 413
+    error = response.json()["error"]
+    assert error["code"] == "request_too_large" and "above the queue's limit of 300" in (
+        error["message"])
 
 
 def test_a_disconnected_client_frees_its_queued_work(tight: Server) -> None:

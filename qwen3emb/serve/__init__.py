@@ -10,7 +10,12 @@ forms batches), :mod:`~qwen3emb.serve.backend` (the runtime's embedders).
 
 from __future__ import annotations
 
-from qwen3emb.serve.app import create_app
-from qwen3emb.serve.settings import ServeSettings
+from qwen3emb.errors import require
+
+for _module in ("fastapi", "prometheus_client"):
+    require(_module, "serve")  # one line naming the extra, not a bare ModuleNotFoundError
+
+from qwen3emb.serve.app import create_app  # noqa: E402
+from qwen3emb.serve.settings import ServeSettings  # noqa: E402
 
 __all__ = ["ServeSettings", "create_app"]
