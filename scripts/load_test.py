@@ -80,8 +80,14 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-async def drive(host: str, port: int, model: str | None, texts: list[str], concurrency: int
-                ) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drive(host: str, port: int, model: str | None, texts: list[str], concurrency: int,
+                pid: int | None = None) -> dict[str, Any]:
     """Send each text as one request, ``concurrency`` keep-alive connections at a time.
 
     A bare asyncio HTTP/1.1 client: on a small machine that runs both, httpx's own CPU time
@@ -119,12 +125,15 @@ async def drive(host: str, port: int, model: str | None, texts: list[str], concu
         finally:
             writer.close()
 
+    cpu = cpu_seconds(pid) if pid else 0.0
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - start
+    cpu = cpu_seconds(pid) - cpu if pid else float("nan")
     ms = np.array(latencies) * 1000
     return {"concurrency": concurrency, "requests": len(texts), "errors": errors,
             "seconds": round(wall, 3), "requests_per_s": round(len(texts) / wall, 2),
+            "cpu_ms_per_request": round(cpu / len(texts) * 1000, 2),
             "p50_ms": round(float(np.percentile(ms, 50)), 1),
             "p99_ms": round(float(np.percentile(ms, 99)), 1),
             "tokens_per_s": round(tokens / wall, 1)}
@@ -140,7 +149,7 @@ def run_server(name: str, command: list[str], ready: str, port: int, model: str 
         asyncio.run(drive("127.0.0.1", port, model, sets["short"][:8], 4))  # warm-up
         for kind, texts in sets.items():
             for c in CONCURRENCY:
-                cell = asyncio.run(drive("127.0.0.1", port, model, texts, c))
+                cell = asyncio.run(drive("127.0.0.1", port, model, texts, c, proc.pid))
                 rows.append({"server": name, "texts": kind, **cell})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -160,12 +169,13 @@ def in_process(bundle: Path, precision: str, sets: dict[str, list[str]],
         tokens = sum(len(ids) for ids in embedder.tokenize(texts))
         embedder.encode(texts[:8])
         for batch in (32, 1):
-            start = time.perf_counter()
+            cpu, start = time.process_time(), time.perf_counter()
             embedder.encode(texts, batch_size=batch)
-            wall = time.perf_counter() - start
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
             rows.append({"server": f"in-process (batch {batch})", "texts": kind,
                          "requests": len(texts), "seconds": round(wall, 3),
                          "requests_per_s": round(len(texts) / wall, 2),
+                         "cpu_ms_per_request": round(cpu / len(texts) * 1000, 2),
                          "tokens_per_s": round(tokens / wall, 1)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -179,17 +189,20 @@ def markdown(result: dict[str, Any]) -> str:
              f"average tokens {meta['tokens']}. Client: bare asyncio HTTP/1.1, one keep-alive "
              "connection per concurrent worker. In-process: the runtime as the server runs it "
              "(onnxruntime threads not spin-waiting).", "",
-             "| server | texts | concurrency | req/s | p50 ms | p99 ms | tokens/s | errors |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| server | texts | concurrency | req/s | p50 ms | p99 ms | tokens/s | CPU ms/req "
+             "| errors |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['server']} | {r['texts']} | {r.get('concurrency', '-')} | "
                      f"{r['requests_per_s']} | {r.get('p50_ms', '-')} | {r.get('p99_ms', '-')} | "
-                     f"{r['tokens_per_s']} | {r.get('errors', '-')} |")
+                     f"{r['tokens_per_s']} | {r['cpu_ms_per_request']} | {r.get('errors', '-')} |")
     if result.get("overhead"):
-        lines += ["", "Server overhead at concurrency 64 (1 - server req/s / in-process req/s "
-                  "with the server's batching policy: batch 32 for fp32/fp16, one sequence per "
-                  "call for int8/int4):", ""]
-        lines += [f"- {k}: {v:.1%}" for k, v in result["overhead"].items()]
+        lines += ["", "Server overhead at concurrency 64 against the in-process runtime with the "
+                  "server's batching policy (batch 32 for fp32/fp16, one sequence per call for "
+                  "int8/int4), by throughput (1 - server req/s / in-process req/s) and by CPU "
+                  "time (1 - in-process CPU per text / server CPU per request; the server's "
+                  "process only, not the client's):", ""]
+        lines += [f"- {k}: {v['throughput']:.1%} by throughput, {v['cpu']:.1%} by CPU time"
+                  for k, v in result["overhead"].items()]
     for note in result.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -225,11 +238,12 @@ def main() -> int:
         rows += inproc + served
         policy = 32 if precision in ("fp32", "fp16") else 1
         for kind in sets:
-            alone = next(r["requests_per_s"] for r in inproc
+            alone = next(r for r in inproc
                          if r["server"].endswith(f"(batch {policy})") and r["texts"] == kind)
-            busy = next(r["requests_per_s"] for r in served
-                        if r["texts"] == kind and r["concurrency"] == 64)
-            overhead[f"{precision}, {kind} texts"] = 1 - busy / alone
+            busy = next(r for r in served if r["texts"] == kind and r["concurrency"] == 64)
+            overhead[f"{precision}, {kind} texts"] = {
+                "throughput": 1 - busy["requests_per_s"] / alone["requests_per_s"],
+                "cpu": 1 - alone["cpu_ms_per_request"] / busy["cpu_ms_per_request"]}
     notes = []
     if args.gguf_type and importlib.util.find_spec("llama_cpp.server") is not None:
         from qwen3emb.manifest import read_manifest
