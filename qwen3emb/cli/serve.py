@@ -23,17 +23,18 @@ def serve(
         help="Name clients send as 'model' (default: the bundle directory's name).")] = None,
     api_key_file: Annotated[Path | None, typer.Option(
         help="File of accepted API keys, one per line (default: no authentication).")] = None,
-    max_batch_tokens: Annotated[int, typer.Option(
-        help="Padded tokens per inference call.")] = 16384,
-    max_batch_size: Annotated[int, typer.Option(help="Sequences per inference call.")] = 32,
+    max_batch_tokens: Annotated[int | None, typer.Option(
+        help="Padded tokens per inference call (default: 2048 on CPU, 16384 on GPU).")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(
+        help="Sequences per inference call (default: 8 on CPU, 32 on GPU).")] = None,
     max_inputs: Annotated[int, typer.Option(help="Inputs per request.")] = 2048,
     max_tokens: Annotated[int | None, typer.Option(
         help="Tokens per input (default: the bundle's max_length); longer ones are cut, "
         "keeping the end token, or refused with truncate: false.")] = None,
     max_queue: Annotated[int, typer.Option(
         help="Requests waiting or running at once; more get 429.")] = 256,
-    max_queue_tokens: Annotated[int | None, typer.Option(
-        help="Tokens waiting or running at once (default: 8 x --max-batch-tokens).")] = None,
+    max_queue_tokens: Annotated[int, typer.Option(
+        help="Tokens waiting or running at once; a request with more gets 413.")] = 2**18,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 32 * 2**20,
     batch_wait_ms: Annotated[float, typer.Option(
         help="How long an idle server waits for more requests before a batch runs (while "

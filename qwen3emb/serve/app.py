@@ -53,6 +53,7 @@ class ServerState:
         self.backend = backend
         self.metrics = ServerMetrics()
         self.batcher: Batcher | None = None
+        self.batch_tokens = self.batch_size = 0
         self.ready = False
         self.problem: str | None = None
         self.started = int(time.time())
@@ -78,11 +79,12 @@ class ServerState:
             if self.backend is None:
                 self.backend = await asyncio.to_thread(load_backend, self.settings)
             backend, settings = self.backend, self.settings
+            self.batch_tokens, self.batch_size = settings.batch_limits(backend.on_cpu)
             self.batcher = Batcher(
                 backend.run, lambda p: p.tokens, dim=backend.dim,
-                max_batch_tokens=settings.max_batch_tokens,
-                max_batch_size=settings.max_batch_size, wait_s=settings.batch_wait_ms / 1000,
-                max_requests=settings.max_queue, max_tokens=settings.queue_tokens,
+                max_batch_tokens=self.batch_tokens, max_batch_size=self.batch_size,
+                wait_s=settings.batch_wait_ms / 1000,
+                max_requests=settings.max_queue, max_tokens=settings.max_queue_tokens,
                 single_sequence=backend.single_sequence, metrics=self.metrics)
             self.batcher.start()
             warm = await asyncio.to_thread(backend.prepare, [WARMUP_TEXT], input_type=None,
@@ -192,10 +194,10 @@ def create_app(settings: ServeSettings, backend: Backend | None = None) -> FastA
                 "default_task": settings.default_task,
                 "query_template": backend.manifest.prompt.get("query_template"),
                 "limits": {"max_inputs": settings.max_inputs,
-                           "max_batch_tokens": settings.max_batch_tokens,
-                           "max_batch_size": settings.max_batch_size,
+                           "max_batch_tokens": state.batch_tokens,
+                           "max_batch_size": state.batch_size,
                            "max_queue": settings.max_queue,
-                           "max_queue_tokens": settings.queue_tokens,
+                           "max_queue_tokens": settings.max_queue_tokens,
                            "max_body_bytes": settings.max_body_bytes},
                 "auth": bool(settings.api_keys)}
 
@@ -244,9 +246,9 @@ async def _embed_until_disconnect(request: Request, batcher: Batcher, prepared: 
                                   settings: ServeSettings) -> np.ndarray:
     """Queue the request; if its client disconnects first, drop the queued work."""
     tokens = sum(p.tokens for p in prepared)
-    if tokens > settings.queue_tokens:
+    if tokens > settings.max_queue_tokens:
         raise ApiError(413, f"the request has {tokens} tokens, above the queue's limit of "
-                       f"{settings.queue_tokens}; split it into smaller requests",
+                       f"{settings.max_queue_tokens}; split it into smaller requests",
                        param="input", code="request_too_large")
     work = asyncio.ensure_future(batcher.embed(prepared))
     watch = asyncio.ensure_future(_disconnected(request))

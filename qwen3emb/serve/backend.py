@@ -77,6 +77,11 @@ class Backend:
     def providers(self) -> list[str]:
         return list(self.embedder.providers)
 
+    @property
+    def on_cpu(self) -> bool:
+        """Whether inference runs on CPU only (small batches pay there)."""
+        return self.runtime == "llama.cpp" or self.providers == ["CPUExecutionProvider"]
+
     def model_file(self) -> dict[str, Any]:
         """The manifest entry of the served model file."""
         raise NotImplementedError
