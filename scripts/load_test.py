@@ -5,8 +5,8 @@ For each server, short and long texts are sent one per request at concurrency 1,
 each cell reports requests/s, p50/p99 latency, tokens/s and errors. The client is a bare
 asyncio HTTP/1.1 loop (one keep-alive connection per concurrent worker), so that little of
 the machine goes to it. The in-process runtime embeds the same texts without HTTP, set up as
-the server runs it (batched 32 at a time, and one at a time: the server's policy for
-int8/int4), which gives the server's overhead. llama-cpp-python's OpenAI server
+the server runs it (in calls of the server's CPU batch size, and one at a time: its policy
+for int8/int4), which gives the server's overhead. llama-cpp-python's OpenAI server
 (``python -m llama_cpp.server``, needs ``pip install 'llama-cpp-python[server]'``) serves the
 bundle's GGUF when one is there.
 
@@ -160,15 +160,16 @@ def run_server(name: str, command: list[str], ready: str, port: int, model: str 
 def in_process(bundle: Path, precision: str, sets: dict[str, list[str]],
                threads: int | None) -> list[dict[str, Any]]:
     """The runtime without HTTP, set up as the server runs it (no spin-waiting threads):
-    texts/s and tokens/s, batched 32 and one at a time."""
+    texts/s and tokens/s, in calls of the server's CPU batch size and one at a time."""
     from qwen3emb.runtime import TextEmbedder
+    from qwen3emb.serve.settings import CPU_BATCH
 
     embedder = TextEmbedder(bundle, precision=precision, threads=threads, spinning=False)
     rows = []
     for kind, texts in sets.items():
         tokens = sum(len(ids) for ids in embedder.tokenize(texts))
         embedder.encode(texts[:8])
-        for batch in (32, 1):
+        for batch in (CPU_BATCH[1], 1):
             cpu, start = time.process_time(), time.perf_counter()
             embedder.encode(texts, batch_size=batch)
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -197,9 +198,9 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['tokens_per_s']} | {r['cpu_ms_per_request']} | {r.get('errors', '-')} |")
     if result.get("overhead"):
         lines += ["", "Server overhead at concurrency 64 against the in-process runtime with the "
-                  "server's batching policy (batch 32 for fp32/fp16, one sequence per call for "
-                  "int8/int4), by throughput (1 - server req/s / in-process req/s) and by CPU "
-                  "time (1 - in-process CPU per text / server CPU per request; the server's "
+                  "server's batching policy (its CPU batch size for fp32/fp16, one sequence per "
+                  "call for int8/int4), by throughput (1 - server req/s / in-process req/s) and "
+                  "by CPU time (1 - in-process CPU per text / server CPU per request; the server's "
                   "process only, not the client's):", ""]
         lines += [f"- {k}: {v['throughput']:.1%} by throughput, {v['cpu']:.1%} by CPU time"
                   for k, v in result["overhead"].items()]
@@ -236,7 +237,9 @@ def main() -> int:
         served = run_server(f"qwen3emb serve ({precision})", ours, base + "/ready", port,
                             "bench", sets, args.output / f"serve-{precision}.log")
         rows += inproc + served
-        policy = 32 if precision in ("fp32", "fp16") else 1
+        from qwen3emb.serve.settings import CPU_BATCH
+
+        policy = CPU_BATCH[1] if precision in ("fp32", "fp16") else 1
         for kind in sets:
             alone = next(r for r in inproc
                          if r["server"].endswith(f"(batch {policy})") and r["texts"] == kind)
