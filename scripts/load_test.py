@@ -173,7 +173,7 @@ def in_process(bundle: Path, precision: str, sets: dict[str, list[str]],
             cpu, start = time.process_time(), time.perf_counter()
             embedder.encode(texts, batch_size=batch)
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-            rows.append({"server": f"in-process (batch {batch})", "texts": kind,
+            rows.append({"server": f"in-process {precision} (batch {batch})", "texts": kind,
                          "requests": len(texts), "seconds": round(wall, 3),
                          "requests_per_s": round(len(texts) / wall, 2),
                          "cpu_ms_per_request": round(cpu / len(texts) * 1000, 2),
