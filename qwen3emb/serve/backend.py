@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 BATCH_INDEPENDENT_ONNX = ("fp32", "fp16")
 """ONNX precisions whose rows never see each other: batched = single within 1.2e-7 (1 - cosine,
 tiny bundle, 12 texts of 3..486 tokens; scripts/measure_batch_independence.py). The int8 and
-int4 graphs quantize MatMul inputs with
-one ``DynamicQuantizeLinear`` scale per call over the whole padded batch, so a row moves with
-its batch mates: up to 1.1e-4 (int8) and 2.3e-4 (int4) there. Inside their floors, but a
+int4 graphs quantize MatMul inputs with one ``DynamicQuantizeLinear`` scale per call over the
+whole padded batch, so a row moves with its batch mates: up to 1.1e-4 (int8) and 2.3e-4 (int4)
+there. Inside their floors, but a
 server's answer should not depend on the traffic around it, so these run one sequence per
 call unless the operator asks for batching (``--batch-sequences``). llama.cpp's GGUF types
 scale activations per row block: f32 6e-8, q8_0 1.8e-5 batched vs single; batched."""
