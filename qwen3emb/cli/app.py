@@ -1,5 +1,5 @@
-"""The Typer app and its commands export, validate, inspect and demo (embed, embed-corpus,
-push: their own modules)."""
+"""The Typer app and its commands export, validate, inspect and demo (embed, serve,
+embed-corpus, push: their own modules)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from qwen3emb.cli.eval_options import (
     eval_request,
     print_retrieval_summary,
 )
+from qwen3emb.cli.serve import serve
 from qwen3emb.constants import DEFAULT_OPSET, EXIT_PARITY_FAILED, EXIT_USAGE
 
 
@@ -304,7 +305,7 @@ def create_app() -> typer.Typer:
 
     from qwen3emb.cli.push import push
 
-    for command in (export, validate, embed, inspect, demo, embed_corpus, push):
+    for command in (export, validate, embed, inspect, demo, serve, embed_corpus, push):
         app.command()(handle_errors(command) if command is not embed else command)
     return app
 

@@ -186,8 +186,26 @@ class GGUFTextEmbedder(NativeHandle):
         """Embed documents (no instruction)."""
         return self.encode(docs, dimensions=dimensions, batch_size=batch_size)
 
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids as llama.cpp will see them: end token last, at most ``max_length``."""
+    def embed_ids(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
+        """Embed token-id lists as they are (end token included by the caller).
+
+        Returns:
+            float32 ``[len(seqs), dim]`` of unit-norm rows, full width.
+        """
+        lengths = [len(s) for s in seqs]
+        out = np.empty((len(seqs), self.dim), dtype=np.float32)
+        for chunk in _split_by_tokens(list(range(len(seqs))), lengths, TOKEN_BUDGET):
+            out[chunk] = self._embed([list(seqs[i]) for i in chunk])
+        return truncate_normalize(out, self.dim)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the model accepts."""
+        return int(self._lib.llama_vocab_n_tokens(self._vocab))
+
+    def tokenize(self, text: str, *, truncate: bool = True) -> list[int]:
+        """Token ids as llama.cpp will see them: end token last, at most ``max_length``
+        (``truncate=False``: every token, to count them)."""
         if self.normalizer:
             text = unicodedata.normalize(self.normalizer, text)
         data = text.encode("utf-8")
@@ -202,7 +220,7 @@ class GGUFTextEmbedder(NativeHandle):
             ids = (lib.llama_token * capacity)()
             n = lib.llama_tokenize(self._vocab, data, len(data), ids, capacity, True, True)
         tokens = list(ids[:n])
-        if len(tokens) > self.max_length:  # truncate the text, keep the end token last
+        if truncate and len(tokens) > self.max_length:  # cut the text, keep the end token
             tokens = tokens[:self.max_length - 1] + tokens[-1:]
         return tokens
 

@@ -74,6 +74,7 @@ class TextEmbedder:
             the bundle's ``max_length`` and may not exceed it.
         strict: refuse bundles whose recorded parity check failed.
         threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+        spinning: let those threads spin-wait between runs (off for servers).
 
     Raises:
         BundleError: missing/corrupt bundle, hash mismatch, failed parity with ``strict``.
@@ -91,6 +92,7 @@ class TextEmbedder:
         max_length: int | None = None,
         strict: bool = True,
         threads: int | None = None,
+        spinning: bool = True,
     ) -> None:
         manifest = read_manifest(bundle)
         if manifest.family != "qwen3":
@@ -121,7 +123,8 @@ class TextEmbedder:
         self.dim = int(manifest.embedding["output_dim"])
         self.mrl_min = manifest.mrl_min
         self.tokenizer, self.pad_id = load_tokenizer(manifest, self.max_length)
-        self.session = open_session(manifest.root / models[precision]["path"], providers, threads)
+        self.session = open_session(manifest.root / models[precision]["path"], providers, threads,
+                                    spinning=spinning)
 
     @property
     def providers(self) -> list[str]:

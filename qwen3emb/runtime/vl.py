@@ -109,7 +109,7 @@ class VLInputs:
     Args:
         manifest: the bundle's manifest (read from disk, or being written).
         vision_graph: the manifest entry of the vision graph to run.
-        providers, threads, min_pixels, max_pixels, max_frames, fps, video_max_pixels,
+        providers, threads, spinning, min_pixels, max_pixels, max_frames, fps, video_max_pixels,
         max_tokens, max_source_pixels: as for :class:`VLEmbedder`.
 
     Raises:
@@ -119,6 +119,7 @@ class VLInputs:
 
     def __init__(self, manifest: Manifest, vision_graph: Mapping[str, Any],
                  providers: Sequence[str] | str | None = None, *, threads: int | None = None,
+                 spinning: bool = True,
                  min_pixels: int = VL_MIN_PIXELS, max_pixels: int = VL_MAX_PIXELS,
                  max_frames: int | None = None, fps: float | None = None,
                  video_max_pixels: int | None = None, max_tokens: int | None = None,
@@ -156,7 +157,8 @@ class VLInputs:
         self.hidden = int(manifest.embedding["dim"])
         self.tokenizer = self._load_tokenizer()
         self.vision_precision = str(vision_graph["precision"])
-        self.vision = open_session(manifest.root / vision_graph["path"], providers, threads)
+        self.vision = open_session(manifest.root / vision_graph["path"], providers, threads,
+                                   spinning=spinning)
 
     def _load_tokenizer(self) -> Any:
         from tokenizers import Tokenizer
@@ -288,6 +290,7 @@ class VLEmbedder(VLInputs):
         verify: check every file's sha256 against the manifest on load.
         strict: refuse bundles whose recorded parity check failed.
         threads: onnxruntime intra-op threads.
+        spinning: let those threads spin-wait between runs (off for servers).
         min_pixels, max_pixels: image pixel budget (reference: 4096 and 1843200).
         max_frames, fps: video sampling (reference: 64 frames at 1 fps).
         video_max_pixels: per-frame pixel cap for videos (reference: 786432).
@@ -302,6 +305,7 @@ class VLEmbedder(VLInputs):
     def __init__(self, bundle: str | os.PathLike[str], providers: Sequence[str] | str | None = None,
                  *, precision: str = "fp32", vision_precision: str | None = None,
                  verify: bool = True, strict: bool = True, threads: int | None = None,
+                 spinning: bool = True,
                  min_pixels: int = VL_MIN_PIXELS, max_pixels: int = VL_MAX_PIXELS,
                  max_frames: int | None = None, fps: float | None = None,
                  video_max_pixels: int | None = None, max_tokens: int | None = None,
@@ -318,12 +322,13 @@ class VLEmbedder(VLInputs):
                 f"bundle '{bundle}' failed its parity check against the reference",
                 hint="See reports/parity.md in the bundle; pass strict=False to load it anyway")
         decoder, vision_graph = choose_graphs(manifest, precision, vision_precision)
-        super().__init__(manifest, vision_graph, providers, threads=threads,
+        super().__init__(manifest, vision_graph, providers, threads=threads, spinning=spinning,
                          min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames,
                          fps=fps, video_max_pixels=video_max_pixels, max_tokens=max_tokens,
                          max_source_pixels=max_source_pixels)
         self.precision = precision
-        self.decoder = open_session(manifest.root / decoder["path"], providers, threads)
+        self.decoder = open_session(manifest.root / decoder["path"], providers, threads,
+                                    spinning=spinning)
 
     def run_decoder(self, batch: list[PreparedItem], features: dict[int, tuple[np.ndarray, ...]]
                     ) -> np.ndarray:
