@@ -39,7 +39,7 @@ def _concurrently(server: Server, bodies: list[dict]) -> list[httpx.Response]:
 @pytest.fixture(scope="module")
 def int8_gguf_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint with an int8 ONNX model and, when llama.cpp is there, an f32 GGUF."""
-    from qwen3emb.export import export_bundle
+    from qwen3emb.pipeline import export_bundle
 
     has_llama = importlib.util.find_spec("llama_cpp") is not None
     out = tmp_path_factory.mktemp("serve-int8") / "tiny-int8"
