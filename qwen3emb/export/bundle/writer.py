@@ -149,7 +149,7 @@ def write_bundle(
                 family, stage, specs, manifest, dimensions=dimensions,
                 precisions=onnx_precisions, int8_scheme=int8_scheme or family.default_int8_scheme,
                 keep_backbone=check is not None, progress=progress,
-                search=int8_scheme is None)
+                search=int8_scheme is None and family.fidelity_search)
             artifacts += entries
         if gguf_list:
             artifacts += _write_gguf(family, stage, gguf_list, limit, progress)

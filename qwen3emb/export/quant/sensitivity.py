@@ -134,7 +134,7 @@ def relative_error(approx: np.ndarray, exact: np.ndarray) -> float:
 def measure_matmul(x: np.ndarray, bounds: np.ndarray, w: np.ndarray, tiers: Iterable[str]
                    ) -> dict[str, float]:
     """Relative output error of one MatMul under each of ``tiers`` on the sampled rows."""
-    exact = x.astype(np.float64) @ w.astype(np.float64)
+    exact = x @ w  # float32: the errors measured are ~1e-2, far above its rounding
     return {tier: relative_error(simulate(tier, x, bounds, w), exact) for tier in tiers}
 
 
