@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -167,29 +168,46 @@ def test_manifest_describes_each_precision(outlier_bundle):
 
 
 @pytest.mark.slow
-def test_int4_keeps_v_o_down_projections_at_8_bits(outlier_bundle):
+def test_int4_keeps_v_o_down_projections_at_8_bits(outlier_bundle, workdir):
+    """Fixed int4 recipe exactly; the searched one: v/o/down 8-bit, departures recorded."""
     import onnx
 
-    model = onnx.load(str(outlier_bundle.bundle / "onnx" / "model_int4.onnx"),
-                      load_external_data=False)
-    bits: dict[str, set[str]] = {}
+    from qwen3emb.export.quant.calibrate import calibrate
+    from qwen3emb.export.quant.precisions import calibration_feeds
+    from qwen3emb.export.quant.variants import build_variant
+    from qwen3emb.manifest import read_manifest
+
+    bundle = outlier_bundle.bundle
+    source = bundle / "onnx" / "model.onnx"
+    calibration = calibrate(source, calibration_feeds(bundle / "tokenizer.json"))
+    fixed = build_variant(source, "int4", calibration=calibration, target=workdir / "i4.onnx")
+    bits = {r: set(c) for r, c in _matmul_bits(onnx.load(str(fixed.path))).items()}
+    assert {r: bits[r] for r in ("q_proj", "k_proj", "gate_proj", "up_proj")} == {
+        r: {"4-bit"} for r in ("q_proj", "k_proj", "gate_proj", "up_proj")}
+    assert all(bits[r] == {"8-bit"} for r in ("v_proj", "o_proj", "down_proj")), bits
+    counts = _matmul_bits(onnx.load(str(bundle / "onnx" / "model_int4.onnx")))
+    assert all(counts[r]["4-bit"] == 0 for r in ("v_proj", "o_proj", "down_proj"))
+    settings = read_manifest(bundle).models("onnx")["int4"]["settings"]
+    departed = sum(n for r in ("q_proj", "k_proj", "gate_proj", "up_proj")
+                   for kind, n in counts[r].items() if kind != "4-bit")
+    assert departed == sum(c.startswith("int4->") for c in settings["escalated"].values())
+
+
+def _matmul_bits(model) -> dict:
+    """Role → Counter of the treatments of its weight MatMuls."""
+    found: dict = {}
     for node in model.graph.node:
         role = next((r for r in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                  "down_proj") if f".{r}/" in node.name), None)
-        if role is None:
-            continue
         if node.op_type == "MatMulNBits":
             kind = f"{next(a.i for a in node.attribute if a.name == 'bits')}-bit"
         elif node.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
             kind = "8-bit"
-        elif node.op_type == "MatMul":
-            kind = "fp32"
         else:
-            continue
-        bits.setdefault(role, set()).add(kind)
-    assert {r: bits[r] for r in ("q_proj", "k_proj", "gate_proj", "up_proj")} == {
-        r: {"4-bit"} for r in ("q_proj", "k_proj", "gate_proj", "up_proj")}
-    assert all(bits[r] == {"8-bit"} for r in ("v_proj", "o_proj", "down_proj")), bits
+            kind = "fp32" if node.op_type == "MatMul" else None
+        if role is not None and kind is not None:
+            found.setdefault(role, Counter())[kind] += 1
+    return found
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])

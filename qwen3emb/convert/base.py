@@ -107,6 +107,10 @@ class Family:
     """The int8 recipe (``qwen3emb.export.quant.quantize.INT8_SCHEMES``) unless the user
     forces one."""
 
+    fidelity_search: ClassVar[bool] = True
+    """Build int8 / int4 by the accuracy-driven search (``qwen3emb.export.quant.search``),
+    starting from ``default_int8_scheme``, unless the user forces a scheme."""
+
     support_files: ClassVar[tuple[str, ...]] = ()
     """Checkpoint files copied into the bundle besides the tokenizer files, when present."""
 

@@ -156,6 +156,10 @@ class Qwen3VLFamily(Family):
     8 x 128, 2 threads) it ran 1.7-1.8x faster than nbits8 and 1.5-1.6x faster than fp32
     (scripts/time_int8_schemes.py)."""
 
+    fidelity_search = False
+    """The decoder keeps the fixed ``mixed`` recipe until the search is measured on VL inputs
+    (issue #12, item 4)."""
+
     support_files = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json",
                      "video_preprocessor_config.json")
 

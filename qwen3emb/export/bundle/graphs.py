@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def write_graphs(family: Family, stage: Path, specs: Sequence[Any], manifest: dict[str, Any], *,
                  dimensions: int | None, precisions: Sequence[str], int8_scheme: str,
-                 keep_backbone: bool, progress: bool = False
+                 keep_backbone: bool, progress: bool = False, search: bool = False
                  ) -> tuple[Any, list[dict[str, Any]]]:
     """Trace each graph of ``specs`` into ``stage/onnx/<name>.onnx`` and build its precisions.
 
@@ -34,6 +34,7 @@ def write_graphs(family: Family, stage: Path, specs: Sequence[Any], manifest: di
         int8_scheme: the int8 recipe.
         keep_backbone: return the fp32 backbone if one was loaded (for the validator).
         progress: progress bars.
+        search: build int8 / int4 by the accuracy-driven search (``int8_scheme`` not forced).
 
     Returns:
         The loaded fp32 backbone (or ``None``) and the manifest entries, the embedding
@@ -49,7 +50,7 @@ def write_graphs(family: Family, stage: Path, specs: Sequence[Any], manifest: di
             stage, paths[spec.name], spec, family.graph_precisions(spec.name, list(precisions)),
             int8_scheme=int8_scheme, entry=family.graph_entry(spec.name),
             calibration=partial(calibration_feeds, spec, stage, manifest, list(entries)),
-            progress=progress)
+            progress=progress, search=search)
         entries = built + entries
     family.pair_entries(entries)
     return (backbone if keep_backbone else None), entries

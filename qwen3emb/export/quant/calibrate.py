@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ class Calibration:
     texts: int
     pieces: int
     largest_piece_bytes: int
+    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    """The fp32 graph's outputs for each feed (the reference the fidelity search scores)."""
 
     def describe(self) -> str:
         return (f"per-channel max |x| of each weight-MatMul input over {self.texts} texts; "
@@ -82,7 +84,8 @@ def split_graph(model: Any, chunk_bytes: int) -> list[list[Any]]:
 
 
 def calibrate(source: Path, feeds: Sequence[dict[str, np.ndarray]], *,
-              chunk_bytes: int = CHUNK_BYTES, progress: bool = False) -> Calibration:
+              chunk_bytes: int = CHUNK_BYTES, progress: bool = False,
+              observe: Callable[[str, np.ndarray, int], None] | None = None) -> Calibration:
     """Per-channel max |x| of every weight-MatMul input of the graph at ``source``.
 
     Args:
@@ -91,9 +94,12 @@ def calibrate(source: Path, feeds: Sequence[dict[str, np.ndarray]], *,
         feeds: onnxruntime input dicts, one per calibration text.
         chunk_bytes: weight bytes per piece (memory bound; any value gives the same ranges).
         progress: show a bar over the pieces.
+        observe: called with (tensor name, value, feed index) for every weight-MatMul input
+            of every feed, while it is in memory (the fidelity search samples rows here).
 
     Returns:
-        A :class:`Calibration` with ``{tensor name: [K] float32 channel maxima}``.
+        A :class:`Calibration` with ``{tensor name: [K] float32 channel maxima}`` and the
+        graph's outputs per feed.
     """
     import onnx
 
@@ -111,6 +117,7 @@ def calibrate(source: Path, feeds: Sequence[dict[str, np.ndarray]], *,
             for name in node.input:
                 last_use[name] = index
     stores: list[dict[str, np.ndarray]] = [dict(feed) for feed in feeds]
+    results: list[dict[str, np.ndarray]] = [{} for _ in feeds]
     ranges: dict[str, np.ndarray] = {}
     largest = 0
     scratch = source.with_name(f".{source.stem}-calibrate.onnx")
@@ -131,10 +138,14 @@ def calibrate(source: Path, feeds: Sequence[dict[str, np.ndarray]], *,
                     continue
                 session = _piece_session(model, piece, index, inputs, outputs,
                                          [inits[n] for n in weights], stores[0], scratch)
-                for store in stores:
+                for feed, store in enumerate(stores):
                     values = session.run(outputs, {name: store[name] for name in inputs})
                     for name, value in zip(outputs, values):
                         store[name] = value
+                        if name in graph_outputs:
+                            results[feed][name] = value
+                        if name in taps and observe is not None:
+                            observe(name, value, feed)
                         if name in taps:
                             peak = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
                             peak = peak.astype(np.float32)
@@ -147,7 +158,7 @@ def calibrate(source: Path, feeds: Sequence[dict[str, np.ndarray]], *,
     finally:
         scratch.unlink(missing_ok=True)
     logger.info("calibrated %d tensors in %d pieces", len(ranges), len(pieces))
-    return Calibration(ranges, len(feeds), len(pieces), largest)
+    return Calibration(ranges, len(feeds), len(pieces), largest, results)
 
 
 def _piece_session(model: Any, nodes: list[Any], index: int, inputs: list[str],

@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 CALIBRATION_TEXTS = 32
 """Texts of the built-in corpus used to find outlier channels (a few hundred tokens)."""
+LONG_CALIBRATION_TOKENS = 512
+"""Length of the one long calibration feed (the calibration texts joined)."""
 
 
 def check_precisions(precisions: Iterable[str] | None, int8_scheme: str | None = None
@@ -48,10 +50,15 @@ def calibration_feeds(tokenizer_json: Path, texts: Sequence[str] | None = None
 
     tokenizer = Tokenizer.from_file(os.fspath(tokenizer_json))
     tokenizer.enable_truncation(max_length=128)
+    chosen = list(texts or CORPUS)[:CALIBRATION_TEXTS]
     feeds = []
-    for text in list(texts or CORPUS)[:CALIBRATION_TEXTS]:
+    for text in chosen:
         ids = np.asarray([tokenizer.encode(text).ids], dtype=np.int64)
         feeds.append({INPUT_IDS: ids, ATTENTION_MASK: np.ones_like(ids)})
+    # One long text as well (the texts joined): ranges and scores must cover long inputs.
+    tokenizer.enable_truncation(max_length=LONG_CALIBRATION_TOKENS)
+    ids = np.asarray([tokenizer.encode(" ".join(chosen * 4)).ids], dtype=np.int64)
+    feeds.append({INPUT_IDS: ids, ATTENTION_MASK: np.ones_like(ids)})
     return feeds
 
 
@@ -64,7 +71,7 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
                      tokenizer_json: Path | None = None,
                      calibration: Callable[[], Sequence[dict[str, np.ndarray]]] | None = None,
                      entry: dict[str, Any] | None = None,
-                     progress: bool = False) -> list[dict[str, Any]]:
+                     progress: bool = False, search: bool = False) -> list[dict[str, Any]]:
     """Optimize an exported fp32 graph and write each requested precision beside it.
 
     Generic over graphs: the text model (``model.onnx``), a Qwen3-VL decoder (``decoder.onnx``)
@@ -87,6 +94,9 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
             nbits8; default: :func:`calibration_feeds` of ``tokenizer_json``).
         entry: extra manifest keys of each model entry (default ``{"role": "model"}``).
         progress: bars for calibration and for writing each variant.
+        search: build int8 / int4 by the accuracy-driven search
+            (:mod:`qwen3emb.export.quant.search`), starting from ``int8_scheme``; without it
+            ``int8_scheme`` and the int4 recipe are applied as they are.
 
     Returns:
         Manifest artifact entries (models and their external data files), fp32 first.
@@ -119,7 +129,14 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
     wanted = [p for p in precisions if p != "fp32"]
     ranges = None
     # Weight-only schemes (nbits8) need no activation ranges.
-    if "int4" in wanted or ("int8" in wanted and int8_scheme in q.CALIBRATED_INT8_SCHEMES):
+    searched = [p for p in wanted if search and p in ("int8", "int4")]
+    samples = None
+    if searched:
+        from qwen3emb.export.quant.sensitivity import ActivationSamples
+
+        samples = ActivationSamples()
+    if searched or "int4" in wanted or ("int8" in wanted
+                                        and int8_scheme in q.CALIBRATED_INT8_SCHEMES):
         if calibration is not None:
             feeds = calibration()
         elif tokenizer_json is not None:
@@ -127,9 +144,19 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
         else:
             raise InputError(f"{raw_path.name}: int8/int4 need calibration inputs",
                              hint="Pass tokenizer_json (text models) or a calibration callable")
-        ranges = calibrate(raw_path, feeds, progress=progress)
-    for variant in build_variants(raw_path, wanted, calibration=ranges,
-                                  int8_scheme=int8_scheme, progress=progress):
+        ranges = calibrate(raw_path, feeds, progress=progress,
+                           observe=samples.observe if samples is not None else None)
+    fixed = build_variants(raw_path, [p for p in wanted if p not in searched],
+                           calibration=ranges, int8_scheme=int8_scheme, progress=progress)
+    if searched:
+        from qwen3emb.export.quant.search import search_variants
+
+        # searched precisions are int8/int4, which always calibrate (above)
+        assert ranges is not None and samples is not None
+        fixed += search_variants(raw_path, searched, scheme=int8_scheme, calibration=ranges,
+                                 samples=samples, feeds=feeds)
+    order = {p: i for i, p in enumerate(wanted)}
+    for variant in sorted(fixed, key=lambda v: order[v.precision]):
         check_graph_contract(variant.path, spec, schema_check=False)
         entries.append(file_entry(stage, variant.path, kind="onnx", precision=variant.precision,
                                   scheme=variant.scheme, settings=variant.settings, **keys))

@@ -1,0 +1,363 @@
+"""Accuracy-driven int8 / int4: measure, build, score on calibration texts, escalate.
+
+1. **Measure** (:mod:`qwen3emb.export.quant.sensitivity`): every weight MatMul's output error
+   under each treatment, from input rows sampled during calibration (one read of each weight),
+   and the embedding table's per-column error (one read of the table).
+2. **Plan**: start from the fixed recipe's choices (:func:`planned.initial_plan`); a MatMul
+   whose error is out of line with its peers' (``OUT_OF_LINE`` x the median of its tier) is
+   escalated before anything is built; embedding outlier columns go to an fp32 side table.
+3. **Score**: build the variant and run it on the calibration texts (never the validator's
+   probes, which stay an independent check) against the fp32 graph's outputs kept by
+   calibration; the figure is the minimum cosine over texts.
+4. **Escalate** while the score misses the precision's target: the most sensitive MatMuls
+   (largest measured error reduction per added byte) move one step along
+   :data:`planned.ESCALATION`, 1/8 of the candidates first, then 1/4, 1/2, all; never beyond
+   the precision's size budget. At most ``MAX_BUILDS`` builds, each one pass over the weights.
+
+If the floor itself cannot be reached within the budget, the export stops with one line: the
+best fidelity reached and what keeping the sensitive MatMuls in fp32 would cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwen3emb.constants import ATTENTION_MASK, FLOORS, INPUT_IDS
+from qwen3emb.errors import OutputError
+from qwen3emb.export.onnx.lazy import LazyGraph
+from qwen3emb.export.quant import planned
+from qwen3emb.export.quant import quantize as q
+from qwen3emb.export.quant.calibrate import Calibration
+from qwen3emb.export.quant.ops import weight_matmuls
+from qwen3emb.export.quant.sensitivity import (
+    ActivationSamples,
+    EmbeddingReport,
+    measure_embedding,
+    measure_matmul,
+)
+from qwen3emb.export.quant.variants import Variant, variant_path
+
+logger = logging.getLogger(__name__)
+
+TARGETS: dict[str, float] = {"int8": 0.998, "int4": 0.96}
+"""Calibration min cosine each precision aims for (its floor plus a margin)."""
+SIZE_BUDGET: dict[str, float] = {"int8": 0.40, "int4": 0.32}
+"""Largest variant, as a fraction of the fp32 weights (MatMuls and embedding table)."""
+OUT_OF_LINE = 4.0
+"""A MatMul whose measured error exceeds this x the median of its tier is escalated up front."""
+OUT_OF_LINE_MIN_ERROR = 0.02
+CEILING: dict[str, float] = {"int8": 0.04, "int4": 0.2}
+"""Measured output error above which a MatMul leaves its tier up front, whatever its peers do.
+Per-tensor dynamic int8 measures ~1 % on Gaussian inputs and 1-3 % on the normal and deep
+fixtures; on the outlier fixtures MatMuls above 4 % were the ones that failed on texts the
+calibration never saw (probe cosine 0.69 with one such MatMul left at int8, 0.995 without)."""
+MAX_BUILDS = 5
+ROUND_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1.0)
+MEASURED_TIERS = ("int4", "int8", "nbits8", "nbits8-128")
+SCORE_BATCH = 8
+"""Batch of the padded scoring feeds (the validator's and the runtime's default batch)."""
+
+
+class Measurements:
+    """Per-MatMul errors per tier, weight sizes, and the embedding table's report."""
+
+    def __init__(self, source: Path, samples: ActivationSamples, calibration: Calibration,
+                 smoothing: list[q.Smoothing]) -> None:
+        start = time.perf_counter()
+        graph = LazyGraph(source)
+        factors = {item.activation: item.factors for item in smoothing}
+        if smoothing:
+            q.apply_smoothing(graph, smoothing, calibration.ranges)
+        self.errors: dict[str, dict[str, float]] = {}
+        self.sizes: dict[str, int] = {}
+        for node in weight_matmuls(graph):
+            k, n = graph.shape(node.input[1])
+            self.sizes[node.name] = k * n
+            if node.input[0] not in samples.rows:
+                continue
+            x, bounds = samples.inputs(node.input[0], factors.get(node.input[0]))
+            self.errors[node.name] = measure_matmul(x, bounds, graph.read(node.input[1]),
+                                                    MEASURED_TIERS)
+        self.embedding: EmbeddingReport | None = None
+        self.embedding_shape: tuple[int, int] = (0, 0)
+        table = _embedding_table(graph)
+        if table is not None:
+            array = graph.read(table)
+            self.embedding_shape = array.shape
+            if array.shape[1] % q.EMBEDDING_BLOCK_SIZE == 0:
+                self.embedding = measure_embedding(array, q.EMBEDDING_BLOCK_SIZE)
+            del array
+        self.seconds = time.perf_counter() - start
+        logger.info("measured %d MatMuls under %d treatments in %.1f s", len(self.errors),
+                    len(MEASURED_TIERS), self.seconds)
+
+    def error(self, name: str, tier: str) -> float:
+        return 0.0 if tier == "fp32" else self.errors.get(name, {}).get(tier, 0.0)
+
+    def fp32_bytes(self) -> float:
+        rows, width = self.embedding_shape
+        return 4.0 * (sum(self.sizes.values()) + rows * width)
+
+
+def _embedding_table(graph: LazyGraph) -> str | None:
+    return next((n.input[0] for n in graph.model.graph.node if n.op_type == "Gather"
+                 and graph.is_lazy(n.input[0]) and len(graph.shape(n.input[0])) == 2), None)
+
+
+def scoring_feeds(feeds: Sequence[dict[str, np.ndarray]], batch: int = SCORE_BATCH
+                  ) -> list[tuple[dict[str, np.ndarray], list[int]]]:
+    """Each calibration feed alone, and, for token graphs, the feeds in padded batches of
+    ``batch`` (left and right padding), as the runtime and the validator run them: dynamic
+    activation scales are taken per call, so a text's fidelity depends on its batch-mates.
+
+    Returns:
+        ``(feed, indices of the calibration texts in its rows)`` pairs.
+    """
+    out = [(feed, [i]) for i, feed in enumerate(feeds)]
+    if not feeds or set(feeds[0]) != {INPUT_IDS, ATTENTION_MASK}:
+        return out
+    # Each batch mixes short and long texts, so padding takes a large share of some rows.
+    by_length = sorted(range(len(feeds)), key=lambda i: feeds[i][INPUT_IDS].shape[1])
+    count = -(-len(feeds) // batch)
+    groups = [by_length[g::count] for g in range(count)]
+    for side in ("left", "right"):
+        for group in groups:
+            width = max(feeds[i][INPUT_IDS].shape[1] for i in group)
+            ids = np.zeros((len(group), width), np.int64)
+            mask = np.zeros((len(group), width), np.int64)
+            for row, i in enumerate(group):
+                text = feeds[i][INPUT_IDS][0]
+                ids[row] = text[-1]  # the end token, which is also the pad token
+                span = slice(width - len(text), width) if side == "left" else slice(0, len(text))
+                ids[row, span] = text
+                mask[row, span] = 1
+            out.append(({INPUT_IDS: ids, ATTENTION_MASK: mask}, group))
+    return out
+
+
+def score(path: Path, feeds: Sequence[tuple[dict[str, np.ndarray], list[int]]],
+          reference: Sequence[dict[str, np.ndarray]]) -> float:
+    """Minimum cosine, over feeds and output rows, of the graph at ``path`` to ``reference``.
+
+    Args:
+        path: the graph to score.
+        feeds: from :func:`scoring_feeds`.
+        reference: the fp32 graph's outputs per calibration text.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = min(4, os.cpu_count() or 1)
+    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs() if o.name in reference[0]]
+    worst = 1.0
+    for feed, rows in feeds:
+        wanted = {i.name: feed[i.name] for i in session.get_inputs()}
+        for name, value in zip(names, session.run(names, wanted)):
+            expected = np.concatenate([reference[i][name] for i in rows])
+            a = np.nan_to_num(value.reshape(-1, value.shape[-1]).astype(np.float64))
+            b = expected.reshape(-1, value.shape[-1]).astype(np.float64)
+            cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1)
+                                              * np.linalg.norm(b, axis=1), 1e-30)
+            worst = min(worst, float(cos.min()))
+    return worst
+
+
+def next_tier(name: str, tier: str, measurements: Measurements) -> str:
+    """The next tier up from ``tier`` whose measured error for ``name`` is under its
+    ``CEILING`` (a 4-bit MatMul whose int8 error is out of bounds goes straight past int8)."""
+    nxt = planned.ESCALATION[tier]
+    while nxt in planned.ESCALATION and measurements.error(name, nxt) > CEILING.get(nxt, 1.0):
+        nxt = planned.ESCALATION[nxt]
+    return nxt
+
+
+def rank_escalations(plan: dict[str, str], measurements: Measurements) -> list[str]:
+    """MatMuls that can move up a tier, the best error reduction per added byte first."""
+
+    def value(name: str) -> float:
+        tier, nxt = plan[name], next_tier(name, plan[name], measurements)
+        gain = measurements.error(name, tier) - measurements.error(name, nxt)
+        cost = (planned.TIERS[nxt].bytes_per_weight() - planned.TIERS[tier].bytes_per_weight())
+        return gain / max(cost, 1e-3)
+
+    return sorted((n for n, t in plan.items() if t in planned.ESCALATION), key=lambda n: -value(n))
+
+
+def _escalate(plan: dict[str, str], ranked: list[str], count: int,
+              measurements: Measurements, budget: float, fixed_bytes: float) -> dict[str, str]:
+    """Move the first ``count`` of ``ranked`` one tier up, skipping what the budget refuses."""
+    new = dict(plan)
+    sizes = measurements.sizes
+    for name in ranked[:count]:
+        trial = {**new, name: next_tier(name, new[name], measurements)}
+        if planned.plan_bytes(trial, sizes) + fixed_bytes <= budget:
+            new = trial
+    return new
+
+
+def search_variant(source: Path, precision: str, *, scheme: str, calibration: Calibration,
+                   measurements: Measurements, smoothing: list[q.Smoothing],
+                   feeds: Sequence[dict[str, np.ndarray]], external: bool) -> Variant:
+    """Build ``precision`` of ``source`` at the smallest escalation that meets its target.
+
+    Args:
+        source: the optimized fp32 graph.
+        precision: ``int8`` or ``int4``.
+        scheme: the int8 recipe the plan starts from.
+        calibration: ranges and the fp32 outputs of ``feeds``.
+        measurements: :class:`Measurements` of ``source`` under ``smoothing``.
+        smoothing: the smoothing plan (folded into every build).
+        feeds: the calibration inputs.
+        external: write weights to ``<name>.data``.
+
+    Returns:
+        The written variant; its settings record every decision.
+
+    Raises:
+        OutputError: the floor is out of reach within the size budget.
+    """
+    target, floor = TARGETS[precision], FLOORS[precision]
+    ranges = dict(calibration.ranges)
+    smoothed = q.apply_smoothing(LazyGraph(source), smoothing, ranges) if smoothing else ranges
+    plan = planned.initial_plan(LazyGraph(source), precision, scheme, smoothed)
+    start_plan = dict(plan)
+    sizes = measurements.sizes
+    columns = measurements.embedding.outlier_columns if measurements.embedding else ()
+    rows, width = measurements.embedding_shape
+    # The embedding table: codes, block scales and zero points, plus the fp32 side table.
+    fixed = rows * width * (1 + 5 / q.EMBEDDING_BLOCK_SIZE) + 4 * rows * len(columns)
+    budget = SIZE_BUDGET[precision] * measurements.fp32_bytes()
+    out_of_line = _out_of_line(plan, measurements)
+    plan = _escalate(plan, out_of_line, len(out_of_line), measurements, budget, fixed)
+    target_path = variant_path(source, precision)
+    rounds: list[dict[str, Any]] = []
+    best, best_plan = -1.0, dict(plan)
+    started = time.perf_counter()
+    scoring = scoring_feeds(feeds)
+    for build in range(MAX_BUILDS):
+        files = planned.build_planned(source, target_path, plan, smoothing, calibration.ranges,
+                                      columns, external)
+        fidelity = score(target_path, scoring, calibration.outputs)
+        if fidelity > best:
+            best, best_plan = fidelity, dict(plan)
+        rounds.append({"calibration_min_cosine": round(fidelity, 6),
+                       "tiers": planned.plan_summary(plan),
+                       "weight_mb": round((planned.plan_bytes(plan, sizes) + fixed) / 1e6, 3)})
+        logger.info("%s %s build %d: calibration min cosine %.5f (%s)", source.name, precision,
+                    build + 1, fidelity, planned.plan_summary(plan))
+        if fidelity >= target or build == MAX_BUILDS - 1:
+            break
+        ranked = rank_escalations(plan, measurements)
+        count = math.ceil(len(ranked) * ROUND_FRACTIONS[min(build, len(ROUND_FRACTIONS) - 1)])
+        new = _escalate(plan, ranked, count, measurements, budget, fixed)
+        if new == plan:
+            break  # nothing left to escalate within the budget
+        plan = new
+    if best > fidelity:  # escalation is not monotone: keep the best plan seen
+        plan = best_plan
+        files = planned.build_planned(source, target_path, plan, smoothing, calibration.ranges,
+                                      columns, external)
+        fidelity = score(target_path, scoring, calibration.outputs)
+        rounds.append({"calibration_min_cosine": round(fidelity, 6), "rebuilt_best": True,
+                       "tiers": planned.plan_summary(plan),
+                       "weight_mb": round((planned.plan_bytes(plan, sizes) + fixed) / 1e6, 3)})
+    if fidelity < floor:
+        for path in files:
+            path.unlink(missing_ok=True)
+        everything = {n: "fp32" for n in plan}
+        cost = (planned.plan_bytes(everything, sizes) + fixed) / 1e6
+        raise OutputError(
+            f"{source.name} {precision}: best min cosine on the calibration texts is "
+            f"{best:.4f}, below the {floor} floor, within its size budget of "
+            f"{budget / 1e6:.1f} MB; fp32 MatMuls would cost {cost:.1f} MB",
+            hint="Export fp16 instead, or force a recipe with --int8-scheme")
+    if fidelity < target:
+        logger.warning("%s %s: calibration min cosine %.5f is above the %s floor but below "
+                       "the %s target (size budget reached)", source.name, precision,
+                       fidelity, floor, target)
+    escalated = {n: f"{start_plan[n]}->{t}" for n, t in plan.items() if t != start_plan[n]}
+    settings: dict[str, Any] = {
+        "search": "accuracy-driven (qwen3emb.export.quant.search)",
+        # The fixed recipe the search started from (what --int8-scheme would force).
+        **({"scheme": scheme} if precision == "int8" else {
+            "bits": 4, "block_size": q.INT4_BLOCK_SIZE, "accuracy_level": q.INT4_ACCURACY_LEVEL,
+            "8bit_matmuls": list(q.INT4_8BIT_MATMULS)}),
+        "calibration_fidelity": round(fidelity, 6),
+        "target": target,
+        "size_budget_mb": round(budget / 1e6, 3),
+        "rounds": rounds,
+        "search_seconds": round(time.perf_counter() - started, 1),
+        "measure_seconds": round(measurements.seconds, 1),
+        "tiers": {name: planned.TIERS[name].description for name in planned.plan_summary(plan)},
+        "escalated": escalated,
+        "out_of_line": sorted(out_of_line),
+        "matmuls": {n: [t, round(measurements.error(n, t), 5)] for n, t in plan.items()},
+        "smoothed_norms": len(smoothing), "alpha": q.SMOOTH_ALPHA,
+        "outlier_ratio": q.OUTLIER_RATIO,
+        "embedding": {"treatment": ("8-bit GatherBlockQuantized, block "
+                                    f"{q.EMBEDDING_BLOCK_SIZE}" + (
+                                        "; outlier columns in an fp32 side table"
+                                        if columns else "")),
+                      **(measurements.embedding.to_dict() if measurements.embedding else {})},
+        "calibration": calibration.describe(),
+    }
+    summary = ", ".join(f"{k} {v}" for k, v in planned.plan_summary(plan).items())
+    scheme_text = (f"accuracy-searched {precision}: MatMuls {summary}; 8-bit embedding table"
+                   + (f" with {len(columns)} outlier columns in fp32" if columns else "")
+                   + f"; calibration min cosine {fidelity:.4f}")
+    return Variant(precision, tuple(files), scheme_text, settings)
+
+
+def search_variants(source: Path, precisions: Sequence[str], *, scheme: str,
+                    calibration: Calibration, samples: ActivationSamples,
+                    feeds: Sequence[dict[str, np.ndarray]]) -> list[Variant]:
+    """:func:`search_variant` for each of ``precisions`` (``int8``, ``int4``), sharing one
+    smoothing plan and one measurement per smoothing choice.
+
+    Raises:
+        OutputError: a precision's floor is out of reach within its size budget.
+    """
+    from qwen3emb.export.quant.variants import EXTERNAL_DATA_THRESHOLD
+
+    plan = q.plan_smoothing(LazyGraph(source), calibration.ranges, q.SMOOTH_ALPHA)
+    measured: dict[bool, Measurements] = {}
+    variants = []
+    for precision in precisions:
+        smooth = precision == "int4" or scheme in q.SMOOTHED_INT8_SCHEMES
+        if smooth not in measured:
+            measured[smooth] = Measurements(source, samples, calibration,
+                                            plan if smooth else [])
+        measurements = measured[smooth]
+        external = (source.with_name(source.name + ".data").exists()
+                    or SIZE_BUDGET[precision] * measurements.fp32_bytes()
+                    > EXTERNAL_DATA_THRESHOLD)
+        variants.append(search_variant(source, precision, scheme=scheme,
+                                       calibration=calibration, measurements=measurements,
+                                       smoothing=plan if smooth else [], feeds=feeds,
+                                       external=external))
+    return variants
+
+
+def _out_of_line(plan: dict[str, str], measurements: Measurements) -> list[str]:
+    """MatMuls whose error is far above the median of the MatMuls sharing their tier, or
+    above the tier's ``CEILING``."""
+    flagged = []
+    for tier in set(plan.values()) - {"fp32"}:
+        names = [n for n, t in plan.items() if t == tier and n in measurements.errors]
+        if not names:
+            continue
+        median = float(np.median([measurements.error(n, tier) for n in names]))
+        flagged += [n for n in names if measurements.error(n, tier)
+                    > min(max(OUT_OF_LINE * median, OUT_OF_LINE_MIN_ERROR),
+                          CEILING.get(tier, 1.0))]
+    return sorted(flagged, key=lambda n: -measurements.error(n, plan[n]))
