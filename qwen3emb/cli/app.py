@@ -73,8 +73,9 @@ def export(
         "--precision", help="ONNX precision to write: fp32, fp16, int8, int4 (repeatable; "
         "fp32 is always written as the reference).")] = None,
     int8_scheme: Annotated[str | None, typer.Option(
-        help="int8 scheme: dynamic, smoothquant, nbits8, mixed (default: smoothquant; mixed "
-        "for Qwen3-VL decoders).")] = None,
+        help="Force a fixed int8/int4 recipe: dynamic, smoothquant, nbits8, mixed (default: "
+        "an accuracy-driven search that escalates sensitive MatMuls until the floors hold; "
+        "mixed for Qwen3-VL decoders).")] = None,
     format: Annotated[list[str] | None, typer.Option(
         "--format", help="onnx and/or gguf (repeatable; default onnx).")] = None,
     gguf_type: Annotated[list[str] | None, typer.Option(
