@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen3emb.constants import ATTENTION_MASK, FLOORS, INPUT_IDS
+from qwen3emb.constants import ATTENTION_MASK, FLOORS, INPUT_IDS, LAST_HIDDEN_STATE
 from qwen3emb.errors import OutputError
 from qwen3emb.export.onnx.lazy import LazyGraph
 from qwen3emb.export.quant import planned
@@ -158,7 +158,9 @@ def score(path: Path, feeds: Sequence[tuple[dict[str, np.ndarray], list[int]]],
     options.log_severity_level = 3
     options.intra_op_num_threads = min(4, os.cpu_count() or 1)
     session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs() if o.name in reference[0]]
+    # last_hidden_state (interop) is the embedding broadcast over the sequence: nothing to add.
+    names = [o.name for o in session.get_outputs()
+             if o.name in reference[0] and o.name != LAST_HIDDEN_STATE]
     worst = 1.0
     for feed, rows in feeds:
         wanted = {i.name: feed[i.name] for i in session.get_inputs()}
