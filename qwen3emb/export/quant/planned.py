@@ -175,7 +175,7 @@ def build_planned(source: Path, target: Path, plan: dict[str, str],
         smoothing: the smoothing plan to fold in first (may be empty).
         ranges: calibrated ranges of ``source`` (for :func:`quantize.apply_smoothing`).
         embedding_columns: token-embedding columns kept apart (may be empty).
-        external: write weights to ``<target>.data``.
+        external: write weights to ``<target>_data``.
 
     Returns:
         The files written (the model first).

@@ -30,7 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from qwen3emb.constants import ATTENTION_MASK, FLOORS, INPUT_IDS, LAST_HIDDEN_STATE
+from qwen3emb.constants import (
+    ATTENTION_MASK,
+    EXTERNAL_DATA_SUFFIX,
+    FLOORS,
+    INPUT_IDS,
+    LAST_HIDDEN_STATE,
+)
 from qwen3emb.errors import OutputError
 from qwen3emb.export.onnx.lazy import LazyGraph
 from qwen3emb.export.quant import planned
@@ -220,7 +226,7 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
         measurements: :class:`Measurements` of ``source`` under ``smoothing``.
         smoothing: the smoothing plan (folded into every build).
         feeds: the calibration inputs.
-        external: write weights to ``<name>.data``.
+        external: write weights to ``<name>_data``.
 
     Returns:
         The written variant; its settings record every decision.
@@ -340,7 +346,7 @@ def search_variants(source: Path, precisions: Sequence[str], *, scheme: str,
             measured[smooth] = Measurements(source, samples, calibration,
                                             plan if smooth else [])
         measurements = measured[smooth]
-        external = (source.with_name(source.name + ".data").exists()
+        external = (source.with_name(source.name + EXTERNAL_DATA_SUFFIX).exists()
                     or SIZE_BUDGET[precision] * measurements.fp32_bytes()
                     > EXTERNAL_DATA_THRESHOLD)
         variants.append(search_variant(source, precision, scheme=scheme,
