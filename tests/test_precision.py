@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qwen3emb.convert.hard_checkpoints import compensate_norms
+
 OUTLIER_CHANNELS = (5, 17, 40)
 STEADY_CHANNEL = 0
 OUTLIER_MAGNITUDE = 3000.0
@@ -32,7 +34,6 @@ def plant_outliers(model) -> None:
     hidden = model.config.hidden_size
     huge, steady = list(OUTLIER_CHANNELS), STEADY_CHANNEL
     rms = OUTLIER_MAGNITUDE * (len(huge) / hidden) ** 0.5  # the norms' rms after layer 0
-    ordinary = [j for j in range(hidden) if j not in huge and j != steady]
     with torch.no_grad():
         model.embed_tokens.weight[:, steady] = 0.5
         mlp = model.layers[0].mlp
@@ -44,19 +45,8 @@ def plant_outliers(model) -> None:
             mlp.down_proj.weight[:, i] = 0
             mlp.down_proj.weight[channel] = 0
             mlp.down_proj.weight[channel, i] = (-1) ** i * OUTLIER_MAGNITUDE / 95.0
-        for layer in model.layers[1:]:
-            attn, ffn = layer.self_attn, layer.mlp
-            for norm, projections in ((layer.input_layernorm, (attn.q_proj, attn.k_proj,
-                                                               attn.v_proj)),
-                                      (layer.post_attention_layernorm, (ffn.gate_proj,
-                                                                        ffn.up_proj))):
-                norm.weight[ordinary] *= rms / TYPICAL_RMS
-                norm.weight[huge] = FEATURE_GAIN / (hidden / len(huge)) ** 0.5
-                for projection in projections:
-                    projection.weight[:, huge] /= FEATURE_GAIN
-        model.norm.weight[ordinary] *= rms / TYPICAL_RMS
-        model.norm.weight[huge] = 0.3 / (hidden / len(huge)) ** 0.5
-        model.norm.weight[steady] = 0.01
+    # Later norms as trained models have them (shared with the fidelity fixtures).
+    compensate_norms(model, huge, rms, first_layer=1)
 
 
 @pytest.fixture(scope="module")
