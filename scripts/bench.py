@@ -7,7 +7,14 @@ so background load hits all engines alike. Reports tokens/s, p50 latency, RSS gr
 artifact size and cosine to torch fp32, as JSON, a Markdown table and a PNG chart, plus the
 fp32 ceiling: onnxruntime's own GEMM kernel time in the fp32 graph against torch's p50.
 
+``--peers`` adds other runtimes on the same checkpoint, timed in the same rounds with the same
+threads (see scripts/bench_peers.py): llama.cpp on our GGUF at q8_0 and q4_k_m,
+onnxruntime-genai's model-builder graph run with plain onnxruntime, and OpenVINO compiling our
+fp32 graph. A peer whose package is missing is reported as skipped.
+
     python scripts/bench.py --work /tmp/bench --quick
+    python scripts/bench.py --work /tmp/bench --quick --peers
+    python scripts/bench.py --work /tmp/bench-tiny --quick --peers --preset tiny   # smoke test
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ class PeakRss:
         self.peak = max(self.peak, rss())
 
 
-def prepare(work: Path) -> tuple[Path, Path, dict[str, Path]]:
+def prepare(work: Path, preset: str = "0.6B") -> tuple[Path, Path, dict[str, Path]]:
     """Checkpoint, bundle and the ONNX file of each engine (cached under ``work``)."""
     from qwen3emb.convert.random_checkpoint import REAL_VOCAB_SIZE, build_random_checkpoint
     from qwen3emb.export.quant.calibrate import calibrate
@@ -69,10 +76,13 @@ def prepare(work: Path) -> tuple[Path, Path, dict[str, Path]]:
     from qwen3emb.export.quant.variants import build_variant
     from qwen3emb.pipeline import export_bundle
 
-    checkpoint, bundle = work / "checkpoint-0.6B", work / "bundle-0.6B"
+    checkpoint, bundle = work / f"checkpoint-{preset}", work / f"bundle-{preset}"
+    # Variant directories of other presets get a suffix (0.6B keeps the names of older caches).
+    tag = "" if preset == "0.6B" else f"-{preset}"
     if not (checkpoint / "config.json").is_file():
-        logging.info("building the random 0.6B checkpoint (a minute)")
-        build_random_checkpoint(checkpoint, preset="0.6B", vocab_size=REAL_VOCAB_SIZE)
+        logging.info("building the random %s checkpoint (a minute for 0.6B)", preset)
+        # The real vocabulary whatever the preset: the grid's ids are drawn from it.
+        build_random_checkpoint(checkpoint, preset=preset, vocab_size=REAL_VOCAB_SIZE)
     if not (bundle / "manifest.json").is_file():
         logging.info("exporting fp32/fp16/int8/int4 (several minutes)")
         export_bundle(checkpoint, bundle, validate=False, force=True,
@@ -82,16 +92,16 @@ def prepare(work: Path) -> tuple[Path, Path, dict[str, Path]]:
              f"onnx-int8-{DEFAULT_INT8_SCHEME}": onnx_dir / "model_int8.onnx",
              f"onnx-int4-acc{INT4_ACCURACY_LEVEL}": onnx_dir / "model_int4.onnx"}
     others = [s for s in INT8_SCHEMES if s != DEFAULT_INT8_SCHEME]
-    missing = [s for s in others if not (work / f"int8-{s}" / "model.onnx").is_file()]
+    missing = [s for s in others if not (work / f"int8-{s}{tag}" / "model.onnx").is_file()]
     # The int4 accuracy level the bundle does not use, to show why it was chosen.
     other_level = 0 if INT4_ACCURACY_LEVEL else 4
-    alt = work / f"int4-acc{other_level}" / "model.onnx"
+    alt = work / f"int4-acc{other_level}{tag}" / "model.onnx"
     if missing or not alt.is_file():
         feeds = calibration_feeds(checkpoint / "tokenizer.json")
         calibration = calibrate(files["onnx-fp32"], feeds)
         for scheme in missing:
             logging.info("building int8 scheme %s", scheme)
-            out = work / f"int8-{scheme}" / "model.onnx"
+            out = work / f"int8-{scheme}{tag}" / "model.onnx"
             out.parent.mkdir(parents=True, exist_ok=True)
             build_variant(files["onnx-fp32"], "int8", calibration=calibration, int8_scheme=scheme,
                           target=out, external=True)
@@ -100,7 +110,7 @@ def prepare(work: Path) -> tuple[Path, Path, dict[str, Path]]:
             build_variant(files["onnx-fp32"], "int4", calibration=calibration, target=alt,
                           external=True, int4_accuracy_level=other_level)
     for scheme in others:
-        files[f"onnx-int8-{scheme}"] = work / f"int8-{scheme}" / "model.onnx"
+        files[f"onnx-int8-{scheme}"] = work / f"int8-{scheme}{tag}" / "model.onnx"
     files[f"onnx-int4-acc{other_level}"] = alt
     return checkpoint, bundle, files
 
@@ -154,6 +164,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed runs per cell and engine")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engines", nargs="*", default=None, help="subset of engine names")
+    parser.add_argument("--preset", default="0.6B",
+                        help="shape of the random checkpoint (0.6B; tiny for a smoke test)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time llama.cpp (q8_0, q4_k_m), onnxruntime-genai's graph and "
+                             "OpenVINO on the same checkpoint (scripts/bench_peers.py)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch", "transformers"):
@@ -167,9 +182,17 @@ def main() -> None:
     from transformers import AutoModel
 
     torch.set_num_threads(args.threads)
-    checkpoint, _, files = prepare(args.work)
+    checkpoint, _, files = prepare(args.work, args.preset)
+    peer_files: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
+    if args.peers:
+        from bench_peers import build_peers
+
+        peer_files, skipped = build_peers(checkpoint, files["onnx-fp32"], args.work, args.preset)
     if args.engines:
         files = {k: v for k, v in files.items() if k in args.engines}
+        peer_files = {k: v for k, v in peer_files.items() if k in args.engines}
+        skipped = {k: v for k, v in skipped.items() if k in args.engines}
     engines: dict[str, Any] = {}
     load_rss: dict[str, int] = {}
     before = rss()
@@ -185,6 +208,20 @@ def main() -> None:
         engines[name] = ort.InferenceSession(os.fspath(path), options,
                                              providers=["CPUExecutionProvider"])
         load_rss[name] = rss() - before
+    for name, path in peer_files.items():
+        from bench_peers import load_peer
+
+        gc.collect()
+        before = rss()
+        try:
+            engines[name] = load_peer(name, path, args.threads)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot load is reported, not fatal
+            skipped[name] = f"could not load: {str(e).strip().splitlines()[-1][:200]}"
+            continue
+        load_rss[name] = rss() - before
+        files[name] = path
+    for name, reason in skipped.items():
+        logging.warning("skipped %s: %s", name, reason)
     sizes = {name: size_of(path) for name, path in files.items()}
     sizes["torch-fp32"] = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
 
@@ -196,6 +233,8 @@ def main() -> None:
                                 attention_mask=torch.from_numpy(mask)).last_hidden_state
             vec = hidden[:, -1].float()
             return (vec / vec.norm(dim=-1, keepdim=True)).numpy()
+        if name in peer_files:
+            return engine(ids, mask)
         return engine.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
     # Other processes on the machine slow torch more than onnxruntime: record the load.
@@ -261,12 +300,28 @@ def main() -> None:
     meta = {"threads": args.threads, "runs": args.runs, "cpu_count": os.cpu_count(),
             "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()[0],
             "onnxruntime": ort.__version__, "torch": torch.__version__,
+            "preset": args.preset, "skipped": skipped,
             "note": "round-robin timing in one process; p50 of the timed runs after 1 warm-up"}
+    if args.peers:
+        meta["peers"] = peer_versions()
     (out / "bench.json").write_text(json.dumps({"meta": meta, "results": results,
                                                 "fp32_ceiling": floors}, indent=2))
     (out / "bench.md").write_text(markdown(results, meta, floors))
     chart(results, out / "bench.png")
     print(markdown(results, meta, floors))
+
+
+def peer_versions() -> dict[str, str]:
+    """Installed versions of the peer engines' packages ("not installed" when absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("llama_cpp_python", "onnxruntime-genai", "openvino"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
 
 
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any],
@@ -293,9 +348,16 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any],
                      f"| {f['batch']} | {f['length']} | {f['onnx_fp32_gemm_s']:.3f} | "
                      f"{f['onnx_fp32_p50_s']:.3f} | {f['torch_p50_s']:.3f} | "
                      f"{f['fp32_ceiling_vs_torch']:.2f} |\n" for f in floors))
+    peers = ""
+    if meta.get("peers"):
+        peers = ", " + ", ".join(f"{k} {v}" for k, v in meta["peers"].items())
+    if meta.get("preset", "0.6B") != "0.6B":
+        peers += f"; random checkpoint of preset {meta['preset']}"
+    skipped = "".join(f"\n\nSkipped {name}: {reason}" for name, reason
+                      in meta.get("skipped", {}).items())
     return (f"{meta['threads']} intra-op threads, {meta['runs']} timed runs per cell "
-            f"(round-robin), onnxruntime {meta['onnxruntime']}, torch {meta['torch']}{load}\n\n"
-            + head + rows + floor)
+            f"(round-robin), onnxruntime {meta['onnxruntime']}, torch {meta['torch']}"
+            f"{peers}{load}\n\n" + head + rows + floor + skipped)
 
 
 def chart(results: list[dict[str, Any]], path: Path) -> None:
