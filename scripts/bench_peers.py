@@ -141,7 +141,6 @@ def _load_llama(path: Path, threads: int) -> Embed:
     def embed(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return model.embed_ids(_rows(ids, mask))
 
-    embed.model = model  # type: ignore[attr-defined]  # keep it alive with the callable
     return embed
 
 
@@ -183,5 +182,5 @@ def _load_openvino(path: Path, threads: int) -> Embed:
         request.infer({"input_ids": ids, "attention_mask": mask})
         return request.get_tensor(output).data.copy()
 
-    embed.compiled = compiled  # type: ignore[attr-defined]
+    embed.compiled = compiled  # type: ignore[attr-defined]  # outlives the request
     return embed
