@@ -88,30 +88,26 @@ def prepare(work: Path, preset: str = "0.6B") -> tuple[Path, Path, dict[str, Pat
         export_bundle(checkpoint, bundle, validate=False, force=True,
                       precisions=["fp16", "int8", "int4"])
     onnx_dir = bundle / "onnx"
+    # The bundle's int8/int4 come from the accuracy-driven search (the export's default); the
+    # fixed recipes (what --int8-scheme forces) are built beside it for comparison.
     files = {"onnx-fp32": onnx_dir / "model.onnx", "onnx-fp16": onnx_dir / "model_fp16.onnx",
-             f"onnx-int8-{DEFAULT_INT8_SCHEME}": onnx_dir / "model_int8.onnx",
-             f"onnx-int4-acc{INT4_ACCURACY_LEVEL}": onnx_dir / "model_int4.onnx"}
-    others = [s for s in INT8_SCHEMES if s != DEFAULT_INT8_SCHEME]
-    missing = [s for s in others if not (work / f"int8-{s}{tag}" / "model.onnx").is_file()]
-    # The int4 accuracy level the bundle does not use, to show why it was chosen.
-    other_level = 0 if INT4_ACCURACY_LEVEL else 4
-    alt = work / f"int4-acc{other_level}{tag}" / "model.onnx"
-    if missing or not alt.is_file():
+             "onnx-int8-searched": onnx_dir / "model_int8.onnx",
+             "onnx-int4-searched": onnx_dir / "model_int4.onnx"}
+    fixed = {f"onnx-int8-{s}": ("int8", s, INT4_ACCURACY_LEVEL) for s in INT8_SCHEMES}
+    fixed |= {f"onnx-int4-acc{level}": ("int4", DEFAULT_INT8_SCHEME, level) for level in (0, 4)}
+    paths = {name: work / f"{name.removeprefix('onnx-')}{tag}" / "model.onnx" for name in fixed}
+    missing = [name for name in fixed if not paths[name].is_file()]
+    if missing:
         feeds = calibration_feeds(checkpoint / "tokenizer.json")
         calibration = calibrate(files["onnx-fp32"], feeds)
-        for scheme in missing:
-            logging.info("building int8 scheme %s", scheme)
-            out = work / f"int8-{scheme}{tag}" / "model.onnx"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            build_variant(files["onnx-fp32"], "int8", calibration=calibration, int8_scheme=scheme,
-                          target=out, external=True)
-        if not alt.is_file():
-            alt.parent.mkdir(parents=True, exist_ok=True)
-            build_variant(files["onnx-fp32"], "int4", calibration=calibration, target=alt,
-                          external=True, int4_accuracy_level=other_level)
-    for scheme in others:
-        files[f"onnx-int8-{scheme}"] = work / f"int8-{scheme}{tag}" / "model.onnx"
-    files[f"onnx-int4-acc{other_level}"] = alt
+        for name in missing:
+            precision, scheme, level = fixed[name]
+            logging.info("building the fixed recipe %s", name)
+            paths[name].parent.mkdir(parents=True, exist_ok=True)
+            build_variant(files["onnx-fp32"], precision, calibration=calibration,
+                          int8_scheme=scheme, target=paths[name], external=True,
+                          int4_accuracy_level=level)
+    files |= paths
     return checkpoint, bundle, files
 
 
@@ -166,6 +162,8 @@ def main() -> None:
     parser.add_argument("--engines", nargs="*", default=None, help="subset of engine names")
     parser.add_argument("--preset", default="0.6B",
                         help="shape of the random checkpoint (0.6B; tiny for a smoke test)")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="build and cache every engine's files under --work, then stop")
     parser.add_argument("--peers", action="store_true",
                         help="also time llama.cpp (q8_0, q4_k_m), onnxruntime-genai's graph and "
                              "OpenVINO on the same checkpoint (scripts/bench_peers.py)")
@@ -189,6 +187,9 @@ def main() -> None:
         from bench_peers import build_peers
 
         peer_files, skipped = build_peers(checkpoint, files["onnx-fp32"], args.work, args.preset)
+    if args.prepare_only:
+        logging.info("prepared %d engines under %s", len(files) + len(peer_files), args.work)
+        return
     if args.engines:
         files = {k: v for k, v in files.items() if k in args.engines}
         peer_files = {k: v for k, v in peer_files.items() if k in args.engines}
