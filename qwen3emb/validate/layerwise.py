@@ -9,6 +9,7 @@ layer. Peak memory is one layer plus the embedding table plus the texts' hidden 
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,8 +61,13 @@ class LayerwiseReference:
         return reference_token_ids(self.tokenizer, text, max_length)
 
     def _load(self, module: Any, prefix: str) -> Any:
-        """Materialize ``module`` (a meta submodule of the backbone) from the shards."""
+        """A copy of ``module`` (a meta submodule of the backbone) materialized from the shards.
+
+        The copy is what holds the weights: ``to_empty`` works in place, and materializing the
+        backbone's own submodule would keep every layer resident once the pass is over.
+        """
         torch = self.torch
+        module = copy.deepcopy(module)
         state = {}
         for name, _ in module.named_parameters():
             key = self.family.checkpoint_key(f"{prefix}{name}", self.weights)
