@@ -146,6 +146,24 @@ def test_simulated_treatments_rank_as_onnxruntime_measures():
     assert 5e-3 < errors["int8"] < 3e-2
 
 
+def test_wide_matmuls_are_measured_on_sampled_columns_like_in_full(monkeypatch):
+    """The column sample (top columns in full, the rest scaled) estimates the full error,
+    also when a few columns carry most of the output, as massive activations do."""
+    from qwen3emb.export.quant import sensitivity
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (96, 512)).astype(np.float32)
+    w = rng.normal(0, 0.05, (512, 4096)).astype(np.float32)
+    w[:, [7, 1999, 3000]] *= 40  # three heavy columns
+    bounds = np.stack([x.min(axis=1), x.max(axis=1)], axis=1)
+    tiers = ("int4", "int8", "nbits8", "nbits8-128")
+    sampled = sensitivity.measure_matmul(x, bounds, w, tiers)
+    monkeypatch.setattr(sensitivity, "MEASURE_COLUMNS", 10**6)
+    full = sensitivity.measure_matmul(x, bounds, w, tiers)
+    for tier in tiers:
+        assert abs(sampled[tier] / full[tier] - 1) < 0.05, (tier, sampled[tier], full[tier])
+
+
 def test_unreachable_floor_fails_in_one_line(bundles, workdir, monkeypatch):
     """With no room to escalate, the export refuses to write a failing artifact."""
     from qwen3emb.errors import OutputError
