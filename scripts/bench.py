@@ -146,8 +146,9 @@ def gemm_time(model: Path, feeds: dict[str, np.ndarray], threads: int, runs: int
 
 
 def size_of(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """A model file with its external data (``<name>_data``, or ``<name>.data`` before)."""
+    data = [path.with_name(path.name + suffix) for suffix in ("_data", ".data")]
+    return path.stat().st_size + sum(d.stat().st_size for d in data if d.exists())
 
 
 def main() -> None:
