@@ -3,7 +3,7 @@
 The fixed recipes of :mod:`qwen3emb.export.quant.variants` give every MatMul of a role the
 same treatment. The fidelity search (:mod:`qwen3emb.export.quant.search`) instead decides per
 MatMul, starting from the recipe's choices (:func:`initial_plan`) and escalating the sensitive
-ones along :data:`ESCALATION`; this module writes whatever plan it settles on, one weight at a
+ones along :data:`LADDERS`; this module writes whatever plan it settles on, one weight at a
 time like every variant.
 
 The token-embedding table is 8-bit ``GatherBlockQuantized`` as in the recipes, except that
@@ -60,11 +60,22 @@ TIERS: dict[str, Tier] = {
                    "8-bit MatMulNBits block 32, int8 activations per 32-block (as q8_0)"),
     "fp32": Tier("fp32", description="fp32 MatMul"),
 }
-ESCALATION: dict[str, str] = {"int4": "int8", "int8": "nbits8-128", "nbits8": "nbits8-128",
-                              "nbits8-128": "fp32"}
-"""The next, more faithful treatment of each tier. 8-bit weights with fp32 activations come
-before fp32: on the outlier fixtures, int8 activations per 32-block (``nbits8``, as q8_0) left
-the embedding-outlier fixture at 0.9918 where fp32 activations held."""
+SIZE_LADDER: dict[str, str] = {"int4": "int8", "int8": "nbits8-128", "nbits8": "nbits8-128",
+                               "nbits8-128": "fp32"}
+"""The next, more faithful treatment of each tier, at the least added size: int4's ladder (its
+point is size). 8-bit weights with fp32 activations come before fp32; they come before int8
+activations per 32-block too: on the outlier fixtures, ``nbits8`` (as q8_0) left the
+embedding-outlier fixture at 0.9918 where fp32 activations held."""
+SPEED_LADDER: dict[str, str] = {**SIZE_LADDER, "int8": "fp32"}
+"""int8's ladder (its point is speed): int8 goes straight to fp32. 8-bit MatMulNBits with fp32
+activations (``nbits8-128``) is as faithful in practice but slower than the fp32 MatMul at
+every measured size on this CPU (it dequantizes its weights on every call: the whole 0.6B graph
+at 0.39x torch at 1 x 16 tokens against fp32's 2.5x; ``scripts/bench.py``), so it is only the
+fallback where fp32 would break the size budget (:data:`FALLBACK`)."""
+LADDERS: dict[str, dict[str, str]] = {"int8": SPEED_LADDER, "int4": SIZE_LADDER}
+FALLBACK: dict[str, str] = {"fp32": "nbits8-128"}
+"""Where an escalation to the key would exceed the size budget, the value is tried instead
+(unless the MatMul is already there)."""
 
 
 def initial_plan(graph: LazyGraph, precision: str, scheme: str,

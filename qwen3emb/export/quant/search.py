@@ -11,8 +11,10 @@
    calibration; the figure is the minimum cosine over texts.
 4. **Escalate** while the score misses the precision's target: the most sensitive MatMuls
    (largest measured error reduction per added byte) move one step along
-   :data:`planned.ESCALATION`, 1/8 of the candidates first, then 1/4, 1/2, all; never beyond
-   the precision's size budget. At most ``MAX_BUILDS`` builds, each one pass over the weights.
+   the precision's ladder (:data:`planned.LADDERS`: int8 straight to fp32, or to 8-bit
+   weight-only where fp32 would not fit; int4 through 8-bit first), 1/8 of the candidates
+   first, then 1/4, 1/2, all; never beyond the precision's size budget. At most
+   ``MAX_BUILDS`` builds, each one pass over the weights.
 
 If the floor itself cannot be reached within the budget, the export stops with one line: the
 best fidelity reached and what keeping the sensitive MatMuls in fp32 would cost.
@@ -180,36 +182,45 @@ def score(path: Path, feeds: Sequence[tuple[dict[str, np.ndarray], list[int]]],
     return worst
 
 
-def next_tier(name: str, tier: str, measurements: Measurements) -> str:
-    """The next tier up from ``tier`` whose measured error for ``name`` is under its
+def next_tier(name: str, tier: str, measurements: Measurements, ladder: dict[str, str]
+              ) -> str:
+    """The next tier up ``ladder`` from ``tier`` whose measured error for ``name`` is under its
     ``CEILING`` (a 4-bit MatMul whose int8 error is out of bounds goes straight past int8)."""
-    nxt = planned.ESCALATION[tier]
-    while nxt in planned.ESCALATION and measurements.error(name, nxt) > CEILING.get(nxt, 1.0):
-        nxt = planned.ESCALATION[nxt]
+    nxt = ladder[tier]
+    while nxt in ladder and measurements.error(name, nxt) > CEILING.get(nxt, 1.0):
+        nxt = ladder[nxt]
     return nxt
 
 
-def rank_escalations(plan: dict[str, str], measurements: Measurements) -> list[str]:
+def rank_escalations(plan: dict[str, str], measurements: Measurements,
+                     ladder: dict[str, str]) -> list[str]:
     """MatMuls that can move up a tier, the best error reduction per added byte first."""
 
     def value(name: str) -> float:
-        tier, nxt = plan[name], next_tier(name, plan[name], measurements)
+        tier, nxt = plan[name], next_tier(name, plan[name], measurements, ladder)
         gain = measurements.error(name, tier) - measurements.error(name, nxt)
         cost = (planned.TIERS[nxt].bytes_per_weight() - planned.TIERS[tier].bytes_per_weight())
         return gain / max(cost, 1e-3)
 
-    return sorted((n for n, t in plan.items() if t in planned.ESCALATION), key=lambda n: -value(n))
+    return sorted((n for n, t in plan.items() if t in ladder), key=lambda n: -value(n))
 
 
 def _escalate(plan: dict[str, str], ranked: list[str], count: int,
-              measurements: Measurements, budget: float, fixed_bytes: float) -> dict[str, str]:
-    """Move the first ``count`` of ``ranked`` one tier up, skipping what the budget refuses."""
+              measurements: Measurements, budget: float, fixed_bytes: float,
+              ladder: dict[str, str]) -> dict[str, str]:
+    """Move the first ``count`` of ``ranked`` one tier up, to the cheaper fallback tier when
+    the budget refuses the next one, skipping what the budget refuses entirely."""
     new = dict(plan)
     sizes = measurements.sizes
     for name in ranked[:count]:
-        trial = {**new, name: next_tier(name, new[name], measurements)}
-        if planned.plan_bytes(trial, sizes) + fixed_bytes <= budget:
-            new = trial
+        nxt = next_tier(name, new[name], measurements, ladder)
+        for tier in (nxt, planned.FALLBACK.get(nxt)):
+            if tier is None or tier == new[name]:
+                continue
+            trial = {**new, name: tier}
+            if planned.plan_bytes(trial, sizes) + fixed_bytes <= budget:
+                new = trial
+                break
     return new
 
 
@@ -246,7 +257,8 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
     fixed = rows * width * (1 + 5 / q.EMBEDDING_BLOCK_SIZE) + 4 * rows * len(columns)
     budget = SIZE_BUDGET[precision] * measurements.fp32_bytes()
     out_of_line = _out_of_line(plan, measurements)
-    plan = _escalate(plan, out_of_line, len(out_of_line), measurements, budget, fixed)
+    ladder = planned.LADDERS[precision]
+    plan = _escalate(plan, out_of_line, len(out_of_line), measurements, budget, fixed, ladder)
     target_path = variant_path(source, precision)
     rounds: list[dict[str, Any]] = []
     best, best_plan = -1.0, dict(plan)
@@ -265,9 +277,9 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
                     build + 1, fidelity, planned.plan_summary(plan))
         if fidelity >= target or build == MAX_BUILDS - 1:
             break
-        ranked = rank_escalations(plan, measurements)
+        ranked = rank_escalations(plan, measurements, ladder)
         count = math.ceil(len(ranked) * ROUND_FRACTIONS[min(build, len(ROUND_FRACTIONS) - 1)])
-        new = _escalate(plan, ranked, count, measurements, budget, fixed)
+        new = _escalate(plan, ranked, count, measurements, budget, fixed, ladder)
         if new == plan:
             break  # nothing left to escalate within the budget
         plan = new
