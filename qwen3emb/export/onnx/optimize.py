@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VISION_PROJECTIONS = ("attn.qkv", "attn.proj", "linear_fc1", "linear_fc2")
+"""Qwen3-VL vision tower Linears (blocks and patch mergers): their nodes are named too, their
+weights keep the names the exporter gave them (already the module's)."""
 
 
 @dataclass
@@ -107,13 +110,15 @@ def name_projections(model: Any) -> int:
         if node.op_type != "MatMul" or node.input[1] not in g.inits:
             continue
         scopes = {p.key: p.value for p in node.metadata_props}.get(SCOPES_KEY, "")
-        module = next((s.strip(" '\"") for s in scopes.strip("[]").split(",")
-                       if s.strip(" '\"").endswith(PROJECTIONS)), None)
+        modules = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
+        module = next((m for m in modules if m.endswith(PROJECTIONS + VISION_PROJECTIONS)),
+                      None)
         if module is None:
             continue
         node.name = f"{module}/MatMul"
         weight = node.input[1]
-        if len(g.consumers[weight]) == 1 and weight not in renamed:
+        if (not module.endswith(VISION_PROJECTIONS) and len(g.consumers[weight]) == 1
+                and weight not in renamed):
             renamed[weight] = f"{module}.weight_t"
         count += 1
     for init in model.graph.initializer:
