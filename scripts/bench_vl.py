@@ -225,8 +225,11 @@ def main() -> None:
         prepare(args.work, args.preset, args.decoder_layers)
         return
     if args.child:
+        load = os.getloadavg()[0]
         result = child_torch(args) if args.child == "torch-fp32" else child_onnx(args)
         result["peak_rss_mb"] = round(peak_rss_mb())
+        # Engines run one after another: a load change between them skews the ratios.
+        result["load"] = [round(load, 1), round(os.getloadavg()[0], 1)]
         args.result.write_text(json.dumps(result))
         return
     out = args.out or args.work
@@ -277,7 +280,7 @@ def summarize(raw: dict[str, dict[str, Any]], depth: int, full_depth: int
         row = {"engine": engine, "vision_precision": r.get("vision_precision", "fp32"),
                "s_per_image": round(total, 4), "vision_s": round(vision, 4),
                "decoder_s": round(decoder, 4), "size_mb": round(r["size_mb"], 1),
-               "peak_rss_mb": r["peak_rss_mb"]}
+               "peak_rss_mb": r["peak_rss_mb"], "load_1min": r.get("load")}
         if depth != full_depth:
             # Decoder time grows with depth; vision and host work do not.
             row["s_per_image_full_depth_est"] = round(total + decoder * (full_depth / depth - 1),
@@ -301,7 +304,7 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any],
     head = ("| engine | vision graph | s / image | × torch | vision s | × torch (vision) | "
             "decoder s |" + (f" est. s / image at {meta['preset_decoder_layers']} layers | "
                              "× torch (est.) |" if est else "")
-            + " min cos to torch | size MB | peak RSS MB |\n")
+            + " min cos to torch | size MB | peak RSS MB | 1-min load |\n")
     head += "|" + "---|" * (head.count("|") - 1) + "\n"
     rows = ""
     for r in results:
@@ -311,8 +314,9 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any],
         if est:
             rows += (f" {r['s_per_image_full_depth_est']:.3f} | "
                      f"{r.get('x_torch_s_per_image_full_depth_est', float('nan')):.2f} |")
+        load = r.get("load_1min") or ["?", "?"]
         rows += (f" {r.get('min_cosine_to_torch', float('nan')):.6f} | {r['size_mb']:.0f} | "
-                 f"{r['peak_rss_mb']} |\n")
+                 f"{r['peak_rss_mb']} | {load[0]} → {load[1]} |\n")
     text = (f"Qwen3-VL {meta['preset']} shape (random weights, decoder {meta['decoder_layers']} "
             f"of {meta['preset_decoder_layers']} layers), {meta['image']} images, one per call, "
             f"{meta['threads']} threads, {meta['images']} images x {meta['runs']} runs, "
