@@ -100,7 +100,8 @@ def test_every_vl_precision_meets_its_floor_on_every_probe_kind(vl_precision_bun
     by_path = {a.artifact: a for a in report.artifacts}
     assert list(by_path) == ["onnx/decoder.onnx", "onnx/decoder_fp16.onnx",
                              "onnx/decoder_int8.onnx", "onnx/decoder_int4.onnx",
-                             "onnx/vision.onnx", "onnx/vision_fp16.onnx"]
+                             "onnx/vision.onnx", "onnx/vision_fp16.onnx",
+                             "onnx/vision_int8.onnx", "onnx/vision_int4.onnx"]
     for path, artifact in by_path.items():
         assert artifact.nan_inf == 0, path
         assert artifact.floor == FLOORS[artifact.precision]
@@ -115,7 +116,8 @@ def test_every_vl_precision_meets_its_floor_on_every_probe_kind(vl_precision_bun
             assert {"image", "image-tiny", "video-frames", "video-file"} <= set(kinds)
         assert min(kinds.values()) >= FLOORS[artifact.precision], (path, kinds)
     assert "vision_fp16.onnx" in (by_path["onnx/decoder_fp16.onnx"].note or "")
-    assert "onnx/vision.onnx" in (by_path["onnx/decoder_int8.onnx"].note or "")
+    assert "vision_int8.onnx" in (by_path["onnx/decoder_int8.onnx"].note or "")
+    assert "vision_int4.onnx" in (by_path["onnx/decoder_int4.onnx"].note or "")
     manifest = vl_precision_bundle.manifest
     assert set(manifest["parity"]["min_cosine"]) == set(by_path)
 
@@ -133,9 +135,10 @@ def test_manifest_describes_each_graph_precision_and_its_vision_pair(vl_precisio
         "fp32": "onnx/decoder.onnx", "fp16": "onnx/decoder_fp16.onnx",
         "int8": "onnx/decoder_int8.onnx", "int4": "onnx/decoder_int4.onnx"}
     assert {p: a["path"] for p, a in visions.items()} == {
-        "fp32": "onnx/vision.onnx", "fp16": "onnx/vision_fp16.onnx"}
+        "fp32": "onnx/vision.onnx", "fp16": "onnx/vision_fp16.onnx",
+        "int8": "onnx/vision_int8.onnx", "int4": "onnx/vision_int4.onnx"}
     assert {p: a["vision_precision"] for p, a in decoders.items()} == {
-        "fp32": "fp32", "fp16": "fp16", "int8": "fp32", "int4": "fp32"}
+        "fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int4"}
     for entry in [*decoders.values(), *visions.values()]:
         assert entry["scheme"] and isinstance(entry["settings"], dict), entry["path"]
     assert decoders["int8"]["settings"]["scheme"] == "mixed"
@@ -151,7 +154,10 @@ def test_manifest_describes_each_graph_precision_and_its_vision_pair(vl_precisio
     size = {a["path"]: a["size"] for a in onnx}
     assert size["onnx/decoder_int4.onnx"] <= size["onnx/decoder_int8.onnx"] \
         < size["onnx/decoder_fp16.onnx"] < size["onnx/decoder.onnx"]
-    assert size["onnx/vision_fp16.onnx"] < size["onnx/vision.onnx"]
+    # The tiny tower's weights (K = 32..256) weigh less than its graph's nodes, so the
+    # quantized visions only compare with fp32 here.
+    assert max(size[f"onnx/vision_{p}.onnx"] for p in ("fp16", "int8", "int4")) \
+        < size["onnx/vision.onnx"]
 
 
 
@@ -231,7 +237,7 @@ def test_fp16_vision_keeps_norms_softmax_and_residual_in_fp32(vl_precision_bundl
     assert weights == {onnx.TensorProto.FLOAT16}
 
 
-def _true_fp16(model, runs_fused_norms: bool = True):
+def _true_fp16(model, contrib_ops: bool = True):
     """onnx's reference evaluator for ``model``: numpy arithmetic in each tensor's own dtype,
     as an accelerator computes fp16 (onnxruntime's CPU provider upcasts most fp16 ops)."""
     from onnx.reference import ReferenceEvaluator
@@ -257,11 +263,28 @@ def _true_fp16(model, runs_fused_norms: bool = True):
             empty = np.zeros(0, total.dtype)
             return rms(total, scale, epsilon).astype(total.dtype), empty, empty, total
 
+    class FastGelu(OpRun):
+        op_domain = "com.microsoft"
+
+        def _run(self, x):
+            c = x.dtype.type(np.sqrt(2 / np.pi))
+            inner = c * (x + x.dtype.type(0.044715) * x * x * x)
+            return (x.dtype.type(0.5) * x * (x.dtype.type(1) + np.tanh(inner)),)
+
+    class Gelu(OpRun):
+        op_domain = "com.microsoft"
+
+        def _run(self, x, approximate=None):  # the evaluator passes ONNX Gelu's attribute
+            from scipy.special import erf
+
+            half = x.dtype.type(0.5)
+            return ((half * x * (1 + erf(x / x.dtype.type(np.sqrt(2))))).astype(x.dtype),)
+
     nodes = _topological(model.graph, list(model.graph.node))  # the converter appends Casts
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    ops = [SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization]
-    return ReferenceEvaluator(model, new_ops=ops if runs_fused_norms else None)
+    ops = [SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, FastGelu, Gelu]
+    return ReferenceEvaluator(model, new_ops=ops if contrib_ops else None)
 
 
 def _cosine(a, b) -> float:
@@ -300,8 +323,8 @@ def test_fp16_vl_graphs_hold_in_true_fp16_where_naive_fp16_breaks(vl_precision_b
             assert all(np.isfinite(x).all() for x in ours), graph
             assert _cosine(ours, expected[graph]) >= FLOORS["fp16"], graph
             plain = graphs[graph] if graph == "vision" else _unfuse_norms(graphs[graph])
-            naive = _true_fp16(convert_fp16(plain, keep_fp32_ops=()), False).run(
-                None, feeds[graph])
+            naive = _true_fp16(convert_fp16(plain, keep_fp32_ops=()),
+                               graph == "vision").run(None, feeds[graph])
             print(graph, "ours", _cosine(ours, expected[graph]), "naive",
                   _cosine(naive, expected[graph]))
             assert _cosine(naive, expected[graph]) < FLOORS["fp16"], graph
@@ -320,8 +343,8 @@ def reference_items(outlier_vl_checkpoint: Path, tmp_path_factory: pytest.TempPa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision,vision", [("fp16", "fp16"), ("int8", "fp32"),
-                                              ("int4", "fp32")])
+@pytest.mark.parametrize("precision,vision", [("fp16", "fp16"), ("int8", "int8"),
+                                              ("int4", "int4")])
 def test_runtime_loads_each_vl_precision(vl_precision_bundle, reference_items, precision: str,
                                          vision: str) -> None:
     from qwen3emb.runtime import VLEmbedder
@@ -383,3 +406,90 @@ def test_a_precision_the_vl_bundle_lacks_exits_2(vl_bundle: Path, vl_checkpoint:
                                           "--precision", "int4"])
     assert result.exit_code == 2
     assert "bundle has no model of precision ['int4']" in result.stderr
+
+
+@pytest.mark.slow
+def test_int8_vision_graph_is_searched_and_records_its_decisions(vl_precision_bundle):
+    """The int8 vision graph comes from the accuracy-driven search: every weight MatMul of the
+    tower (blocks and patch mergers) has a recorded tier and measured error, and the graph
+    holds exactly that many int8 MatMuls; the position table stays fp32."""
+    from collections import Counter
+
+    import onnx
+
+    from qwen3emb.export.quant.search import TARGETS
+    from qwen3emb.manifest import read_manifest
+
+    bundle = vl_precision_bundle.bundle
+    manifest = read_manifest(bundle)
+    entries = {(a.get("graph"), a["precision"]): a for a in manifest.artifacts
+               if a.get("kind") == "onnx" and a.get("role") != "external-data"}
+    entry = entries["vision", "int8"]
+    settings = entry["settings"]
+    assert settings["search"].startswith("accuracy-driven")
+    assert settings["scheme"] == "dynamic"
+    assert settings["calibration_fidelity"] >= TARGETS["int8"] > FLOORS["int8"]
+    assert settings["rounds"] and settings["rounds"][-1]["calibration_min_cosine"] > 0
+    assert settings["embedding"] == {"treatment": "none (no token-embedding table)"}
+    fp32 = onnx.load(str(bundle / "onnx" / "vision.onnx"))
+    assert not [n for n in fp32.graph.node if n.op_type == "Gemm"]  # mergers are MatMuls
+    weights = {t.name for t in fp32.graph.initializer}
+    matmuls = {n.name for n in fp32.graph.node
+               if n.op_type == "MatMul" and n.input[1] in weights}
+    assert set(settings["matmuls"]) == matmuls
+    assert any(".merger.linear_fc1/" in m for m in matmuls)
+    assert any("deepstack_merger_list.2.linear_fc2/" in m for m in matmuls)
+    tiers = Counter(tier for tier, _ in settings["matmuls"].values())
+    model = onnx.load(str(bundle / entry["path"]))
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["MatMulInteger"] == tiers["int8"] > 0
+    kept = {t.name: t.data_type for t in model.graph.initializer}
+    assert kept["visual.pos_embed.weight"] == onnx.TensorProto.FLOAT
+    assert entries["decoder", "int8"]["vision_precision"] == "int8"
+    assert entries["decoder", "int4"]["vision_precision"] == "int4"
+    int4 = entries["vision", "int4"]["settings"]
+    assert int4["calibration_fidelity"] >= FLOORS["int4"] and int4["matmuls"]
+
+
+@pytest.mark.slow
+def test_vision_search_escalates_what_misses_its_target(vl_precision_bundle, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    """With a target the plain int8 plan cannot meet, the search moves the most sensitive
+    vision MatMuls up a tier, scores again against the fp32 vision outputs, and records it."""
+    import shutil
+
+    from qwen3emb.export.quant import search
+    from qwen3emb.export.quant.calibrate import calibrate
+    from qwen3emb.export.quant.sensitivity import ActivationSamples
+    from qwen3emb.export.quant.vl_calibration import vision_calibration_feeds
+    from qwen3emb.manifest import read_manifest
+
+    manifest = read_manifest(vl_precision_bundle.bundle)
+    source = tmp_path / "vision.onnx"
+    shutil.copy(vl_precision_bundle.bundle / "onnx" / "vision.onnx", source)
+    feeds = vision_calibration_feeds(manifest)
+    samples = ActivationSamples()
+    calibration = calibrate(source, feeds, observe=samples.observe)
+    monkeypatch.setitem(search.TARGETS, "int8", 0.999999)
+    [variant] = search.search_variants(source, ["int8"], scheme="dynamic",
+                                       calibration=calibration, samples=samples, feeds=feeds)
+    settings = variant.settings
+    assert len(settings["rounds"]) >= 2
+    assert settings["escalated"] and all(v.startswith("int8->")
+                                         for v in settings["escalated"].values())
+    first = settings["rounds"][0]["calibration_min_cosine"]
+    assert settings["calibration_fidelity"] > first
+
+
+def test_vision_calibration_images_are_not_the_validator_probes(vl_checkpoint: Path,
+                                                                tmp_path: Path) -> None:
+    """The vision graph is calibrated (and searched) on images the validator never shows it,
+    so the parity report stays an independent check."""
+    from qwen3emb.export.quant.vl_calibration import calibration_images
+    from qwen3emb.validate.vl_probes import build_vl_probes
+
+    probes = build_vl_probes(tmp_path)
+    shown = [np.asarray(p.item["image"]) for p in probes if p.item.get("image") is not None]
+    for image in calibration_images():
+        ours = np.asarray(image)
+        assert not any(ours.shape == s.shape and np.array_equal(ours, s) for s in shown)

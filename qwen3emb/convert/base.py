@@ -111,6 +111,21 @@ class Family:
     """Build int8 / int4 by the accuracy-driven search (``qwen3emb.export.quant.search``),
     starting from ``default_int8_scheme``, unless the user forces a scheme."""
 
+    def graph_quantization(self, graph: str, forced: str | None) -> tuple[str, bool]:
+        """How graph ``graph``'s int8 / int4 variants are built.
+
+        Args:
+            graph: a name from :meth:`graph_specs`.
+            forced: the int8 scheme the user forced (``--int8-scheme``), or ``None``.
+
+        Returns:
+            ``(int8 scheme, search)``: the recipe, and whether the accuracy-driven search
+            starts from it (:mod:`qwen3emb.export.quant.search`) instead of applying it as is.
+        """
+        if forced is not None:
+            return forced, False
+        return self.default_int8_scheme, self.fidelity_search
+
     support_files: ClassVar[tuple[str, ...]] = ()
     """Checkpoint files copied into the bundle besides the tokenizer files, when present."""
 

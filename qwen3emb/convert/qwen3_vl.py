@@ -160,6 +160,20 @@ class Qwen3VLFamily(Family):
     """The decoder keeps the fixed ``mixed`` recipe until the search is measured on VL inputs
     (issue #12, item 4)."""
 
+    VISION_INT8_SCHEME = "dynamic"
+    """Where the vision graph's int8 search starts: per-channel dynamic int8 on every MatMul
+    (inputs with outlier channels fp32). The runtime calls the tower once per image or video,
+    so one activation scale per call never mixes items of different kinds, the hazard that
+    made the decoder ``mixed``."""
+
+    def graph_quantization(self, graph: str, forced: str | None) -> tuple[str, bool]:
+        """The vision graph's int8 / int4 are searched (measured on calibration images,
+        escalated until the visual and deepstack outputs hold); the decoder keeps its fixed
+        recipe. A forced ``--int8-scheme`` applies to both, unsearched."""
+        if graph == "vision" and forced is None:
+            return self.VISION_INT8_SCHEME, True
+        return super().graph_quantization(graph, forced)
+
     support_files = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json",
                      "video_preprocessor_config.json")
 
@@ -171,11 +185,11 @@ class Qwen3VLFamily(Family):
     mmproj GGUF are untested. Use qwen3emb's ``VLEmbedder`` / ``GGUFVLEmbedder``
     (docs/interop.md)."""
 
-    VISION_PRECISIONS = ("fp32", "fp16")
-    """The vision graph's precisions. It holds ~19% of the 2B's weights and ~7% of the 8B's,
-    so int8/int4 decoders run with the fp32 vision graph, and fp16 vision is written only with
-    ``--precision fp16`` (paired with the fp16 decoder); ``VLEmbedder(vision_precision=...)``
-    may pair them otherwise."""
+    VISION_PRECISIONS = ("fp32", "fp16", "int8", "int4")
+    """The vision graph's precisions: each decoder precision pairs with the vision graph of
+    the same precision (:meth:`pair_entries`); ``VLEmbedder(vision_precision=...)`` may pair
+    them otherwise. For an image the tower does most of the work (784 patches through 24
+    blocks for a 448x448 image on the 2B, against 196 visual tokens in the decoder)."""
 
     def graph_specs(self, dim: int, opset: int) -> tuple[GraphSpec, GraphSpec]:
         """``vision`` (patches → visual + deepstack embeddings) and ``decoder`` graphs."""

@@ -67,9 +67,19 @@ class VisionEncoder(torch.nn.Module):
             x = x + block.mlp(block.norm2(x))
             if layer in self.deepstack_indexes:
                 merger = visual.deepstack_merger_list[self.deepstack_indexes.index(layer)]
-                deepstack.append(merger(x.reshape(groups * patches, width)))
-        embeds = visual.merger(x.reshape(groups * patches, width))
-        return embeds, torch.stack(deepstack)
+                deepstack.append(_merge(merger, x))
+        return _merge(visual.merger, x), torch.stack(deepstack)
+
+
+def _merge(merger: Any, x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``Qwen3VLVisionPatchMerger.forward`` on ``x`` [groups, patches, width],
+    kept 3-D: on a 2-D input the exporter writes its Linears as ``Gemm``, which the
+    quantizers do not see (``ops.weight_matmuls``); as ``MatMul`` they get int8 like the
+    blocks' (the four mergers hold ~1/4 of the 2B tower's weights)."""
+    hidden = merger.hidden_size
+    x = x.reshape(1, -1, hidden) if merger.use_postshuffle_norm else x
+    x = merger.norm(x).reshape(1, -1, hidden)
+    return merger.linear_fc2(merger.act_fn(merger.linear_fc1(x)))[0]
 
 
 class VLDecoderEmbedder(torch.nn.Module):

@@ -99,6 +99,24 @@ def choose_graphs(manifest: Manifest, precision: str, vision_precision: str | No
     return decoders[precision], visions[wanted]
 
 
+def vision_geometry(manifest: Manifest) -> VisionGeometry:
+    """The patch geometry and pixel normalization of a bundle's vision tower."""
+    vision = manifest.data["vision"]
+    return VisionGeometry(
+        patch_size=int(vision["patch_size"]), merge_size=int(vision["merge_size"]),
+        temporal_patch_size=int(vision["temporal_patch_size"]),
+        position_table_side=int(vision["position_table_side"]),
+        mean=tuple(vision["image_mean"]), std=tuple(vision["image_std"]))
+
+
+def vision_feeds(visual: VisualInput, geometry: VisionGeometry) -> dict[str, np.ndarray]:
+    """The vision graph's inputs for one image or video (or a stack of same-size images)."""
+    indices, weights, rotary = vision_tables(visual.grid[1], visual.grid[2], geometry)
+    return {PIXEL_PATCHES: visual.patches.astype(np.float32, copy=False),
+            POS_EMBED_INDICES: indices, POS_EMBED_WEIGHTS: weights,
+            VISION_POSITION_IDS: rotary}
+
+
 class VLInputs:
     """Everything before the decoder: prompts, token ids, M-RoPE positions, and images and
     videos through the vision graph, with the bundle's preprocessing parameters.
@@ -133,11 +151,7 @@ class VLInputs:
         vision = manifest.data["vision"]
         video = vision.get("video", {})
         self.manifest = manifest
-        self.geometry = VisionGeometry(
-            patch_size=int(vision["patch_size"]), merge_size=int(vision["merge_size"]),
-            temporal_patch_size=int(vision["temporal_patch_size"]),
-            position_table_side=int(vision["position_table_side"]),
-            mean=tuple(vision["image_mean"]), std=tuple(vision["image_std"]))
+        self.geometry = vision_geometry(manifest)
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.max_source_pixels = max_source_pixels
         self.video_options = VideoOptions(

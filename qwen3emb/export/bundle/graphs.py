@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen3emb.constants import ATTENTION_MASK, INPUT_IDS, ONNX_DIR, VISUAL_EMBEDS
+from qwen3emb.constants import ATTENTION_MASK, INPUT_IDS, ONNX_DIR, PIXEL_PATCHES, VISUAL_EMBEDS
 from qwen3emb.convert import Family
 from qwen3emb.errors import OutputError
 
@@ -19,8 +19,8 @@ logger = logging.getLogger(__name__)
 
 
 def write_graphs(family: Family, stage: Path, specs: Sequence[Any], manifest: dict[str, Any], *,
-                 dimensions: int | None, precisions: Sequence[str], int8_scheme: str,
-                 keep_backbone: bool, progress: bool = False, search: bool = False
+                 dimensions: int | None, precisions: Sequence[str], int8_scheme: str | None,
+                 keep_backbone: bool, progress: bool = False
                  ) -> tuple[Any, list[dict[str, Any]]]:
     """Trace each graph of ``specs`` into ``stage/onnx/<name>.onnx`` and build its precisions.
 
@@ -31,10 +31,10 @@ def write_graphs(family: Family, stage: Path, specs: Sequence[Any], manifest: di
         manifest: the manifest as far as it is written (for calibration through the runtime).
         dimensions: Matryoshka width baked into the embedding graph.
         precisions: ONNX precisions (fp32 first).
-        int8_scheme: the int8 recipe.
+        int8_scheme: the int8 recipe the user forced, or ``None``: then each graph is built
+            as :meth:`Family.graph_quantization` says (searched or the family's recipe).
         keep_backbone: return the fp32 backbone if one was loaded (for the validator).
         progress: progress bars.
-        search: build int8 / int4 by the accuracy-driven search (``int8_scheme`` not forced).
 
     Returns:
         The loaded fp32 backbone (or ``None``) and the manifest entries, the embedding
@@ -46,9 +46,10 @@ def write_graphs(family: Family, stage: Path, specs: Sequence[Any], manifest: di
     backbone = paths.pop("backbone", None)
     entries: list[dict[str, Any]] = []
     for spec in specs:
+        scheme, search = family.graph_quantization(spec.name, int8_scheme)
         built = build_precisions(
             stage, paths[spec.name], spec, family.graph_precisions(spec.name, list(precisions)),
-            int8_scheme=int8_scheme, entry=family.graph_entry(spec.name),
+            int8_scheme=scheme, entry=family.graph_entry(spec.name),
             calibration=partial(calibration_feeds, spec, stage, manifest, list(entries)),
             progress=progress, search=search)
         entries = built + entries
@@ -80,8 +81,9 @@ def _trace(family: Family, onnx_dir: Path, specs: Sequence[Any], dimensions: int
 def calibration_feeds(spec: Any, stage: Path, manifest: dict[str, Any],
                       entries: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
     """Calibration inputs of a graph, chosen by what the graph takes: token ids alone come
-    from the staged tokenizer; visual embeddings come from the bundle's own host
-    preprocessing and its fp32 vision graph (already written, in ``entries``).
+    from the staged tokenizer; image patches from the bundle's own host preprocessing of
+    synthetic images; visual embeddings from that preprocessing and the bundle's fp32 vision
+    graph (already written, in ``entries``).
 
     Raises:
         OutputError: a graph whose inputs no calibration source produces.
@@ -91,6 +93,11 @@ def calibration_feeds(spec: Any, stage: Path, manifest: dict[str, Any],
         from qwen3emb.export.quant.precisions import calibration_feeds as text_feeds
 
         return text_feeds(stage / "tokenizer.json")
+    if PIXEL_PATCHES in names:
+        from qwen3emb.export.quant.vl_calibration import vision_calibration_feeds
+        from qwen3emb.manifest import Manifest
+
+        return vision_calibration_feeds(Manifest(root=stage, data=dict(manifest)))
     if VISUAL_EMBEDS in names:
         from qwen3emb.export.quant.vl_calibration import vl_calibration_feeds
         from qwen3emb.manifest import Manifest

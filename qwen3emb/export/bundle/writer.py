@@ -85,8 +85,9 @@ def write_bundle(
         progress: show progress bars on stderr.
         precisions: ONNX precisions besides fp32 (``fp16``, ``int8``, ``int4``); each graph
             of the family is written in those it supports (:meth:`Family.graph_precisions`).
-        int8_scheme: force an int8 recipe (default: the accuracy-driven search, starting from
-            the family's ``default_int8_scheme``; :mod:`qwen3emb.export.quant.search`).
+        int8_scheme: force an int8 recipe (default: per graph, what the family's
+            :meth:`Family.graph_quantization` says: the accuracy-driven search,
+            :mod:`qwen3emb.export.quant.search`, or its fixed recipe).
         check: run on the staged bundle before it is moved into place; its return value is
             the result's ``report``.
 
@@ -149,9 +150,8 @@ def write_bundle(
                                 else {spec.name: spec.to_dict() for spec in specs})
             backbone, entries = write_graphs(
                 family, stage, specs, manifest, dimensions=dimensions,
-                precisions=onnx_precisions, int8_scheme=int8_scheme or family.default_int8_scheme,
-                keep_backbone=check is not None, progress=progress,
-                search=int8_scheme is None and family.fidelity_search)
+                precisions=onnx_precisions, int8_scheme=int8_scheme,
+                keep_backbone=check is not None, progress=progress)
             artifacts += entries
         if gguf_list:
             artifacts += _write_gguf(family, stage, gguf_list, limit, progress)

@@ -10,6 +10,8 @@ expects a Div), nor does its transformers optimizer know Qwen3. This module:
 - fuses each residual ``Add`` feeding an RMSNorm into ``com.microsoft``
   ``SkipSimplifiedLayerNormalization``, which also returns the residual sum, so the whole
   residual stream lives in nodes that the fp16 converter keeps in fp32;
+- fuses the elementwise GELUs (the Qwen3-VL vision tower's) into ``com.microsoft``
+  ``FastGelu`` / ``Gelu``;
 - drops the exporter's per-node metadata (stack traces: ~160 kB per layer of file size).
 """
 
@@ -25,6 +27,9 @@ logger = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VISION_PROJECTIONS = ("attn.qkv", "attn.proj", "linear_fc1", "linear_fc2")
+"""Qwen3-VL vision tower Linears (blocks and patch mergers): their nodes are named too, their
+weights keep the names the exporter gave them (already the module's)."""
 
 
 @dataclass
@@ -35,12 +40,15 @@ class OptimizeStats:
     rms_norms: int = 0
     skip_norms: int = 0
     renamed_nodes: int = 0
+    gelus: int = 0
 
     def to_dict(self) -> dict[str, int]:
         out = {"named_projections": self.named_projections, "rms_norms": self.rms_norms,
                "skip_norms": self.skip_norms}
         if self.renamed_nodes:
             out["renamed_nodes"] = self.renamed_nodes
+        if self.gelus:
+            out["gelus"] = self.gelus
         return out
 
 
@@ -107,13 +115,15 @@ def name_projections(model: Any) -> int:
         if node.op_type != "MatMul" or node.input[1] not in g.inits:
             continue
         scopes = {p.key: p.value for p in node.metadata_props}.get(SCOPES_KEY, "")
-        module = next((s.strip(" '\"") for s in scopes.strip("[]").split(",")
-                       if s.strip(" '\"").endswith(PROJECTIONS)), None)
+        modules = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
+        module = next((m for m in modules if m.endswith(PROJECTIONS + VISION_PROJECTIONS)),
+                      None)
         if module is None:
             continue
         node.name = f"{module}/MatMul"
         weight = node.input[1]
-        if len(g.consumers[weight]) == 1 and weight not in renamed:
+        if (not module.endswith(VISION_PROJECTIONS) and len(g.consumers[weight]) == 1
+                and weight not in renamed):
             renamed[weight] = f"{module}.weight_t"
         count += 1
     for init in model.graph.initializer:
@@ -217,6 +227,94 @@ def fuse_skip_norms(model: Any) -> int:
     return len(new_nodes)
 
 
+def _scalar(g: _Graph, name: str, value: float) -> bool:
+    array = g.const(name)
+    return array is not None and array.size == 1 and abs(float(array) - value) < 1e-5
+
+
+def _gelu_tail(g: _Graph, node: Any, x: str) -> list[Any] | None:
+    """``Add(1) → Mul(0.5) → Mul(x)`` after ``node`` (the Tanh or Erf), or None."""
+    add = g.only_consumer(node.output[0], "Add")
+    if add is None or not _scalar(g, _other(add, node.output[0]), 1.0):
+        return None
+    half = g.only_consumer(add.output[0], "Mul")
+    if half is None or not _scalar(g, _other(half, add.output[0]), 0.5):
+        return None
+    last = next((u for u in g.consumers[half.output[0]] if u.op_type == "Mul"), None)
+    if (last is None or len(g.consumers[half.output[0]]) != 1
+            or _other(last, half.output[0]) != x):
+        return None
+    return [add, half, last]
+
+
+def _tanh_gelu(g: _Graph, node: Any) -> list[Any] | None:
+    """The nodes of ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` from its Pow."""
+    import math
+
+    if node.op_type != "Pow" or not _scalar(g, node.input[1], 3.0):
+        return None
+    x = node.input[0]
+    cube = g.only_consumer(node.output[0], "Mul")
+    inner = None if cube is None else g.only_consumer(cube.output[0], "Add")
+    scale = None if inner is None else g.only_consumer(inner.output[0], "Mul")
+    tanh = None if scale is None else g.only_consumer(scale.output[0], "Tanh")
+    if (cube is None or inner is None or scale is None or tanh is None
+            or not _scalar(g, _other(cube, node.output[0]), 0.044715)
+            or _other(inner, cube.output[0]) != x
+            or not _scalar(g, _other(scale, inner.output[0]), math.sqrt(2 / math.pi))):
+        return None
+    tail = _gelu_tail(g, tanh, x)
+    return None if tail is None else [node, cube, inner, scale, tanh, *tail]
+
+
+def _erf_gelu(g: _Graph, node: Any) -> list[Any] | None:
+    """The nodes of ``0.5 x (1 + erf(x / sqrt 2))`` from its Div."""
+    import math
+
+    if node.op_type != "Div" or not _scalar(g, node.input[1], math.sqrt(2)):
+        return None
+    erf = g.only_consumer(node.output[0], "Erf")
+    tail = None if erf is None else _gelu_tail(g, erf, node.input[0])
+    return None if tail is None else [node, erf, *tail]
+
+
+def fuse_gelus(model: Any) -> int:
+    """Replace the exporter's elementwise GELUs with onnxruntime's ``com.microsoft`` kernels:
+    the tanh form ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (the Qwen3-VL vision
+    blocks' ``gelu_pytorch_tanh``) with ``FastGelu``, the erf form
+    ``0.5 x (1 + erf(x / sqrt 2))`` (its patch mergers' ``nn.GELU``) with ``Gelu``.
+
+    onnxruntime's own GELU fusions do not match the exporter's operand order. Unfused, the
+    tanh form is nine elementwise passes over each MLP's widest activation: 27.7 ms against
+    6.6 ms for ``FastGelu`` on [784, 4096] (2 threads), ~0.5 s of a 448x448 image on the 2B.
+
+    Returns:
+        How many were fused.
+    """
+    import onnx
+
+    g = _Graph(model.graph)
+    drop: set[int] = set()
+    new_nodes: dict[int, Any] = {}
+    index = {id(n): i for i, n in enumerate(model.graph.node)}
+    for node in model.graph.node:
+        x = node.input[0] if node.input else ""
+        op, chain = "FastGelu", _tanh_gelu(g, node)
+        if chain is None:
+            op, chain = "Gelu", _erf_gelu(g, node)
+        if chain is None:
+            continue
+        last = chain[-1]
+        for n in chain:
+            drop.add(index[id(n)])
+        new_nodes[index[id(last)]] = onnx.helper.make_node(
+            op, [x], [last.output[0]], name=f"{last.name}/{op}", domain=MS_DOMAIN)
+    _replace_nodes(model, drop, new_nodes)
+    if new_nodes and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    return len(new_nodes)
+
+
 def _replace_nodes(model: Any, drop: set[int], new_nodes: dict[int, Any]) -> None:
     """Drop nodes by index, put replacements in their place, and re-sort topologically."""
     kept = []
@@ -313,6 +411,7 @@ def optimize_graph(model: Any) -> OptimizeStats:
     stats.named_projections = name_projections(model)
     stats.rms_norms = fuse_rms_norms(model)
     stats.skip_norms = fuse_skip_norms(model)
+    stats.gelus = fuse_gelus(model)
     prune_initializers(model)
     strip_metadata(model)
     stats.renamed_nodes = unique_node_names(model)

@@ -29,6 +29,9 @@ FP32_OPS: tuple[str, ...] = (
     "ReduceMean",
     "Sqrt",
     "Reciprocal",
+    # GELUs fused by the optimizer (x^3 overflows fp16 inside FastGelu, as in its Pow form).
+    "FastGelu",
+    "Gelu",
     # Attention probabilities, the rotary tables and the mask bias.
     "Softmax",
     "Cos",

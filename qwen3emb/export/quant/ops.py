@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from qwen3emb.constants import INPUT_IDS
 from qwen3emb.export.onnx.lazy import LazyGraph, OneSlot, Recipe
 
 MS_DOMAIN = "com.microsoft"
@@ -202,6 +203,15 @@ def rewrite_nbits(graph: LazyGraph, nodes: Sequence[Any], *, bits: int, block_si
     return len(replaced)
 
 
+def token_embedding(graph: LazyGraph) -> Any:
+    """The ``Gather`` of a 2-D weight table by the graph's token ids, or None. Other tables
+    (the Qwen3-VL vision tower's learned position table) stay fp32: they are small and
+    their Gather costs nothing."""
+    return next((n for n in graph.model.graph.node if n.op_type == "Gather"
+                 and n.input[1] == INPUT_IDS and graph.is_lazy(n.input[0])
+                 and len(graph.shape(n.input[0])) == 2), None)
+
+
 def rewrite_embedding(graph: LazyGraph, *, block_size: int, bits: int = 8) -> str | None:
     """Replace the token-embedding ``Gather`` with ``GatherBlockQuantized`` (uint8 blocks).
 
@@ -209,13 +219,12 @@ def rewrite_embedding(graph: LazyGraph, *, block_size: int, bits: int = 8) -> st
     ``2^(bits-1)``.
 
     Returns:
-        The quantized table's name, or None when the graph has no 2-D weight Gather whose
-        width is a multiple of ``block_size``.
+        The quantized table's name, or None when the graph has no token-embedding Gather
+        (:func:`token_embedding`) whose width is a multiple of ``block_size``.
     """
     from onnx import TensorProto, helper
 
-    gather = next((n for n in graph.model.graph.node if n.op_type == "Gather"
-                   and graph.is_lazy(n.input[0]) and len(graph.shape(n.input[0])) == 2), None)
+    gather = token_embedding(graph)
     if gather is None:
         return None
     name = gather.input[0]

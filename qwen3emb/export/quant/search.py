@@ -44,7 +44,7 @@ from qwen3emb.export.onnx.lazy import LazyGraph
 from qwen3emb.export.quant import planned
 from qwen3emb.export.quant import quantize as q
 from qwen3emb.export.quant.calibrate import Calibration
-from qwen3emb.export.quant.ops import weight_matmuls
+from qwen3emb.export.quant.ops import token_embedding, weight_matmuls
 from qwen3emb.export.quant.sensitivity import (
     ActivationSamples,
     EmbeddingReport,
@@ -75,10 +75,14 @@ SCORE_BATCH = 8
 
 
 class Measurements:
-    """Per-MatMul errors per tier, weight sizes, and the embedding table's report."""
+    """Per-MatMul errors per tier, weight sizes, and the embedding table's report.
+
+    ``batch``: how many calibration feeds share one call's dynamic activation scale at run
+    time (token graphs: a padded batch; the vision graph: 1, one image or video per call).
+    """
 
     def __init__(self, source: Path, samples: ActivationSamples, calibration: Calibration,
-                 smoothing: list[q.Smoothing]) -> None:
+                 smoothing: list[q.Smoothing], batch: int = SCORE_BATCH) -> None:
         start = time.perf_counter()
         graph = LazyGraph(source)
         factors = {item.activation: item.factors for item in smoothing}
@@ -91,7 +95,7 @@ class Measurements:
             self.sizes[node.name] = k * n
             if node.input[0] not in samples.rows:
                 continue
-            x, bounds = samples.inputs(node.input[0], factors.get(node.input[0]))
+            x, bounds = samples.inputs(node.input[0], factors.get(node.input[0]), batch)
             self.errors[node.name] = measure_matmul(x, bounds, graph.read(node.input[1]),
                                                     MEASURED_TIERS)
         self.embedding: EmbeddingReport | None = None
@@ -116,8 +120,8 @@ class Measurements:
 
 
 def _embedding_table(graph: LazyGraph) -> str | None:
-    return next((n.input[0] for n in graph.model.graph.node if n.op_type == "Gather"
-                 and graph.is_lazy(n.input[0]) and len(graph.shape(n.input[0])) == 2), None)
+    gather = token_embedding(graph)
+    return None if gather is None else gather.input[0]
 
 
 def scoring_feeds(feeds: Sequence[dict[str, np.ndarray]], batch: int = SCORE_BATCH
@@ -306,6 +310,12 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
                        "the %s target (size budget reached)", source.name, precision,
                        fidelity, floor, target)
     escalated = {n: f"{start_plan[n]}->{t}" for n, t in plan.items() if t != start_plan[n]}
+    table = "; 8-bit embedding table" if measurements.embedding_shape[0] else ""
+    embedding: dict[str, Any] = {"treatment": "none (no token-embedding table)"}
+    if table:
+        embedding = {"treatment": f"8-bit GatherBlockQuantized, block {q.EMBEDDING_BLOCK_SIZE}"
+                     + ("; outlier columns in an fp32 side table" if columns else ""),
+                     **(measurements.embedding.to_dict() if measurements.embedding else {})}
     settings: dict[str, Any] = {
         "search": "accuracy-driven (qwen3emb.export.quant.search)",
         # The fixed recipe the search started from (what --int8-scheme would force).
@@ -324,15 +334,11 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
         "matmuls": {n: [t, round(measurements.error(n, t), 5)] for n, t in plan.items()},
         "smoothed_norms": len(smoothing), "alpha": q.SMOOTH_ALPHA,
         "outlier_ratio": q.OUTLIER_RATIO,
-        "embedding": {"treatment": ("8-bit GatherBlockQuantized, block "
-                                    f"{q.EMBEDDING_BLOCK_SIZE}" + (
-                                        "; outlier columns in an fp32 side table"
-                                        if columns else "")),
-                      **(measurements.embedding.to_dict() if measurements.embedding else {})},
+        "embedding": embedding,
         "calibration": calibration.describe(),
     }
     summary = ", ".join(f"{k} {v}" for k, v in planned.plan_summary(plan).items())
-    scheme_text = (f"accuracy-searched {precision}: MatMuls {summary}; 8-bit embedding table"
+    scheme_text = (f"accuracy-searched {precision}: MatMuls {summary}{table}"
                    + (f" with {len(columns)} outlier columns in fp32" if columns else "")
                    + f"; calibration min cosine {fidelity:.4f}")
     return Variant(precision, tuple(files), scheme_text, settings)
@@ -350,13 +356,14 @@ def search_variants(source: Path, precisions: Sequence[str], *, scheme: str,
     from qwen3emb.export.quant.variants import EXTERNAL_DATA_THRESHOLD
 
     plan = q.plan_smoothing(LazyGraph(source), calibration.ranges, q.SMOOTH_ALPHA)
+    batch = SCORE_BATCH if feeds and set(feeds[0]) == {INPUT_IDS, ATTENTION_MASK} else 1
     measured: dict[bool, Measurements] = {}
     variants = []
     for precision in precisions:
         smooth = precision == "int4" or scheme in q.SMOOTHED_INT8_SCHEMES
         if smooth not in measured:
             measured[smooth] = Measurements(source, samples, calibration,
-                                            plan if smooth else [])
+                                            plan if smooth else [], batch)
         measurements = measured[smooth]
         external = (source.with_name(source.name + EXTERNAL_DATA_SUFFIX).exists()
                     or SIZE_BUDGET[precision] * measurements.fp32_bytes()

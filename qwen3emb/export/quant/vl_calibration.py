@@ -1,5 +1,5 @@
-"""Calibration inputs of the Qwen3-VL decoder graph: what the runtime feeds it, on text, images,
-videos and mixtures.
+"""Calibration inputs of the Qwen3-VL graphs: what the runtime feeds them, on text, images,
+videos and mixtures (decoder), and on images and a video (vision tower).
 
 int8 and int4 decoders are built from per-channel activation ranges (see
 :mod:`qwen3emb.export.quant.quantize`). Visual tokens reach the decoder as the vision tower's
@@ -26,15 +26,29 @@ CALIBRATION_TEXTS = 12
 CALIBRATION_INSTRUCTION = "Retrieve images or text relevant to the user's query."
 
 
-def calibration_items() -> list[tuple[dict[str, Any], str | None]]:
-    """(item, instruction) pairs: texts, images of several sizes and modes, a video, mixtures."""
-    from qwen3emb.convert._corpus import CORPUS, synthetic_image
+def calibration_images() -> list[Any]:
+    """Synthetic images of several sizes and modes (none of the validator's probe images)."""
+    from qwen3emb.convert._corpus import synthetic_image
 
-    texts = list(CORPUS[:CALIBRATION_TEXTS])
-    images = [synthetic_image(w, h, mode=mode, seed=seed) for w, h, mode, seed in (
+    return [synthetic_image(w, h, mode=mode, seed=seed) for w, h, mode, seed in (
         (256, 192, "RGB", 31), (64, 64, "RGB", 32), (900, 120, "RGB", 33),
         (140, 300, "RGB", 34), (160, 160, "L", 35), (480, 360, "RGB", 36))]
-    frames = [synthetic_image(96, 64, seed=40 + i) for i in range(6)]
+
+
+def calibration_frames() -> list[Any]:
+    """A 6-frame synthetic video (a frame list, as if sampled at 1 fps)."""
+    from qwen3emb.convert._corpus import synthetic_image
+
+    return [synthetic_image(96, 64, seed=40 + i) for i in range(6)]
+
+
+def calibration_items() -> list[tuple[dict[str, Any], str | None]]:
+    """(item, instruction) pairs: texts, images of several sizes and modes, a video, mixtures."""
+    from qwen3emb.convert._corpus import CORPUS
+
+    texts = list(CORPUS[:CALIBRATION_TEXTS])
+    images = calibration_images()
+    frames = calibration_frames()
     items: list[tuple[dict[str, Any], str | None]] = [({"text": t}, None) for t in texts]
     items += [({"image": image}, None) for image in images]
     items += [({"video": frames}, None),
@@ -69,4 +83,32 @@ def vl_calibration_feeds(manifest: Manifest, vision_graph: Mapping[str, Any]
         feeds.append(inputs.decoder_inputs([prepared], features))
     visual = sum(int(f["visual_embeds"].shape[0]) for f in feeds)
     logger.info("calibrating the decoder on %d items (%d visual tokens)", len(feeds), visual)
+    return feeds
+
+
+def vision_calibration_feeds(manifest: Manifest) -> list[dict[str, np.ndarray]]:
+    """One vision-graph feed per calibration image, and one for the calibration video, made
+    by the runtime's host preprocessing (resize, patches, position tables): one call each,
+    as the runtime runs an image or a video.
+
+    Args:
+        manifest: the bundle's manifest as far as it is written (its ``vision`` section).
+
+    Returns:
+        onnxruntime input dicts of the vision graph.
+    """
+    from qwen3emb.runtime.vl import vision_feeds, vision_geometry
+    from qwen3emb.runtime.vl_video import VideoOptions, video_input
+    from qwen3emb.runtime.vl_vision import image_input
+
+    geometry = vision_geometry(manifest)
+    visuals = [image_input(image, geometry=geometry, name=f"calibration image {i}")
+               for i, image in enumerate(calibration_images())]
+    # The video limits in the manifest are the reference values, which VideoOptions defaults to.
+    visuals.append(video_input(calibration_frames(), geometry=geometry, options=VideoOptions(),
+                               name="calibration video"))
+    feeds = [vision_feeds(visual, geometry) for visual in visuals]
+    patches = sum(int(np.prod(f["pixel_patches"].shape[:2])) for f in feeds)
+    logger.info("calibrating the vision graph on %d images and videos (%d patches)",
+                len(feeds), patches)
     return feeds
