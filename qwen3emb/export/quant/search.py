@@ -261,32 +261,42 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
     fixed = rows * width * (1 + 5 / q.EMBEDDING_BLOCK_SIZE) + 4 * rows * len(columns)
     budget = SIZE_BUDGET[precision] * measurements.fp32_bytes()
     out_of_line = _out_of_line(plan, measurements)
-    ladder = planned.LADDERS[precision]
-    plan = _escalate(plan, out_of_line, len(out_of_line), measurements, budget, fixed, ladder)
     target_path = variant_path(source, precision)
     rounds: list[dict[str, Any]] = []
     best, best_plan = -1.0, dict(plan)
     started = time.perf_counter()
     scoring = scoring_feeds(feeds)
-    for build in range(MAX_BUILDS):
-        files = planned.build_planned(source, target_path, plan, smoothing, calibration.ranges,
-                                      columns, external)
-        fidelity = score(target_path, scoring, calibration.outputs)
-        if fidelity > best:
-            best, best_plan = fidelity, dict(plan)
-        rounds.append({"calibration_min_cosine": round(fidelity, 6),
-                       "tiers": planned.plan_summary(plan),
-                       "weight_mb": round((planned.plan_bytes(plan, sizes) + fixed) / 1e6, 3)})
-        logger.info("%s %s build %d: calibration min cosine %.5f (%s)", source.name, precision,
-                    build + 1, fidelity, planned.plan_summary(plan))
-        if fidelity >= target or build == MAX_BUILDS - 1:
+    # The precision's own ladder first; where the budget stops it short of the target (fp32
+    # escalations are 4 bytes a weight), the size ladder is tried too and the best plan kept.
+    ladders = [planned.LADDERS[precision]]
+    if ladders[0] is not planned.SIZE_LADDER:
+        ladders.append(planned.SIZE_LADDER)
+    for ladder in ladders:
+        plan = _escalate(dict(start_plan), out_of_line, len(out_of_line), measurements, budget,
+                         fixed, ladder)
+        for build in range(MAX_BUILDS):
+            files = planned.build_planned(source, target_path, plan, smoothing,
+                                          calibration.ranges, columns, external)
+            fidelity = score(target_path, scoring, calibration.outputs)
+            if fidelity > best:
+                best, best_plan = fidelity, dict(plan)
+            rounds.append({"calibration_min_cosine": round(fidelity, 6),
+                           "ladder": "size" if ladder is planned.SIZE_LADDER else "speed",
+                           "tiers": planned.plan_summary(plan),
+                           "weight_mb": round((planned.plan_bytes(plan, sizes) + fixed) / 1e6,
+                                              3)})
+            logger.info("%s %s build %d: calibration min cosine %.5f (%s)", source.name,
+                        precision, len(rounds), fidelity, planned.plan_summary(plan))
+            if fidelity >= target or build == MAX_BUILDS - 1:
+                break
+            ranked = rank_escalations(plan, measurements, ladder)
+            count = math.ceil(len(ranked) * ROUND_FRACTIONS[min(build, len(ROUND_FRACTIONS) - 1)])
+            new = _escalate(plan, ranked, count, measurements, budget, fixed, ladder)
+            if new == plan:
+                break  # nothing left to escalate within the budget
+            plan = new
+        if best >= target:
             break
-        ranked = rank_escalations(plan, measurements, ladder)
-        count = math.ceil(len(ranked) * ROUND_FRACTIONS[min(build, len(ROUND_FRACTIONS) - 1)])
-        new = _escalate(plan, ranked, count, measurements, budget, fixed, ladder)
-        if new == plan:
-            break  # nothing left to escalate within the budget
-        plan = new
     if best > fidelity:  # escalation is not monotone: keep the best plan seen
         plan = best_plan
         files = planned.build_planned(source, target_path, plan, smoothing, calibration.ranges,
