@@ -221,9 +221,7 @@ def fuse_skip_norms(model: Any) -> int:
         drop.add(index[id(add)])
         drop.add(index[id(norm)])
         new_nodes[index[id(norm)]] = fused
-    _replace_nodes(model, drop, new_nodes)
-    if new_nodes and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    _replace_nodes(model, drop, new_nodes, microsoft=True)
     return len(new_nodes)
 
 
@@ -309,14 +307,18 @@ def fuse_gelus(model: Any) -> int:
             drop.add(index[id(n)])
         new_nodes[index[id(last)]] = onnx.helper.make_node(
             op, [x], [last.output[0]], name=f"{last.name}/{op}", domain=MS_DOMAIN)
-    _replace_nodes(model, drop, new_nodes)
-    if new_nodes and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    _replace_nodes(model, drop, new_nodes, microsoft=True)
     return len(new_nodes)
 
 
-def _replace_nodes(model: Any, drop: set[int], new_nodes: dict[int, Any]) -> None:
-    """Drop nodes by index, put replacements in their place, and re-sort topologically."""
+def _replace_nodes(model: Any, drop: set[int], new_nodes: dict[int, Any],
+                   microsoft: bool = False) -> None:
+    """Drop nodes by index, put replacements in their place, and re-sort topologically;
+    with ``microsoft``, import the ``com.microsoft`` domain the replacements use."""
+    import onnx
+
+    if microsoft and new_nodes and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     kept = []
     for i, node in enumerate(model.graph.node):
         if i in new_nodes:
