@@ -94,7 +94,7 @@ def test_manifest_records_every_decision(bundles):
             assert settings["rounds"][-1]["calibration_min_cosine"] == pytest.approx(
                 settings["calibration_fidelity"], abs=1e-6)
             matmuls = settings["matmuls"]
-            assert matmuls and all(tier in ("int4", "int8", "nbits8", "nbits8-128", "fp32")
+            assert matmuls and all(tier in ("int4", "int8", "int8-row", "nbits8", "nbits8-128", "fp32")
                                    for tier, _ in matmuls.values())
             for name, change in settings["escalated"].items():
                 assert change.endswith("->" + matmuls[name][0])
@@ -188,3 +188,78 @@ def test_unreachable_floor_fails_in_one_line(bundles, workdir, monkeypatch):
     message = str(caught.value)
     assert "\n" not in message and "floor" in message and "would cost" in message
     assert not (source.parent / "model_int4.onnx").exists()
+
+
+def _two_matmul_graph(path: Path, w1: np.ndarray, w2: np.ndarray) -> Path:
+    """``X @ w1`` and ``X @ w2`` (one shared activation), saved as an ONNX file."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k = w1.shape[0]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "w1"], ["Y1"], name="first"),
+         helper.make_node("MatMul", ["X", "w2"], ["Y2"], name="second")], "two",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["rows", w.shape[1]])
+         for y, w in (("Y1", w1), ("Y2", w2))],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+                    str(path))
+    return path
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_per_row_int8_keeps_small_rows_beside_large_ones(tmp_path, per_row):
+    """Rows of one call 10^6 apart in size: one per-tensor scale rounds the small rows to
+    nothing; per-row activations keep every row, one scaling chain per shared activation, and
+    an all-zero row stays zero."""
+    import onnxruntime as ort
+
+    from qwen3emb.export.onnx.lazy import LazyGraph
+    from qwen3emb.export.quant.ops import rewrite_int8, weight_matmuls
+
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(0, 0.05, (128, 96)).astype(np.float32)
+    w2 = rng.normal(0, 0.05, (128, 32)).astype(np.float32)
+    graph = LazyGraph(_two_matmul_graph(tmp_path / "fp32.onnx", w1, w2))
+    assert rewrite_int8(graph, weight_matmuls(graph), per_row=per_row) == 2
+    [path, *_] = graph.save(tmp_path / "int8.onnx", external=False)
+    ops = [n.op_type for n in graph.model.graph.node]
+    assert ops.count("DynamicQuantizeLinear") == 1
+    assert ops.count("ReduceMax") == (1 if per_row else 0)
+
+    x = rng.normal(0, 1, (6, 128)).astype(np.float32) * np.array(
+        [[1e3], [1.0], [1e-3], [30.0], [1e-2], [0.0]], np.float32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for y, w in zip(session.run(["Y1", "Y2"], {"X": x}), (w1, w2)):
+        exact = x @ w
+        assert np.isfinite(y).all() and not y[5].any()  # the zero row
+        cos = (y * exact).sum(1)[:5] / (np.linalg.norm(y, axis=1)[:5]
+                                        * np.linalg.norm(exact, axis=1)[:5] + 1e-30)
+        if per_row:
+            assert cos.min() > 0.999, cos
+        else:
+            assert cos[0] > 0.999 and cos[2] < 0.5, cos  # the 1e-3 row is lost
+
+
+def test_simulated_per_row_int8_matches_onnxruntime(tmp_path):
+    """The search ranks MatMuls on simulated errors: per-row int8 in numpy must give the error
+    onnxruntime's graph gives, and less than per-tensor where rows differ in size."""
+    import onnxruntime as ort
+
+    from qwen3emb.export.onnx.lazy import LazyGraph
+    from qwen3emb.export.quant.ops import rewrite_int8, weight_matmuls
+    from qwen3emb.export.quant.sensitivity import measure_matmul, relative_error
+
+    rng = np.random.default_rng(4)
+    w = rng.normal(0, 0.05, (256, 64)).astype(np.float32)
+    graph = LazyGraph(_two_matmul_graph(tmp_path / "fp32.onnx", w, w[:, :8].copy()))
+    rewrite_int8(graph, weight_matmuls(graph), per_row=True)
+    [path, *_] = graph.save(tmp_path / "row.onnx", external=False)
+    x = (rng.standard_t(4, (64, 256)) * np.exp(rng.normal(0, 1, (64, 1)))).astype(np.float32)
+    bounds = np.tile([x.min(), x.max()], (64, 1)).astype(np.float32)
+    simulated = measure_matmul(x, bounds, w, ("int8", "int8-row"))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    measured = relative_error(session.run(["Y1"], {"X": x})[0], x @ w)
+    assert simulated["int8-row"] == pytest.approx(measured, rel=0.25)
+    assert simulated["int8-row"] < 0.5 * simulated["int8"]

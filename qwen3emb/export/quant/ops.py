@@ -118,8 +118,45 @@ def _use_ms_domain(graph: LazyGraph) -> None:
         graph.model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
 
 
-def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = True) -> int:
+def _row_scaled(graph: LazyGraph, x: str) -> tuple[list[Any], str, str]:
+    """Nodes that divide every row of ``x`` by its largest magnitude (``x_rows``, kept for the
+    output), the scaled activation's name, and the row scale's name.
+
+    ``DynamicQuantizeLinear`` takes one scale per call; on rows of equal largest magnitude
+    that scale is every row's own, so the int8 activations are per row (per token) while the
+    MatMul stays onnxruntime's fast ``DynamicQuantizeMatMul``. The output is multiplied back.
+    A zero row is divided by a tiny floor instead (it stays zero).
+    """
+    from onnx import TensorProto, helper
+
+    axes, floor = f"{x}_row_axes", f"{x}_row_floor"
+    nodes = [helper.make_node("Abs", [x], [f"{x}_abs"], name=f"{x}_row_abs")]
+    opset = max((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")),
+                default=18)
+    if opset >= 18:
+        graph.replace(axes, Recipe(TensorProto.INT64, (1,),
+                                   lambda: np.asarray([-1], np.int64)))
+        nodes.append(helper.make_node("ReduceMax", [f"{x}_abs", axes], [f"{x}_row_max"],
+                                      name=f"{x}_row_max", keepdims=1))
+    else:
+        nodes.append(helper.make_node("ReduceMax", [f"{x}_abs"], [f"{x}_row_max"],
+                                      name=f"{x}_row_max", axes=[-1], keepdims=1))
+    graph.replace(floor, Recipe(TensorProto.FLOAT, (), lambda: np.asarray(1e-30, np.float32)))
+    nodes += [
+        helper.make_node("Max", [f"{x}_row_max", floor], [f"{x}_rows"], name=f"{x}_rows"),
+        helper.make_node("Div", [x, f"{x}_rows"], [f"{x}_row_scaled"], name=f"{x}_row_div"),
+    ]
+    return nodes, f"{x}_row_scaled", f"{x}_rows"
+
+
+def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = True,
+                 per_row: bool = False) -> int:
     """Dynamic int8 for ``nodes`` (weight MatMuls), with symmetric int8 weights.
+
+    Args:
+        per_row: int8 activations per row (per token) instead of one scale per call
+            (:func:`_row_scaled`): a few more element-wise ops per activation, and each text's
+            embedding no longer depends on what else is in its batch.
 
     Returns:
         How many MatMuls were quantized.
@@ -128,6 +165,7 @@ def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = 
     from onnx import TensorProto, helper
 
     slot = OneSlot()
+    scaled: dict[str, tuple[str, str]] = {}  # activation → (row-scaled input, row scales)
     quantized: dict[str, tuple[str, str]] = {}  # activation → (codes, zero point) outputs
     replaced: dict[str, list[Any]] = {}
     for node in nodes:
@@ -145,12 +183,22 @@ def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = 
         graph.replace(f"{w}_zero_point", Recipe(TensorProto.INT8, width,
                                                 _filled(width, 0, np.int8)))
         new = []
-        if x not in quantized:
-            quantized[x] = (f"{x}_quantized", f"{x}_zero_point")
-            new.append(helper.make_node("DynamicQuantizeLinear", [x],
-                                        [f"{x}_quantized", f"{x}_scale", f"{x}_zero_point"],
-                                        name=f"{x}_QuantizeLinear"))
+        q_in = x
+        if per_row:
+            if x not in scaled:
+                row_nodes, row_x, rows = _row_scaled(graph, x)
+                new += row_nodes
+                scaled[x] = (row_x, rows)
+            q_in = scaled[x][0]
+        if q_in not in quantized:
+            quantized[q_in] = (f"{q_in}_quantized", f"{q_in}_zero_point")
+            new.append(helper.make_node("DynamicQuantizeLinear", [q_in],
+                                        [f"{q_in}_quantized", f"{q_in}_scale",
+                                         f"{q_in}_zero_point"],
+                                        name=f"{q_in}_QuantizeLinear"))
         name = node.name or y
+        x = q_in
+        out = f"{name}_row_scaled_output" if per_row else y
         new += [
             helper.make_node("Mul", [f"{x}_scale", f"{w}_scale"], [f"{name}_scales"],
                              name=f"{name}_quant_scales_mul"),
@@ -159,9 +207,12 @@ def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = 
                              [f"{name}_int32"], name=f"{name}_quant"),
             helper.make_node("Cast", [f"{name}_int32"], [f"{name}_float"],
                              name=f"{name}_quant_cast", to=onnx.TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{name}_float", f"{name}_scales"], [y],
+            helper.make_node("Mul", [f"{name}_float", f"{name}_scales"], [out],
                              name=f"{name}_quant_output_scale_mul"),
         ]
+        if per_row:
+            new.append(helper.make_node("Mul", [out, scaled[node.input[0]][1]], [y],
+                                        name=f"{name}_row_output_mul"))
         replaced[node.output[0]] = new
     _splice(graph, replaced)
     return len(replaced)
