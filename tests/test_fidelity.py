@@ -94,8 +94,8 @@ def test_manifest_records_every_decision(bundles):
             assert settings["rounds"][-1]["calibration_min_cosine"] == pytest.approx(
                 settings["calibration_fidelity"], abs=1e-6)
             matmuls = settings["matmuls"]
-            assert matmuls and all(tier in ("int4", "int8", "int8-row", "nbits8", "nbits8-128", "fp32")
-                                   for tier, _ in matmuls.values())
+            tiers = ("int4", "int8", "int8-row", "nbits8", "nbits8-128", "fp32")
+            assert matmuls and all(tier in tiers for tier, _ in matmuls.values())
             for name, change in settings["escalated"].items():
                 assert change.endswith("->" + matmuls[name][0])
     normal = _settings(bundles["normal"], "int8")
