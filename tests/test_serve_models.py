@@ -1,5 +1,5 @@
-"""`serve` on the other model kinds: int8 (one sequence per call), GGUF through llama.cpp, and a
-Qwen3-VL bundle with image items."""
+"""`serve` on the other model kinds: int8 (batched when its rows never meet, else one sequence
+per call), GGUF through llama.cpp, and a Qwen3-VL bundle with image items."""
 
 from __future__ import annotations
 
@@ -49,18 +49,42 @@ def int8_gguf_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFac
     return out
 
 
-def test_int8_runs_one_sequence_per_call_so_batch_mates_do_not_matter(
-        int8_gguf_bundle: Path, tmp_path: Path) -> None:
+def _served_alone_and_batched(bundle: Path, tmp_path: Path) -> tuple[dict, np.ndarray,
+                                                                       np.ndarray]:
+    """``/info``, each text through the server (concurrent requests), and each run alone."""
     from qwen3emb.runtime import TextEmbedder
 
-    alone = TextEmbedder(int8_gguf_bundle, precision="int8").encode(TEXTS, batch_size=1)
-    with running_server(int8_gguf_bundle, tmp_path, "--precision", "int8",
-                        "--batch-wait-ms", "20") as srv:
+    alone = TextEmbedder(bundle, precision="int8").encode(TEXTS, batch_size=1)
+    with running_server(bundle, tmp_path, "--precision", "int8", "--batch-wait-ms", "20") as srv:
         info = httpx.get(srv.url + "/info").json()
-        assert info["precision"] == "int8" and info["one_sequence_per_call"] is True
         responses = _concurrently(srv, [{"input": [t], "encoding_format": "float"}
                                         for t in TEXTS])
-    got = np.concatenate([_vectors(r) for r in responses])
+    return info, np.concatenate([_vectors(r) for r in responses]), alone
+
+
+def test_searched_int8_batches_because_its_rows_never_meet(int8_gguf_bundle: Path,
+                                                           tmp_path: Path) -> None:
+    """Per-row int8 activations: the manifest says ``batch_independent``, the server batches
+    concurrent requests, and every vector is the one the text gets alone."""
+    from qwen3emb.manifest import read_manifest
+
+    entry = read_manifest(int8_gguf_bundle).models("onnx")["int8"]
+    assert entry["settings"]["batch_independent"] is True
+    info, got, alone = _served_alone_and_batched(int8_gguf_bundle, tmp_path)
+    assert info["precision"] == "int8" and info["one_sequence_per_call"] is False
+    np.testing.assert_allclose(got, alone, atol=1e-6)
+
+
+def test_fixed_recipe_int8_runs_one_sequence_per_call_so_batch_mates_do_not_matter(
+        tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A forced recipe shares one activation scale per call: served one sequence per call."""
+    from qwen3emb.pipeline import export_bundle
+
+    bundle = tmp_path / "tiny-int8-fixed"
+    export_bundle(tiny_checkpoint, bundle, validate=False, precisions=["int8"],
+                  int8_scheme="smoothquant")
+    info, got, alone = _served_alone_and_batched(bundle, tmp_path)
+    assert info["one_sequence_per_call"] is True
     np.testing.assert_allclose(got, alone, atol=1e-6)
 
 

@@ -29,11 +29,12 @@ logger = logging.getLogger(__name__)
 
 BATCH_INDEPENDENT_ONNX = ("fp32", "fp16")
 """ONNX precisions whose rows never see each other: batched = single within 1.2e-7 (1 - cosine,
-tiny bundle, 12 texts of 3..486 tokens; scripts/measure_batch_independence.py). The int8 and
-int4 graphs quantize MatMul inputs with one ``DynamicQuantizeLinear`` scale per call over the
-whole padded batch, so a row moves with its batch mates: up to 1.1e-4 (int8) and 2.3e-4 (int4)
-there. Inside their floors, but a
-server's answer should not depend on the traffic around it, so these run one sequence per
+tiny bundle, 12 texts of 3..486 tokens; scripts/measure_batch_independence.py). int8 and int4
+graphs batch when their manifest entry says ``batch_independent`` (the searched ones, whose
+int8 activations are per row). A fixed recipe (``--int8-scheme``) quantizes MatMul inputs with
+one ``DynamicQuantizeLinear`` scale per call over the whole padded batch, so a row moves with
+its batch mates: up to 1.1e-4 (int8) and 2.3e-4 (int4) there. Inside their floors, but a
+server's answer should not depend on the traffic around it, so those run one sequence per
 call unless the operator asks for batching (``--batch-sequences``). llama.cpp's GGUF types
 scale activations per row block: f32 6e-8, q8_0 1.8e-5 batched vs single; batched."""
 
@@ -71,8 +72,11 @@ class Backend:
         self.single_sequence = self.default_single_sequence() if chosen is None else chosen
 
     def default_single_sequence(self) -> bool:
-        """Whether batching would make a row depend on its batch mates."""
-        return self.precision not in BATCH_INDEPENDENT_ONNX
+        """Whether batching would make a row depend on its batch mates: fp32/fp16 never, a
+        searched int8/int4 graph not when its manifest says so (per-row activations only)."""
+        if self.precision in BATCH_INDEPENDENT_ONNX:
+            return False
+        return self.model_file().get("settings", {}).get("batch_independent") is not True
 
     @property
     def providers(self) -> list[str]:

@@ -8,6 +8,8 @@ apply unchanged:
 - int8: ``DynamicQuantizeLinear`` (one per activation, shared by its MatMuls) →
   ``MatMulInteger`` → ``Cast`` → ``Mul`` by ``x_scale * w_scale`` (``quantize_dynamic``'s
   pattern; onnxruntime fuses it into ``MatMulIntegerToFloat`` / ``DynamicQuantizeMatMul``).
+  Per row: each row scaled to [-1, 1], ``QuantizeLinear`` with a fixed step, and
+  ``com.microsoft`` ``MatMulIntegerToFloat`` (the kernel that fusion would have chosen).
 - n-bit: ``com.microsoft`` ``MatMulNBits`` with weights packed by onnxruntime's own
   ``quantize_matmul_{4,8}bits`` (what its ``MatMulNBitsQuantizer`` calls).
 - embedding: ``com.microsoft`` ``GatherBlockQuantized`` with 8-bit blocks.
@@ -118,18 +120,25 @@ def _use_ms_domain(graph: LazyGraph) -> None:
         graph.model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
 
 
-def _row_scaled(graph: LazyGraph, x: str) -> tuple[list[Any], str, str]:
-    """Nodes that divide every row of ``x`` by its largest magnitude (``x_rows``, kept for the
-    output), the scaled activation's name, and the row scale's name.
+ROW_SCALE = np.float32(2 / 255)
+"""uint8 step of a row scaled to [-1, 1] (zero point 128): what ``DynamicQuantizeLinear`` would
+choose for that range, fixed so that no row depends on another."""
+ROW_ZERO_POINT = 128
 
-    ``DynamicQuantizeLinear`` takes one scale per call; on rows of equal largest magnitude
-    that scale is every row's own, so the int8 activations are per row (per token) while the
-    MatMul stays onnxruntime's fast ``DynamicQuantizeMatMul``. The output is multiplied back.
-    A zero row is divided by a tiny floor instead (it stays zero).
+
+def _row_scaled(graph: LazyGraph, x: str) -> tuple[list[Any], str, str]:
+    """Nodes that scale every row of ``x`` to [-1, 1] and quantize it to uint8, the codes'
+    name, and the name of the row maxima (the output is multiplied by them).
+
+    Every row is divided by its own largest magnitude (a zero row by a tiny floor: it stays
+    zero), so one fixed step, :data:`ROW_SCALE`, is each row's own: int8 activations per row
+    (per token), with ``QuantizeLinear`` instead of ``DynamicQuantizeLinear``, whose one scale
+    per call would tie every text of a batch to the largest value of any of them.
     """
     from onnx import TensorProto, helper
 
     axes, floor = f"{x}_row_axes", f"{x}_row_floor"
+    step, zero = f"{x}_row_step", f"{x}_row_zero_point"
     nodes = [helper.make_node("Abs", [x], [f"{x}_abs"], name=f"{x}_row_abs")]
     opset = max((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")),
                 default=18)
@@ -142,11 +151,16 @@ def _row_scaled(graph: LazyGraph, x: str) -> tuple[list[Any], str, str]:
         nodes.append(helper.make_node("ReduceMax", [f"{x}_abs"], [f"{x}_row_max"],
                                       name=f"{x}_row_max", axes=[-1], keepdims=1))
     graph.replace(floor, Recipe(TensorProto.FLOAT, (), lambda: np.asarray(1e-30, np.float32)))
+    graph.replace(step, Recipe(TensorProto.FLOAT, (), lambda: np.asarray(ROW_SCALE)))
+    graph.replace(zero, Recipe(TensorProto.UINT8, (),
+                               lambda: np.asarray(ROW_ZERO_POINT, np.uint8)))
     nodes += [
         helper.make_node("Max", [f"{x}_row_max", floor], [f"{x}_rows"], name=f"{x}_rows"),
         helper.make_node("Div", [x, f"{x}_rows"], [f"{x}_row_scaled"], name=f"{x}_row_div"),
+        helper.make_node("QuantizeLinear", [f"{x}_row_scaled", step, zero],
+                         [f"{x}_row_quantized"], name=f"{x}_row_QuantizeLinear"),
     ]
-    return nodes, f"{x}_row_scaled", f"{x}_rows"
+    return nodes, f"{x}_row_quantized", f"{x}_rows"
 
 
 def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = True,
@@ -155,8 +169,8 @@ def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = 
 
     Args:
         per_row: int8 activations per row (per token) instead of one scale per call
-            (:func:`_row_scaled`): a few more element-wise ops per activation, and each text's
-            embedding no longer depends on what else is in its batch.
+            (:func:`_row_scaled`): a few more element-wise ops per activation, and no text's
+            embedding depends on what else is in its batch.
 
     Returns:
         How many MatMuls were quantized.
@@ -165,8 +179,7 @@ def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = 
     from onnx import TensorProto, helper
 
     slot = OneSlot()
-    scaled: dict[str, tuple[str, str]] = {}  # activation → (row-scaled input, row scales)
-    quantized: dict[str, tuple[str, str]] = {}  # activation → (codes, zero point) outputs
+    quantized: dict[str, tuple[str, str, str]] = {}  # activation → codes, zero point, rows
     replaced: dict[str, list[Any]] = {}
     for node in nodes:
         x, w, y = node.input[0], node.input[1], node.output[0]
@@ -182,38 +195,47 @@ def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = 
                                            _derived(graph, slot, w, 1, compute)))
         graph.replace(f"{w}_zero_point", Recipe(TensorProto.INT8, width,
                                                 _filled(width, 0, np.int8)))
-        new = []
-        q_in = x
-        if per_row:
-            if x not in scaled:
-                row_nodes, row_x, rows = _row_scaled(graph, x)
-                new += row_nodes
-                scaled[x] = (row_x, rows)
-            q_in = scaled[x][0]
-        if q_in not in quantized:
-            quantized[q_in] = (f"{q_in}_quantized", f"{q_in}_zero_point")
-            new.append(helper.make_node("DynamicQuantizeLinear", [q_in],
-                                        [f"{q_in}_quantized", f"{q_in}_scale",
-                                         f"{q_in}_zero_point"],
-                                        name=f"{q_in}_QuantizeLinear"))
         name = node.name or y
-        x = q_in
-        out = f"{name}_row_scaled_output" if per_row else y
+        new = []
+        if x not in quantized:
+            if per_row:
+                row_nodes, codes, rows = _row_scaled(graph, x)
+                new += row_nodes
+                quantized[x] = (codes, f"{x}_row_zero_point", rows)
+            else:
+                quantized[x] = (f"{x}_quantized", f"{x}_zero_point", "")
+                new.append(helper.make_node("DynamicQuantizeLinear", [x],
+                                            [f"{x}_quantized", f"{x}_scale",
+                                             f"{x}_zero_point"],
+                                            name=f"{x}_QuantizeLinear"))
+        codes, zero, rows = quantized[x]
+        if per_row:
+            # The activation step is fixed, so onnxruntime's fused kernel is named directly
+            # (its fusion only matches the dynamic pattern).
+            new += [
+                helper.make_node("MatMulIntegerToFloat",
+                                 [codes, f"{w}_quantized", f"{x}_row_step", f"{w}_scale", zero,
+                                  f"{w}_zero_point"], [f"{name}_row_scaled_output"],
+                                 name=f"{name}_quant", domain=MS_DOMAIN),
+                helper.make_node("Mul", [f"{name}_row_scaled_output", rows], [y],
+                                 name=f"{name}_row_output_mul"),
+            ]
+            replaced[node.output[0]] = new
+            continue
         new += [
             helper.make_node("Mul", [f"{x}_scale", f"{w}_scale"], [f"{name}_scales"],
                              name=f"{name}_quant_scales_mul"),
-            helper.make_node("MatMulInteger", [f"{x}_quantized", f"{w}_quantized",
-                                               f"{x}_zero_point", f"{w}_zero_point"],
+            helper.make_node("MatMulInteger", [codes, f"{w}_quantized", zero,
+                                               f"{w}_zero_point"],
                              [f"{name}_int32"], name=f"{name}_quant"),
             helper.make_node("Cast", [f"{name}_int32"], [f"{name}_float"],
                              name=f"{name}_quant_cast", to=onnx.TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{name}_float", f"{name}_scales"], [out],
+            helper.make_node("Mul", [f"{name}_float", f"{name}_scales"], [y],
                              name=f"{name}_quant_output_scale_mul"),
         ]
-        if per_row:
-            new.append(helper.make_node("Mul", [out, scaled[node.input[0]][1]], [y],
-                                        name=f"{name}_row_output_mul"))
         replaced[node.output[0]] = new
+    if per_row and replaced:
+        _use_ms_domain(graph)
     _splice(graph, replaced)
     return len(replaced)
 

@@ -55,9 +55,9 @@ TIERS: dict[str, Tier] = {
                  "4-bit MatMulNBits, int8 activations per block"),
     "int8": Tier("dynamic", 8, 0, 0, "per-channel int8 weights, per-tensor dynamic int8 "
                                      "activations (DynamicQuantizeMatMul)"),
-    "int8-row": Tier("dynamic", 8, 0, 0, "per-channel int8 weights, dynamic int8 activations "
-                                         "per row (each row scaled to one range, then "
-                                         "DynamicQuantizeMatMul)", per_row=True),
+    "int8-row": Tier("dynamic", 8, 0, 0, "per-channel int8 weights, int8 activations per row "
+                                         "(each row scaled to [-1, 1], one fixed uint8 step: "
+                                         "no row depends on another)", per_row=True),
     "nbits8-128": Tier("nbits", 8, q.NBITS8_BLOCK_SIZE, q.NBITS8_ACCURACY_LEVEL,
                        "8-bit MatMulNBits block 128, fp32 activations"),
     "nbits8": Tier("nbits", 8, q.INT4_8BIT_BLOCK_SIZE, q.INT4_ACCURACY_LEVEL,

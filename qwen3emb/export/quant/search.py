@@ -342,6 +342,9 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
         "escalated": escalated,
         "out_of_line": sorted(out_of_line),
         "matmuls": {n: [t, round(measurements.error(n, t), 5)] for n, t in plan.items()},
+        # Only per-tensor dynamic int8 shares a scale across the rows (texts) of a call.
+        "batch_independent": all(planned.TIERS[t].per_row or planned.TIERS[t].kind != "dynamic"
+                                 for t in plan.values()),
         "smoothed_norms": len(smoothing), "alpha": q.SMOOTH_ALPHA,
         "outlier_ratio": q.OUTLIER_RATIO,
         "embedding": embedding,

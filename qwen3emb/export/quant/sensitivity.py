@@ -131,10 +131,8 @@ def simulate(tier: str, x: np.ndarray, bounds: np.ndarray, w: np.ndarray) -> np.
         return x @ w
     if t.kind == "dynamic" and t.per_row:
         rows = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-30)
-        scaled = x / rows
-        row_bounds = np.tile([min(float(scaled.min()), 0.0), max(float(scaled.max()), 0.0)],
-                             (len(x), 1)).astype(np.float32)
-        return (dynamic_int8_inputs(scaled, row_bounds) * rows) @ int8_columns(w)
+        fixed = np.tile(np.float32([-1.0, 1.0]), (len(x), 1))  # every row spans [-1, 1]
+        return (dynamic_int8_inputs(x / rows, fixed) * rows) @ int8_columns(w)
     if t.kind == "dynamic":
         return dynamic_int8_inputs(x, bounds) @ int8_columns(w)
     xq = int8_row_blocks(x, t.block_size) if t.accuracy_level == 4 else x
