@@ -7,8 +7,14 @@ recipe's smoothing and embedding table, scores each on the calibration texts as 
 then on random token ids against the fp32 graph, and times each with onnxruntime.
 
     python scripts/measure_int8_rows.py --bundle /tmp/bench/bundle-0.6B [--work DIR]
+    python scripts/measure_int8_rows.py --matmul [--work DIR]
 
-Prints one JSON line per plan. The bundle's ``onnx/model.onnx`` is copied into ``--work``
+Prints one JSON line per plan. ``--matmul`` instead times one MatMul of the 0.6B widths
+(1024 x 3072 and a ``down_proj``'s 3072 x 1024) written by the exporter's own rewrite, per-tensor
+and per-row, on Student-t(4) rows of log-normal sizes (as token activations are): time, relative
+output error, and how far the first three rows move when run without the others.
+
+The bundle's ``onnx/model.onnx`` is copied into ``--work``
 (onnxruntime refuses linked external data).
 """
 
@@ -33,6 +39,51 @@ def _time(session, feed: dict, runs: int) -> float:
     return float(np.median(times))
 
 
+def one_matmul(work: Path, threads: int) -> None:
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qwen3emb.export.onnx.lazy import LazyGraph
+    from qwen3emb.export.quant.ops import rewrite_int8, weight_matmuls
+
+    rng = np.random.default_rng(0)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    for k, n in ((1024, 3072), (3072, 1024)):
+        w = rng.normal(0, 0.02, (k, n)).astype(np.float32)
+        source = work / f"matmul-{k}x{n}.onnx"
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["X", "w"], ["Y"], name="matmul")], "one",
+            [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["rows", k])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["rows", n])],
+            [numpy_helper.from_array(w, "w")])
+        onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+                        str(source))
+        sessions = {}
+        for per_row in (False, True):
+            lazy = LazyGraph(source)
+            rewrite_int8(lazy, weight_matmuls(lazy), per_row=per_row)
+            [path, *_] = lazy.save(work / f"matmul-{k}x{n}-{'row' if per_row else 'tensor'}.onnx",
+                                   external=False)
+            sessions["per-row" if per_row else "per-tensor"] = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"])
+        for rows in (1024, 16):
+            x = (rng.standard_t(4, (rows, k)) * np.exp(rng.normal(0, 1, (rows, 1)))
+                 ).astype(np.float32)
+            exact = x @ w
+            for name, session in sessions.items():
+                y = session.run(None, {"X": x})[0]
+                alone = session.run(None, {"X": x[:3]})[0]
+                error = np.linalg.norm(y - exact) / np.linalg.norm(exact)
+                moved = np.abs(alone - y[:3]).max() / np.abs(y[:3]).max()
+                print(json.dumps({"matmul": f"{rows}x{k} @ {k}x{n}", "activations": name,
+                                  "ms": round(_time(session, {"X": x}, 30) * 1e3, 2),
+                                  "relative_error": float(f"{error:.3g}"),
+                                  "moves_alone": float(f"{moved:.3g}")}), flush=True)
+
+
 def main() -> None:
     import onnxruntime as ort
 
@@ -45,11 +96,17 @@ def main() -> None:
     from qwen3emb.export.quant.sensitivity import ActivationSamples
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--bundle", type=Path)
+    parser.add_argument("--matmul", action="store_true", help="time one MatMul instead")
     parser.add_argument("--work", type=Path, default=Path("int8-rows-work"))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.matmul:
+        one_matmul(args.work, args.threads)
+        return
+    if args.bundle is None:
+        parser.error("--bundle is required (or --matmul)")
     source = args.work / "model.onnx"
     for name in ("model.onnx", "model.onnx_data"):
         if (args.bundle / "onnx" / name).exists() and not (args.work / name).exists():

@@ -4,7 +4,8 @@ Builds the VL outlier fixture (tests/test_vl_precision.py), exports its fp32 gra
 the decoder as the exporter does, builds each candidate with the streamed variant builders, and
 runs every probe of the validator through the whole pipeline (host preprocessing, fp32 vision
 graph, candidate decoder) one at a time and all in one batch. Prints the minimum cosine to the
-HF fp32 reference of each.
+HF fp32 reference of each; ``int8-row`` is where the fidelity search would start (smoothquant's
+smoothing, every MatMul int8 with per-row activations).
 
     python scripts/measure_vl_int8.py --work /tmp/vl-int8
 """
@@ -53,9 +54,18 @@ def main() -> None:
     feeds = vl_calibration_feeds(embedder.manifest, choose_graphs(embedder.manifest, "fp32")[1])
     calibration = calibrate(fp32, feeds)
     rows = []
-    for candidate in (q.NAIVE_INT8_SCHEME, *q.INT8_SCHEMES, "int4"):
+    for candidate in (q.NAIVE_INT8_SCHEME, *q.INT8_SCHEMES, "int4", "int8-row"):
         target = args.work / f"decoder-{candidate}.onnx"
-        if candidate == "int4":
+        if candidate == "int8-row":  # the search's start: smoothquant with per-row activations
+            from qwen3emb.export.onnx.lazy import LazyGraph
+            from qwen3emb.export.quant import planned
+
+            smoothing = q.plan_smoothing(LazyGraph(fp32), calibration.ranges, q.SMOOTH_ALPHA)
+            smoothed = q.apply_smoothing(LazyGraph(fp32), smoothing, dict(calibration.ranges))
+            plan = planned.initial_plan(LazyGraph(fp32), "int8", "smoothquant", smoothed)
+            planned.build_planned(fp32, target, plan, smoothing, calibration.ranges, (), False)
+            model = type("Built", (), {"path": target})
+        elif candidate == "int4":
             model = build_variant(fp32, "int4", calibration=calibration, target=target)
         else:
             model = build_variant(fp32, "int8", calibration=calibration, int8_scheme=candidate,

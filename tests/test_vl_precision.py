@@ -141,12 +141,14 @@ def test_manifest_describes_each_graph_precision_and_its_vision_pair(vl_precisio
         "fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int4"}
     for entry in [*decoders.values(), *visions.values()]:
         assert entry["scheme"] and isinstance(entry["settings"], dict), entry["path"]
-    assert decoders["int8"]["settings"]["scheme"] == "mixed"
-    weight_only = decoders["int8"]["settings"]["weight_only_matmuls"]
-    assert {name.rsplit(".", 1)[-1] for name in weight_only} >= {"o_proj/MatMul",
-                                                                 "down_proj/MatMul"}
-    assert not any(name.endswith(("q_proj/MatMul", "gate_proj/MatMul")) for name in weight_only
-                   if not name.startswith("lm.layers.0."))  # layer 0's MLP sees outliers
+    for precision in ("int8", "int4"):
+        for entry in (decoders[precision], visions[precision]):
+            settings = entry["settings"]
+            assert settings["search"].startswith("accuracy-driven"), entry["path"]
+            assert settings["calibration_fidelity"] >= FLOORS[precision], entry["path"]
+            assert settings["batch_independent"] is True, entry["path"]
+    tiers = [tier for tier, _ in decoders["int8"]["settings"]["matmuls"].values()]
+    assert tiers.count("int8-row") > len(tiers) / 2  # o_proj/down_proj too, unlike `mixed`
     assert decoders["fp32"]["settings"]["fusions"]["skip_norms"] > 0  # text fusions apply
     assert decoders["fp16"]["settings"]["fp32_residual_adds"] == 3  # the deepstack layers
     assert visions["fp16"]["settings"]["fp32_residual_adds"] > 0
@@ -189,33 +191,31 @@ def test_vl_decoder_calibrates_piecewise_on_all_its_inputs(vl_precision_bundle):
 
 
 @pytest.mark.slow
-def test_mixed_int8_decoder_is_dynamic_int8_on_norm_fed_matmuls_only(vl_precision_bundle):
+def test_int8_decoder_rows_never_meet_so_a_mixed_batch_changes_nothing(vl_precision_bundle):
+    """The searched int8 decoder quantizes activations per row: its graph has no dynamic
+    (per-call) quantization, and texts and images embedded alone or in one batch agree."""
     from collections import Counter
 
     import onnx
 
     from qwen3emb.manifest import read_manifest
+    from qwen3emb.runtime.vl import VLEmbedder
 
     manifest = read_manifest(vl_precision_bundle.bundle)
     entry = next(a for a in manifest.artifacts
                  if a.get("graph") == "decoder" and a["precision"] == "int8")
-    weight_only = entry["settings"]["weight_only_matmuls"]
-    model = onnx.load(str(vl_precision_bundle.bundle / entry["path"]))
-    ops = Counter(n.op_type for n in model.graph.node)
-    fp32 = onnx.load(str(vl_precision_bundle.bundle / "onnx" / "decoder.onnx"))
-    weights = {t.name for t in fp32.graph.initializer}
-    matmuls = [n for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
-    activations = sum(n.op_type == "MatMul" for n in fp32.graph.node) - len(matmuls)
-    assert ops["MatMul"] == activations  # attention's own MatMuls (no weights) stay
-    assert ops["MatMulNBits"] == len(weight_only)
-    assert ops["MatMulInteger"] + len(weight_only) == len(matmuls)
-    nbits = {n.name.removesuffix("_Q8"): {a.name: a.i for a in n.attribute}
-             for n in model.graph.node if n.op_type == "MatMulNBits"}
-    assert set(nbits) == set(weight_only)
-    assert all(a["bits"] == 8 and a["block_size"] == 128 for a in nbits.values())
-    normed = {n.output[0] for n in fp32.graph.node
-              if n.op_type.endswith("SimplifiedLayerNormalization")}
-    assert all(m.input[0] in normed for m in matmuls if m.name not in weight_only)
+    tiers = Counter(tier for tier, _ in entry["settings"]["matmuls"].values())
+    ops = Counter(n.op_type for n in onnx.load(str(vl_precision_bundle.bundle
+                                                   / entry["path"])).graph.node)
+    assert ops["DynamicQuantizeLinear"] == 0
+    assert ops["MatMulIntegerToFloat"] == tiers["int8-row"] > 0
+    items = [{"text": "a red square"}, {"image": synthetic_image(64, 48, seed=1)},
+             {"image": synthetic_image(96, 64, seed=2), "text": "what is it"},
+             {"text": "a much longer text about rivers and banks " * 6}]
+    embedder = VLEmbedder(vl_precision_bundle.bundle, precision="int8")
+    alone = np.concatenate([embedder.encode([item]) for item in items])
+    batched = embedder.encode(items, batch_size=len(items))
+    np.testing.assert_allclose(batched, alone, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -442,7 +442,8 @@ def test_int8_vision_graph_is_searched_and_records_its_decisions(vl_precision_bu
     tiers = Counter(tier for tier, _ in settings["matmuls"].values())
     model = onnx.load(str(bundle / entry["path"]))
     ops = Counter(n.op_type for n in model.graph.node)
-    assert ops["MatMulInteger"] == tiers["int8"] > 0
+    assert ops["MatMulIntegerToFloat"] == tiers["int8-row"] > 0
+    assert ops["DynamicQuantizeLinear"] == 0  # per-row: no image depends on another
     kept = {t.name: t.data_type for t in model.graph.initializer}
     assert kept["visual.pos_embed.weight"] == onnx.TensorProto.FLOAT
     assert entries["decoder", "int8"]["vision_precision"] == "int8"
@@ -475,7 +476,7 @@ def test_vision_search_escalates_what_misses_its_target(vl_precision_bundle, tmp
                                        calibration=calibration, samples=samples, feeds=feeds)
     settings = variant.settings
     assert len(settings["rounds"]) >= 2
-    assert settings["escalated"] and all(v.startswith("int8->")
+    assert settings["escalated"] and all(v.startswith("int8-row->")
                                          for v in settings["escalated"].values())
     first = settings["rounds"][0]["calibration_min_cosine"]
     assert settings["calibration_fidelity"] > first

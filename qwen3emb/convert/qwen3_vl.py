@@ -145,31 +145,24 @@ class Qwen3VLFamily(Family):
 
     # --- bundle hooks ------------------------------------------------------------------
 
-    default_int8_scheme = "mixed"
-    """Min cosine on the VL outlier fixture, each probe alone / all probes in one batch
-    (scripts/measure_vl_int8.py): mixed 0.99954 / 0.99918, nbits8 0.99962 / 0.99962,
-    smoothquant 0.99706 / 0.98462, dynamic 0.99625 / 0.98750. smoothquant and dynamic quantize
-    every MatMul's activations with one scale per call, and a batch mixing texts with images
-    shares the scale of its largest item (the per-item peak of a down_proj input spans 1.0 to
-    21 across the probes), so they fail the floor batched. mixed quantizes activations only
-    where a norm made them comparable across items; on a 4-layer 0.6B-width model (batch
-    8 x 128, 2 threads) it ran 1.7-1.8x faster than nbits8 and 1.5-1.6x faster than fp32
-    (scripts/time_int8_schemes.py)."""
-
-    fidelity_search = False
-    """The decoder keeps the fixed ``mixed`` recipe until the search is measured on VL inputs
-    (issue #12, item 4)."""
+    # The decoder's int8 / int4 come from the search (the base class's default), starting
+    # from smoothquant with per-row int8 activations. The fixed recipes that share one
+    # activation scale per call fail the floor when a batch mixes texts with images (the
+    # per-item peak of a down_proj input spans 1.0 to 21 across the probes): on the VL outlier
+    # fixture, each probe alone / all in one batch (scripts/measure_vl_int8.py), smoothquant
+    # 0.99665 / 0.98466, dynamic 0.99626 / 0.98750, mixed (norm-fed MatMuls int8, the others
+    # 8-bit weight-only: the default before per-row activations) 0.99957 / 0.99918, per-row
+    # int8 on every MatMul 0.99959 / 0.99959: rows never meet, so batching changes nothing.
 
     VISION_INT8_SCHEME = "dynamic"
-    """Where the vision graph's int8 search starts: per-channel dynamic int8 on every MatMul
-    (inputs with outlier channels fp32). The runtime calls the tower once per image or video,
-    so one activation scale per call never mixes items of different kinds, the hazard that
-    made the decoder ``mixed``."""
+    """Where the vision graph's int8 search starts: per-channel int8 on every MatMul, per-row
+    activations, no smoothing (inputs with outlier channels fp32)."""
 
     def graph_quantization(self, graph: str, forced: str | None) -> tuple[str, bool]:
-        """The vision graph's int8 / int4 are searched (measured on calibration images,
-        escalated until the visual and deepstack outputs hold); the decoder keeps its fixed
-        recipe. A forced ``--int8-scheme`` applies to both, unsearched."""
+        """Both graphs' int8 / int4 are searched (measured on calibration items, escalated
+        until the embedding, or the visual and deepstack outputs, hold); the vision graph
+        starts from :data:`VISION_INT8_SCHEME`. A forced ``--int8-scheme`` applies to both,
+        unsearched."""
         if graph == "vision" and forced is None:
             return self.VISION_INT8_SCHEME, True
         return super().graph_quantization(graph, forced)
