@@ -131,7 +131,7 @@ def simulate(tier: str, x: np.ndarray, bounds: np.ndarray, w: np.ndarray) -> np.
         return x @ w
     if t.kind == "dynamic" and t.per_row:
         rows = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-30)
-        fixed = np.tile(np.float32([-1.0, 1.0]), (len(x), 1))  # every row spans [-1, 1]
+        fixed = np.tile(np.asarray([-1.0, 1.0], np.float32), (len(x), 1))  # rows span [-1, 1]
         return (dynamic_int8_inputs(x / rows, fixed) * rows) @ int8_columns(w)
     if t.kind == "dynamic":
         return dynamic_int8_inputs(x, bounds) @ int8_columns(w)
