@@ -100,6 +100,9 @@ def test_manifest_records_every_decision(bundles):
                 assert change.endswith("->" + matmuls[name][0])
     normal = _settings(bundles["normal"], "int8")
     assert not normal["escalated"] and len(normal["rounds"]) == 1  # nothing to fix there
+    # The size ladder starts from the plan the speed ladder started from: scored once.
+    deep = _settings(bundles["deep-high-variance"], "int8")["rounds"]
+    assert any(r.get("score_reused") for r in deep)
     embedding = _settings(bundles["outlier-embeddings"], "int8")["embedding"]
     assert embedding["outlier_columns"] == list(EMBEDDING_OUTLIER_COLUMNS)
     assert embedding["worst_column_error_8bit_blocks"] > 0.5  # what the plain table loses

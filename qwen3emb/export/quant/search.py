@@ -271,17 +271,26 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
     ladders = [planned.LADDERS[precision]]
     if ladders[0] is not planned.SIZE_LADDER:
         ladders.append(planned.SIZE_LADDER)
+    scored: dict[frozenset[tuple[str, str]], float] = {}
+    files: list[Path] = []
+    on_disk: frozenset[tuple[str, str]] | None = None
     for ladder in ladders:
         plan = _escalate(dict(start_plan), out_of_line, len(out_of_line), measurements, budget,
                          fixed, ladder)
         for build in range(MAX_BUILDS):
-            files = planned.build_planned(source, target_path, plan, smoothing,
-                                          calibration.ranges, columns, external)
-            fidelity = score(target_path, scoring, calibration.outputs)
+            key = frozenset(plan.items())
+            reused = key in scored  # the second ladder starts where the first did
+            if not reused:
+                files = planned.build_planned(source, target_path, plan, smoothing,
+                                              calibration.ranges, columns, external)
+                on_disk = key
+                scored[key] = score(target_path, scoring, calibration.outputs)
+            fidelity = scored[key]
             if fidelity > best:
                 best, best_plan = fidelity, dict(plan)
             rounds.append({"calibration_min_cosine": round(fidelity, 6),
                            "ladder": "size" if ladder is planned.SIZE_LADDER else "speed",
+                           **({"score_reused": True} if reused else {}),
                            "tiers": planned.plan_summary(plan),
                            "weight_mb": round((planned.plan_bytes(plan, sizes) + fixed) / 1e6,
                                               3)})
@@ -299,6 +308,8 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
             break
     if best > fidelity:  # escalation is not monotone: keep the best plan seen
         plan = best_plan
+    fidelity = scored[frozenset(plan.items())]
+    if frozenset(plan.items()) != on_disk:  # the kept plan is not the last one written
         files = planned.build_planned(source, target_path, plan, smoothing, calibration.ranges,
                                       columns, external)
         fidelity = score(target_path, scoring, calibration.outputs)
