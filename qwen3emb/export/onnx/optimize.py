@@ -311,14 +311,20 @@ def fuse_gelus(model: Any) -> int:
     return len(new_nodes)
 
 
+def use_ms_domain(model: Any) -> None:
+    """Import the ``com.microsoft`` operator domain into ``model`` unless it is there."""
+    import onnx
+
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+
+
 def _replace_nodes(model: Any, drop: set[int], new_nodes: dict[int, Any],
                    microsoft: bool = False) -> None:
     """Drop nodes by index, put replacements in their place, and re-sort topologically;
     with ``microsoft``, import the ``com.microsoft`` domain the replacements use."""
-    import onnx
-
-    if microsoft and new_nodes and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    if microsoft and new_nodes:
+        use_ms_domain(model)
     kept = []
     for i, node in enumerate(model.graph.node):
         if i in new_nodes:

@@ -24,8 +24,8 @@ import numpy as np
 
 from qwen3emb.constants import INPUT_IDS
 from qwen3emb.export.onnx.lazy import LazyGraph, OneSlot, Recipe
+from qwen3emb.export.onnx.optimize import MS_DOMAIN, use_ms_domain
 
-MS_DOMAIN = "com.microsoft"
 INT8_LEVELS = 127
 
 
@@ -111,13 +111,6 @@ def _splice(graph: LazyGraph, replaced: dict[str, list[Any]]) -> None:
     del graph.model.graph.node[:]
     graph.model.graph.node.extend(nodes)
     graph.drop_unused()
-
-
-def _use_ms_domain(graph: LazyGraph) -> None:
-    import onnx
-
-    if not any(o.domain == MS_DOMAIN for o in graph.model.opset_import):
-        graph.model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
 
 
 ROW_SCALE = np.float32(2 / 255)
@@ -235,7 +228,7 @@ def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = 
         ]
         replaced[node.output[0]] = new
     if per_row and replaced:
-        _use_ms_domain(graph)
+        use_ms_domain(graph.model)
     _splice(graph, replaced)
     return len(replaced)
 
@@ -272,7 +265,7 @@ def rewrite_nbits(graph: LazyGraph, nodes: Sequence[Any], *, bits: int, block_si
             name=f"{node.name or node.output[0]}_Q{bits}", domain=MS_DOMAIN, **attrs)]
     _splice(graph, replaced)
     if replaced:
-        _use_ms_domain(graph)
+        use_ms_domain(graph.model)
     return len(replaced)
 
 
@@ -321,5 +314,5 @@ def rewrite_embedding(graph: LazyGraph, *, block_size: int, bits: int = 8) -> st
                             domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
                             block_size=block_size, bits=bits)
     _splice(graph, {gather.output[0]: [node]})
-    _use_ms_domain(graph)
+    use_ms_domain(graph.model)
     return name
