@@ -27,7 +27,7 @@ def export_bundle(source: str | os.PathLike[str], out: str | os.PathLike[str], *
         progress: progress bars on stderr.
         **options: the options of :func:`qwen3emb.export.write_bundle` (``dimensions``,
             ``max_length``, ``opset``, ``force``, ``revision``, ``formats``, ``gguf_types``,
-            ``precisions``, ``int8_scheme``).
+            ``precisions``, ``int8_scheme``, ``targets``).
 
     Returns:
         The bundle, its manifest and the parity report (``None`` without ``validate``).

@@ -5,7 +5,8 @@ shape, exports it with all precisions, builds the other int8 schemes beside the 
 measures each cell of the grid for every engine, round-robin (one run of each engine in turn),
 so background load hits all engines alike. Reports tokens/s, p50 latency, RSS growth,
 artifact size and cosine to torch fp32, as JSON, a Markdown table and a PNG chart, plus the
-fp32 ceiling: onnxruntime's own GEMM kernel time in the fp32 graph against torch's p50.
+fp32 and int8 ceilings: onnxruntime's own GEMM kernel time in the fp32 graph and in the searched
+int8 graph against torch's p50 (how fast each graph could be if every other node were free).
 
 ``--peers`` adds other runtimes on the same checkpoint, timed in the same rounds with the same
 threads (see scripts/bench_peers.py): llama.cpp on our GGUF at q8_0 and q4_k_m,
@@ -15,6 +16,7 @@ fp32 graph. A peer whose package is missing is reported as skipped.
     python scripts/bench.py --work /tmp/bench --quick
     python scripts/bench.py --work /tmp/bench --quick --peers
     python scripts/bench.py --work /tmp/bench-tiny --quick --peers --preset tiny   # smoke test
+    python scripts/bench.py --work /tmp/bench --cells 8x128 --onnx aimed=OUT/onnx/model_int8.onnx
 """
 
 from __future__ import annotations
@@ -112,11 +114,14 @@ def prepare(work: Path, preset: str = "0.6B") -> tuple[Path, Path, dict[str, Pat
 
 
 GEMM_OPS = ("MatMul", "FusedMatMul", "Gemm")
+INT8_GEMM_OPS = GEMM_OPS + ("MatMulIntegerToFloat", "DynamicQuantizeMatMul", "MatMulInteger",
+                            "MatMulNBits")
+"""The int8 graph's products: its quantized projections and its fp32 attention products."""
 
 
-def gemm_time(model: Path, feeds: dict[str, np.ndarray], threads: int, runs: int = 2
-              ) -> float:
-    """Seconds per run that onnxruntime's fp32 GEMM kernels take inside ``model``.
+def gemm_time(model: Path, feeds: dict[str, np.ndarray], threads: int, runs: int = 2,
+              ops: tuple[str, ...] = GEMM_OPS) -> float:
+    """Seconds per run that onnxruntime's GEMM kernels (``ops``) take inside ``model``.
 
     Profiles ``runs`` runs after a warm-up and sums the kernel time of every MatMul-type node
     (projections and attention products). Even if every other node took no time, the graph
@@ -141,7 +146,7 @@ def gemm_time(model: Path, feeds: dict[str, np.ndarray], threads: int, runs: int
     starts = sorted(e["ts"] for e in events if e.get("name") == "model_run")
     kernel_us = sum(e["dur"] for e in events
                     if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
-                    and e["args"].get("op_name") in GEMM_OPS and e["ts"] >= starts[1])
+                    and e["args"].get("op_name") in ops and e["ts"] >= starts[1])
     return kernel_us / 1e6 / runs
 
 
@@ -168,7 +173,16 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true",
                         help="also time llama.cpp (q8_0, q4_k_m), onnxruntime-genai's graph and "
                              "OpenVINO on the same checkpoint (scripts/bench_peers.py)")
+    parser.add_argument("--onnx", nargs="*", default=[], metavar="NAME=PATH",
+                        help="also time these ONNX graphs of the same checkpoint as engine "
+                             "onnx-NAME (e.g. an int8 exported with another --target)")
     args = parser.parse_args()
+    extra = {}
+    for item in args.onnx:
+        name, _, path = item.partition("=")
+        if not name or not Path(path).is_file():
+            parser.error(f"--onnx {item!r}: write NAME=PATH to an existing .onnx file")
+        extra[f"onnx-{name}"] = Path(path)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -195,6 +209,7 @@ def main() -> None:
         files = {k: v for k, v in files.items() if k in args.engines}
         peer_files = {k: v for k, v in peer_files.items() if k in args.engines}
         skipped = {k: v for k, v in skipped.items() if k in args.engines}
+    files.update(extra)
     engines: dict[str, Any] = {}
     load_rss: dict[str, int] = {}
     before = rss()
@@ -282,23 +297,33 @@ def main() -> None:
             })
             logging.info("b=%d s=%d %-26s p50 %.3fs  %.0f tok/s  cos %.6f", batch, length, name,
                          p50, batch * length / p50, float(np.min(cos)))
-        torch_p50 = next(r["p50_s"] for r in results if r["engine"] == "torch-fp32"
-                         and r["batch"] == batch and r["length"] == length)
+        def p50_of(engine: str, batch: int = batch, length: int = length) -> float:
+            return next(r["p50_s"] for r in results if r["engine"] == engine
+                        and r["batch"] == batch and r["length"] == length)
+
+        torch_p50 = p50_of("torch-fp32")
         for r in results:
             if r["batch"] == batch and r["length"] == length:
                 r["speedup_vs_torch"] = round(torch_p50 / r["p50_s"], 2)
         if "onnx-fp32" in files:
-            gemm_s = gemm_time(files["onnx-fp32"], {"input_ids": ids, "attention_mask": mask},
-                               args.threads)
-            floors.append({"batch": batch, "length": length, "onnx_fp32_gemm_s": round(gemm_s, 4),
-                           "onnx_fp32_p50_s": next(r["p50_s"] for r in results if r["engine"]
-                                                   == "onnx-fp32" and r["batch"] == batch
-                                                   and r["length"] == length),
-                           "torch_p50_s": torch_p50,
-                           "fp32_ceiling_vs_torch": round(torch_p50 / gemm_s, 2)})
+            feed = {"input_ids": ids, "attention_mask": mask}
+            gemm_s = gemm_time(files["onnx-fp32"], feed, args.threads)
+            floor = {"batch": batch, "length": length, "onnx_fp32_gemm_s": round(gemm_s, 4),
+                     "onnx_fp32_p50_s": p50_of("onnx-fp32"), "torch_p50_s": torch_p50,
+                     "fp32_ceiling_vs_torch": round(torch_p50 / gemm_s, 2)}
             logging.info("b=%d s=%d fp32 ONNX GEMM kernels %.3fs of its p50: fp32 ONNX can "
                          "reach at most %.2fx torch", batch, length, gemm_s,
                          torch_p50 / gemm_s)
+            if "onnx-int8-searched" in files:
+                int8_s = gemm_time(files["onnx-int8-searched"], feed, args.threads,
+                                   ops=INT8_GEMM_OPS)
+                floor.update({"onnx_int8_gemm_s": round(int8_s, 4),
+                              "onnx_int8_p50_s": p50_of("onnx-int8-searched"),
+                              "int8_ceiling_vs_torch": round(torch_p50 / int8_s, 2)})
+                logging.info("b=%d s=%d int8 ONNX GEMM kernels %.3fs: the searched int8 can "
+                             "reach at most %.2fx torch", batch, length, int8_s,
+                             torch_p50 / int8_s)
+            floors.append(floor)
     meta = {"threads": args.threads, "runs": args.runs, "cpu_count": os.cpu_count(),
             "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()[0],
             "onnxruntime": ort.__version__, "torch": torch.__version__,
@@ -342,14 +367,22 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any],
                 f"{meta['load_average_at_end']:.1f} at end on {meta['cpu_count']} cores")
     floor = ""
     if floors:
-        floor = ("\n\nCeiling for fp32 ONNX: time of its GEMM kernels (MatMul, FusedMatMul; "
-                 "onnxruntime profiler, 2 runs) — the graph cannot run faster even if every "
+        int8 = all("int8_ceiling_vs_torch" in f for f in floors)
+        floor = ("\n\nCeilings: time of the GEMM kernels (fp32: MatMul, FusedMatMul; int8: "
+                 "also MatMulIntegerToFloat, DynamicQuantizeMatMul, MatMulInteger, MatMulNBits; "
+                 "onnxruntime profiler, 2 runs) — a graph cannot run faster even if every "
                  "other node took no time.\n\n"
                  "| batch | length | fp32 ONNX GEMM kernels s | fp32 ONNX p50 s | torch p50 s | "
-                 "fp32 ceiling × torch |\n|---|---|---|---|---|---|\n" + "".join(
+                 "fp32 ceiling × torch |" + (" int8 GEMM kernels s | int8 p50 s | int8 ceiling "
+                                             "× torch |" if int8 else "")
+                 + "\n|---|---|---|---|---|---|" + ("---|---|---|" if int8 else "") + "\n"
+                 + "".join(
                      f"| {f['batch']} | {f['length']} | {f['onnx_fp32_gemm_s']:.3f} | "
                      f"{f['onnx_fp32_p50_s']:.3f} | {f['torch_p50_s']:.3f} | "
-                     f"{f['fp32_ceiling_vs_torch']:.2f} |\n" for f in floors))
+                     f"{f['fp32_ceiling_vs_torch']:.2f} |"
+                     + (f" {f['onnx_int8_gemm_s']:.3f} | {f['onnx_int8_p50_s']:.3f} | "
+                        f"{f['int8_ceiling_vs_torch']:.2f} |" if int8 else "") + "\n"
+                     for f in floors))
     peers = ""
     if meta.get("peers"):
         peers = ", " + ", ".join(f"{k} {v}" for k, v in meta["peers"].items())

@@ -193,6 +193,34 @@ def test_unreachable_floor_fails_in_one_line(bundles, workdir, monkeypatch):
     assert not (source.parent / "model_int4.onnx").exists()
 
 
+@pytest.mark.slow
+def test_a_higher_target_escalates_until_it_holds(bundles, workdir):
+    """``--target``: the same normal checkpoint, asked for half the default int4's error,
+    is escalated until the calibration texts reach it, and says so in its settings."""
+    from qwen3emb.export.quant import search
+    from qwen3emb.export.quant.calibrate import calibrate
+    from qwen3emb.export.quant.precisions import calibration_feeds
+    from qwen3emb.export.quant.sensitivity import ActivationSamples
+
+    default = _settings(bundles["normal"], "int4")
+    bundle = bundles["normal"].bundle
+    source = workdir / "aimed" / "model.onnx"
+    source.parent.mkdir()
+    source.write_bytes((bundle / "onnx" / "model.onnx").read_bytes())
+    feeds = calibration_feeds(bundle / "tokenizer.json")
+    samples = ActivationSamples()
+    calibration = calibrate(source, feeds, observe=samples.observe)
+    aim = round(1 - (1 - default["calibration_fidelity"]) / 2, 6)
+    assert aim > search.TARGETS["int4"]
+    (variant,) = search.search_variants(source, ["int4"], scheme="smoothquant",
+                                        calibration=calibration, samples=samples,
+                                        feeds=feeds, targets={"int4": aim})
+    settings = variant.settings
+    assert settings["target"] == aim and settings["target_reached"]
+    assert settings["calibration_fidelity"] >= aim > default["calibration_fidelity"]
+    assert settings["escalated"] and len(settings["rounds"]) > len(default["rounds"])
+
+
 def _two_matmul_graph(path: Path, w1: np.ndarray, w2: np.ndarray) -> Path:
     """``X @ w1`` and ``X @ w2`` (one shared activation), saved as an ONNX file."""
     import onnx

@@ -377,6 +377,53 @@ def test_precisions_always_start_with_fp32_in_a_fixed_order():
     assert check_precisions(["int4", "fp16", "int4"]) == ["fp32", "fp16", "int4"]
 
 
+def test_search_targets_parse_and_reject_what_the_search_cannot_aim():
+    from qwen3emb.errors import InputError
+    from qwen3emb.export.quant.precisions import check_targets
+
+    wanted = ["fp32", "int8", "int4"]
+    assert check_targets(["int8=0.9994", "INT4=0.97"], wanted) == {"int8": 0.9994,
+                                                                   "int4": 0.97}
+    assert check_targets(None, wanted) == {}
+    for bad, words in [("int8", "is not PRECISION=COSINE"), ("fp16=0.999", "is not"),
+                       ("int8=high", "is not"), ("int8=0.98", "outside [0.99, 1)"),
+                       ("int4=1.0", "outside [0.95, 1)")]:
+        with pytest.raises(InputError) as info:
+            check_targets([bad], wanted)
+        assert words in info.value.message, bad
+        assert "\n" not in info.value.one_line()
+    with pytest.raises(InputError) as info:
+        check_targets(["int4=0.97"], ["fp32", "int8"])
+    assert "not exported" in info.value.message and "--precision int4" in info.value.hint
+    with pytest.raises(InputError) as info:
+        check_targets(["int8=0.999"], wanted, int8_scheme="dynamic")
+    assert "--int8-scheme" in info.value.message
+
+
+def test_cli_rejects_a_target_outside_the_floor_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from qwen3emb.cli.app import create_app
+
+    result = CliRunner().invoke(create_app(), ["export", str(tmp_path / "missing"), "-o",
+                                               str(tmp_path / "out"), "--precision", "int8",
+                                               "--target", "int8=0.5"])
+    assert result.exit_code == 2
+    assert "--target 'int8=0.5' is outside [0.99, 1)" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_records_the_target_it_aimed_for(tiny_checkpoint, tmp_path):
+    from qwen3emb.pipeline import export_bundle
+
+    result = export_bundle(tiny_checkpoint, tmp_path / "aimed", validate=False,
+                           precisions=["int8"], targets=["int8=0.9995"])
+    settings = next(a["settings"] for a in result.manifest["artifacts"]
+                    if a.get("role") == "model" and a["precision"] == "int8")
+    assert settings["target"] == 0.9995
+    assert settings["target_reached"] == (settings["calibration_fidelity"] >= 0.9995)
+
+
 def test_cli_rejects_an_unknown_int8_scheme(tmp_path):
     from typer.testing import CliRunner
 

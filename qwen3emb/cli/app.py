@@ -76,6 +76,10 @@ def export(
         help="Force a fixed int8/int4 recipe: dynamic, smoothquant, nbits8, mixed (default: "
         "an accuracy-driven search that escalates sensitive MatMuls until the floors hold; "
         "mixed for Qwen3-VL decoders).")] = None,
+    target: Annotated[list[str] | None, typer.Option(
+        "--target", help="Calibration min cosine the int8/int4 search aims for, as "
+        "PRECISION=COSINE (repeatable; default int8=0.998, int4=0.96): higher is more "
+        "faithful and slower, e.g. int8=0.9994.")] = None,
     format: Annotated[list[str] | None, typer.Option(
         "--format", help="onnx and/or gguf (repeatable; default onnx).")] = None,
     gguf_type: Annotated[list[str] | None, typer.Option(
@@ -114,7 +118,8 @@ def export(
     result = export_bundle(model, output, dimensions=dimensions, max_length=max_length,
                            opset=opset, validate=validate, force=force, revision=revision,
                            formats=format or ["onnx"], gguf_types=gguf_type or [],
-                           progress=show, precisions=precision, int8_scheme=int8_scheme)
+                           progress=show, precisions=precision, int8_scheme=int8_scheme,
+                           targets=target)
     if not quiet:
         typer.echo(f"bundle: {result.bundle}")
         for a in result.manifest["artifacts"]:

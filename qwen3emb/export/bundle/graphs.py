@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 def write_graphs(family: Family, stage: Path, specs: Sequence[Any], manifest: dict[str, Any], *,
                  dimensions: int | None, precisions: Sequence[str], int8_scheme: str | None,
-                 keep_backbone: bool, progress: bool = False
+                 keep_backbone: bool, progress: bool = False,
+                 targets: dict[str, float] | None = None
                  ) -> tuple[Any, list[dict[str, Any]]]:
     """Trace each graph of ``specs`` into ``stage/onnx/<name>.onnx`` and build its precisions.
 
@@ -35,6 +36,7 @@ def write_graphs(family: Family, stage: Path, specs: Sequence[Any], manifest: di
             as :meth:`Family.graph_quantization` says (searched or the family's recipe).
         keep_backbone: return the fp32 backbone if one was loaded (for the validator).
         progress: progress bars.
+        targets: the searched precisions' calibration targets (every graph aims for them).
 
     Returns:
         The loaded fp32 backbone (or ``None``) and the manifest entries, the embedding
@@ -51,7 +53,7 @@ def write_graphs(family: Family, stage: Path, specs: Sequence[Any], manifest: di
             stage, paths[spec.name], spec, family.graph_precisions(spec.name, list(precisions)),
             int8_scheme=scheme, entry=family.graph_entry(spec.name),
             calibration=partial(calibration_feeds, spec, stage, manifest, list(entries)),
-            progress=progress, search=search)
+            progress=progress, search=search, targets=targets)
         entries = built + entries
     family.pair_entries(entries)
     return (backbone if keep_backbone else None), entries

@@ -67,6 +67,7 @@ def write_bundle(
     progress: bool = False,
     precisions: Sequence[str] | None = None,
     int8_scheme: str | None = None,
+    targets: Sequence[str] | None = None,
     check: Check | None = None,
 ) -> ExportResult:
     """Export a checkpoint of any supported family to a bundle directory.
@@ -88,6 +89,8 @@ def write_bundle(
         int8_scheme: force an int8 recipe (default: per graph, what the family's
             :meth:`Family.graph_quantization` says: the accuracy-driven search,
             :mod:`qwen3emb.export.quant.search`, or its fixed recipe).
+        targets: ``PRECISION=COSINE`` calibration targets of the search (``int8=0.9994``),
+            replacing its default aim (:func:`qwen3emb.export.quant.precisions.check_targets`).
         check: run on the staged bundle before it is moved into place; its return value is
             the result's ``report``.
 
@@ -99,9 +102,10 @@ def write_bundle(
         OutputError also when a written graph or GGUF does not load; nothing is moved into
         place then.
     """
-    from qwen3emb.export.quant.precisions import check_precisions
+    from qwen3emb.export.quant.precisions import check_precisions, check_targets
 
     onnx_precisions = check_precisions(precisions, int8_scheme)
+    aims = check_targets(targets, onnx_precisions, int8_scheme)
     out_path = Path(out)
     wanted = _check_formats(formats, gguf_types)
     gguf_list = [t.lower() for t in gguf_types] or (
@@ -150,7 +154,7 @@ def write_bundle(
                                 else {spec.name: spec.to_dict() for spec in specs})
             backbone, entries = write_graphs(
                 family, stage, specs, manifest, dimensions=dimensions,
-                precisions=onnx_precisions, int8_scheme=int8_scheme,
+                precisions=onnx_precisions, int8_scheme=int8_scheme, targets=aims,
                 keep_backbone=check is not None, progress=progress)
             artifacts += entries
         if gguf_list:

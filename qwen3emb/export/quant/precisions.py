@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen3emb.constants import ATTENTION_MASK, EXTERNAL_DATA_SUFFIX, INPUT_IDS
+from qwen3emb.constants import ATTENTION_MASK, EXTERNAL_DATA_SUFFIX, FLOORS, INPUT_IDS
 from qwen3emb.errors import InputError
 from qwen3emb.export.quant import quantize as q
 from qwen3emb.manifest import file_entry
@@ -39,6 +40,46 @@ def check_precisions(precisions: Iterable[str] | None, int8_scheme: str | None =
     if int8_scheme is not None:
         q.check_int8_scheme(int8_scheme)
     return [p for p in PRECISIONS if p == "fp32" or p in wanted]
+
+
+SEARCHED = ("int8", "int4")
+"""Precisions the accuracy-driven search builds (and ``--target`` can aim)."""
+
+
+def check_targets(targets: Iterable[str] | None, precisions: Sequence[str],
+                  int8_scheme: str | None = None) -> dict[str, float]:
+    """Parse ``PRECISION=COSINE`` calibration targets for the search (``int8=0.9994``).
+
+    A target replaces the search's default aim (:data:`search.TARGETS`) for that precision:
+    the search escalates until the minimum cosine on the calibration texts reaches it or the
+    size budget stops it. It must lie between the precision's floor and 1.
+
+    Raises:
+        InputError: a malformed entry, a precision that is not searched or not requested, a
+            value outside ``[floor, 1)``, or a target beside a forced ``--int8-scheme``.
+    """
+    out: dict[str, float] = {}
+    for item in targets or ():
+        name, sep, value = item.partition("=")
+        name = name.strip().lower()
+        try:
+            cosine = float(value) if sep else math.nan
+        except ValueError:
+            cosine = math.nan
+        if name not in SEARCHED or math.isnan(cosine):
+            raise InputError(f"--target {item!r} is not PRECISION=COSINE for int8 or int4",
+                             hint="Write e.g. --target int8=0.9994 --target int4=0.97")
+        if name not in precisions:
+            raise InputError(f"--target {item!r} aims a precision that is not exported",
+                             hint=f"Add --precision {name}, or drop the target")
+        if not FLOORS[name] <= cosine < 1.0:
+            raise InputError(f"--target {item!r} is outside [{FLOORS[name]}, 1)",
+                             hint=f"The {name} floor is {FLOORS[name]}; 1 only fp32 reaches")
+        out[name] = cosine
+    if out and int8_scheme is not None:
+        raise InputError("--target aims the accuracy search, which --int8-scheme turns off",
+                         hint="Drop --int8-scheme (a fixed recipe) or drop --target")
+    return out
 
 
 def calibration_feeds(tokenizer_json: Path, texts: Sequence[str] | None = None
@@ -71,7 +112,8 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
                      tokenizer_json: Path | None = None,
                      calibration: Callable[[], Sequence[dict[str, np.ndarray]]] | None = None,
                      entry: dict[str, Any] | None = None,
-                     progress: bool = False, search: bool = False) -> list[dict[str, Any]]:
+                     progress: bool = False, search: bool = False,
+                     targets: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Optimize an exported fp32 graph and write each requested precision beside it.
 
     Generic over graphs: the text model (``model.onnx``), a Qwen3-VL decoder (``decoder.onnx``)
@@ -97,6 +139,8 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
         search: build int8 / int4 by the accuracy-driven search
             (:mod:`qwen3emb.export.quant.search`), starting from ``int8_scheme``; without it
             ``int8_scheme`` and the int4 recipe are applied as they are.
+        targets: calibration min cosine the search aims for, per precision (from
+            :func:`check_targets`; default :data:`search.TARGETS`).
 
     Returns:
         Manifest artifact entries (models and their external data files), fp32 first.
@@ -154,7 +198,7 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
         # searched precisions are int8/int4, which always calibrate (above)
         assert ranges is not None and samples is not None
         fixed += search_variants(raw_path, searched, scheme=int8_scheme, calibration=ranges,
-                                 samples=samples, feeds=feeds)
+                                 samples=samples, feeds=feeds, targets=targets)
     order = {p: i for i, p in enumerate(wanted)}
     for variant in sorted(fixed, key=lambda v: order[v.precision]):
         check_graph_contract(variant.path, spec, schema_check=False)

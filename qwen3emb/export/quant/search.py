@@ -230,7 +230,8 @@ def _escalate(plan: dict[str, str], ranked: list[str], count: int,
 
 def search_variant(source: Path, precision: str, *, scheme: str, calibration: Calibration,
                    measurements: Measurements, smoothing: list[q.Smoothing],
-                   feeds: Sequence[dict[str, np.ndarray]], external: bool) -> Variant:
+                   feeds: Sequence[dict[str, np.ndarray]], external: bool,
+                   target: float | None = None) -> Variant:
     """Build ``precision`` of ``source`` at the smallest escalation that meets its target.
 
     Args:
@@ -242,6 +243,7 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
         smoothing: the smoothing plan (folded into every build).
         feeds: the calibration inputs.
         external: write weights to ``<name>_data``.
+        target: calibration min cosine to reach (default ``TARGETS[precision]``).
 
     Returns:
         The written variant; its settings record every decision.
@@ -249,7 +251,7 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
     Raises:
         OutputError: the floor is out of reach within the size budget.
     """
-    target, floor = TARGETS[precision], FLOORS[precision]
+    target, floor = target or TARGETS[precision], FLOORS[precision]
     ranges = dict(calibration.ranges)
     smoothed = q.apply_smoothing(LazyGraph(source), smoothing, ranges) if smoothing else ranges
     plan = planned.initial_plan(LazyGraph(source), precision, scheme, smoothed)
@@ -345,6 +347,7 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
             "8bit_matmuls": list(q.INT4_8BIT_MATMULS)}),
         "calibration_fidelity": round(fidelity, 6),
         "target": target,
+        "target_reached": fidelity >= target,
         "size_budget_mb": round(budget / 1e6, 3),
         "rounds": rounds,
         "search_seconds": round(time.perf_counter() - started, 1),
@@ -370,9 +373,11 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
 
 def search_variants(source: Path, precisions: Sequence[str], *, scheme: str,
                     calibration: Calibration, samples: ActivationSamples,
-                    feeds: Sequence[dict[str, np.ndarray]]) -> list[Variant]:
+                    feeds: Sequence[dict[str, np.ndarray]],
+                    targets: dict[str, float] | None = None) -> list[Variant]:
     """:func:`search_variant` for each of ``precisions`` (``int8``, ``int4``), sharing one
-    smoothing plan and one measurement per smoothing choice.
+    smoothing plan and one measurement per smoothing choice; ``targets`` replaces
+    :data:`TARGETS` per precision.
 
     Raises:
         OutputError: a precision's floor is out of reach within its size budget.
@@ -395,7 +400,8 @@ def search_variants(source: Path, precisions: Sequence[str], *, scheme: str,
         variants.append(search_variant(source, precision, scheme=scheme,
                                        calibration=calibration, measurements=measurements,
                                        smoothing=plan if smooth else [], feeds=feeds,
-                                       external=external))
+                                       external=external,
+                                       target=(targets or {}).get(precision)))
     return variants
 
 
