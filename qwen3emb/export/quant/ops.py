@@ -17,7 +17,7 @@ apply unchanged:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -119,11 +119,6 @@ choose for that range, fixed so that no row depends on another."""
 ROW_ZERO_POINT = 128
 
 
-def _opset(graph: LazyGraph) -> int:
-    return max((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")),
-               default=18)
-
-
 def _row_scaled(graph: LazyGraph, x: str) -> tuple[list[Any], str, str]:
     """Nodes that scale every row of ``x`` to [-1, 1] and quantize it to uint8, the codes'
     name, and the name of the row maxima (the output is multiplied by them).
@@ -138,7 +133,9 @@ def _row_scaled(graph: LazyGraph, x: str) -> tuple[list[Any], str, str]:
     axes, floor = f"{x}_row_axes", f"{x}_row_floor"
     step, zero = f"{x}_row_step", f"{x}_row_zero_point"
     nodes = [helper.make_node("Abs", [x], [f"{x}_abs"], name=f"{x}_row_abs")]
-    if _opset(graph) >= 18:
+    opset = max((o.version for o in graph.model.opset_import if o.domain in ("", "ai.onnx")),
+                default=18)
+    if opset >= 18:
         graph.replace(axes, Recipe(TensorProto.INT64, (1,),
                                    lambda: np.asarray([-1], np.int64)))
         nodes.append(helper.make_node("ReduceMax", [f"{x}_abs", axes], [f"{x}_row_max"],
@@ -159,47 +156,14 @@ def _row_scaled(graph: LazyGraph, x: str) -> tuple[list[Any], str, str]:
     return nodes, f"{x}_row_quantized", f"{x}_rows"
 
 
-RESIDUAL_STEPS = 254
-"""The second pass quantizes what the first left, ``[-step/2, step/2]``, in steps of
-``step / RESIDUAL_STEPS`` (codes within ±127 around the zero point: never clipped)."""
-
-
-def _row_residual(graph: LazyGraph, x: str, codes: str) -> tuple[list[Any], str]:
-    """Nodes that quantize what the first uint8 pass of :func:`_row_scaled` left of each row
-    (``scaled − dequantized codes``) with a step ``RESIDUAL_STEPS`` times finer, and stack the
-    two passes' codes along the first axis (one integer MatMul for both, so the weights are
-    packed and read once). Returns the nodes and the stacked codes' name.
-    """
-    from onnx import TensorProto, helper
-
-    step, zero, fine = f"{x}_row_step", f"{x}_row_zero_point", f"{x}_row_residual_step"
-    graph.replace(fine, Recipe(TensorProto.FLOAT, (),
-                               lambda: np.asarray(ROW_SCALE / RESIDUAL_STEPS, np.float32)))
-    nodes = [
-        helper.make_node("DequantizeLinear", [codes, step, zero], [f"{x}_row_first_pass"],
-                         name=f"{x}_row_DequantizeLinear"),
-        helper.make_node("Sub", [f"{x}_row_scaled", f"{x}_row_first_pass"],
-                         [f"{x}_row_residual"], name=f"{x}_row_residual"),
-        helper.make_node("QuantizeLinear", [f"{x}_row_residual", fine, zero],
-                         [f"{x}_row_residual_quantized"], name=f"{x}_row_residual_QuantizeLinear"),
-        helper.make_node("Concat", [codes, f"{x}_row_residual_quantized"],
-                         [f"{x}_row_two_passes"], name=f"{x}_row_two_passes", axis=0),
-    ]
-    return nodes, f"{x}_row_two_passes"
-
-
 def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = True,
-                 per_row: bool = False, two_pass: Collection[str] = ()) -> int:
+                 per_row: bool = False) -> int:
     """Dynamic int8 for ``nodes`` (weight MatMuls), with symmetric int8 weights.
 
     Args:
         per_row: int8 activations per row (per token) instead of one scale per call
             (:func:`_row_scaled`): a few more element-wise ops per activation, and no text's
             embedding depends on what else is in its batch.
-        two_pass: names of ``nodes`` (with ``per_row``) whose activations go in two uint8
-            passes (:func:`_row_residual`): the second quantizes the first's rounding error,
-            so the activations are as good as fp32 and only the int8 weights' error is left,
-            for one integer MatMul of twice the rows.
 
     Returns:
         How many MatMuls were quantized.
@@ -209,9 +173,7 @@ def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = 
 
     slot = OneSlot()
     quantized: dict[str, tuple[str, str, str]] = {}  # activation → codes, zero point, rows
-    stacked: dict[str, str] = {}  # activation → both passes' codes
     replaced: dict[str, list[Any]] = {}
-    split_outputs = _opset(graph) >= 18
     for node in nodes:
         x, w, y = node.input[0], node.input[1], node.output[0]
         k, n = graph.shape(w)
@@ -240,31 +202,6 @@ def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = 
                                              f"{x}_zero_point"],
                                             name=f"{x}_QuantizeLinear"))
         codes, zero, rows = quantized[x]
-        if per_row and name in two_pass:
-            if x not in stacked:
-                residual_nodes, stacked[x] = _row_residual(graph, x, codes)
-                new += residual_nodes
-            fine = f"{x}_row_residual_share"
-            graph.replace(fine, Recipe(TensorProto.FLOAT, (),
-                                       lambda: np.asarray(1 / RESIDUAL_STEPS, np.float32)))
-            first, second = f"{name}_first_pass", f"{name}_second_pass"
-            new += [
-                helper.make_node("MatMulIntegerToFloat",
-                                 [stacked[x], f"{w}_quantized", f"{x}_row_step", f"{w}_scale",
-                                  zero, f"{w}_zero_point"], [f"{name}_two_pass_output"],
-                                 name=f"{name}_quant", domain=MS_DOMAIN),
-                helper.make_node("Split", [f"{name}_two_pass_output"], [first, second],
-                                 name=f"{name}_passes", axis=0,
-                                 **({"num_outputs": 2} if split_outputs else {})),
-                helper.make_node("Mul", [second, fine], [f"{second}_scaled"],
-                                 name=f"{name}_second_pass_mul"),
-                helper.make_node("Add", [first, f"{second}_scaled"],
-                                 [f"{name}_row_scaled_output"], name=f"{name}_passes_add"),
-                helper.make_node("Mul", [f"{name}_row_scaled_output", rows], [y],
-                                 name=f"{name}_row_output_mul"),
-            ]
-            replaced[node.output[0]] = new
-            continue
         if per_row:
             # The activation step is fixed, so onnxruntime's fused kernel is named directly
             # (its fusion only matches the dynamic pattern).

@@ -41,7 +41,6 @@ class Tier:
     accuracy_level: int = 0
     description: str = ""
     per_row: bool = False
-    passes: int = 1  # per-row int8 activations in two passes (the second: the first's error)
 
     def bytes_per_weight(self) -> float:
         if self.kind == "fp32":
@@ -59,11 +58,6 @@ TIERS: dict[str, Tier] = {
     "int8-row": Tier("dynamic", 8, 0, 0, "per-channel int8 weights, int8 activations per row "
                                          "(each row scaled to [-1, 1], one fixed uint8 step: "
                                          "no row depends on another)", per_row=True),
-    "int8-row2": Tier("dynamic", 8, 0, 0, "per-channel int8 weights, int8 activations per row "
-                                          "in two passes (the second quantizes the first's "
-                                          "rounding error 254x finer): activations as good as "
-                                          "fp32, one integer MatMul of twice the rows",
-                      per_row=True, passes=2),
     "nbits8-128": Tier("nbits", 8, q.NBITS8_BLOCK_SIZE, q.NBITS8_ACCURACY_LEVEL,
                        "8-bit MatMulNBits block 128, fp32 activations"),
     "nbits8": Tier("nbits", 8, q.INT4_8BIT_BLOCK_SIZE, q.INT4_ACCURACY_LEVEL,
@@ -71,18 +65,15 @@ TIERS: dict[str, Tier] = {
     "fp32": Tier("fp32", description="fp32 MatMul"),
 }
 SIZE_LADDER: dict[str, str] = {"int4": "int8-row", "int8": "int8-row",
-                               "int8-row": "int8-row2", "int8-row2": "nbits8-128",
-                               "nbits8": "nbits8-128", "nbits8-128": "fp32"}
+                               "int8-row": "nbits8-128", "nbits8": "nbits8-128",
+                               "nbits8-128": "fp32"}
 """The next, more faithful treatment of each tier, at the least added size: int4's ladder (its
-point is size). Per-row int8 activations cost no bytes over per-tensor ones, nor do two passes
-of them (``int8-row2``: only the int8 weights' error is left; measured on 1024-wide Gaussian
-inputs 0.0111 → 0.0079 output error, on ``down_proj``-like SiLU x up inputs 0.0255 → 0.0085).
-8-bit weights with fp32 activations come before fp32; they come before int8 activations per
-32-block too: on the outlier fixtures, ``nbits8`` (as q8_0) left the embedding-outlier fixture
-at 0.9918 where fp32 activations held."""
-SPEED_LADDER: dict[str, str] = {**SIZE_LADDER, "int8-row2": "fp32"}
-"""int8's ladder (its point is speed): per-tensor int8 to per-row int8, to two passes of it (one
-integer MatMul of twice the rows, still faster than fp32), then straight to fp32.
+point is size). Per-row int8 activations cost no bytes over per-tensor ones. 8-bit weights
+with fp32 activations come before fp32; they come before int8 activations per 32-block too:
+on the outlier fixtures, ``nbits8`` (as q8_0) left the embedding-outlier fixture at 0.9918
+where fp32 activations held."""
+SPEED_LADDER: dict[str, str] = {**SIZE_LADDER, "int8-row": "fp32"}
+"""int8's ladder (its point is speed): per-tensor int8 to per-row int8, then straight to fp32.
 8-bit MatMulNBits with fp32 activations (``nbits8-128``) is as faithful in practice but slower
 than the fp32 MatMul at every measured size on this CPU (it dequantizes its weights on every
 call: the whole 0.6B graph at 0.39x torch at 1 x 16 tokens against fp32's 2.5x;
@@ -138,12 +129,8 @@ def apply_plan(graph: LazyGraph, plan: dict[str, str]) -> None:
         if tier.kind == "nbits":
             rewrite_nbits(graph, nodes, bits=tier.bits, block_size=tier.block_size,
                           accuracy_level=tier.accuracy_level)
-        elif tier.kind == "dynamic" and not tier.per_row:
-            rewrite_int8(graph, nodes, per_channel=True)
-    # Every per-row tier in one rewrite: MatMuls of one activation share its row scaling.
-    rows = {n: TIERS[t] for n, t in plan.items() if TIERS[t].per_row}
-    rewrite_int8(graph, [m for m in weight_matmuls(graph) if m.name in rows], per_channel=True,
-                 per_row=True, two_pass={n for n, t in rows.items() if t.passes == 2})
+        elif tier.kind == "dynamic":
+            rewrite_int8(graph, nodes, per_channel=True, per_row=tier.per_row)
 
 
 def rewrite_embedding_apart(graph: LazyGraph, columns: tuple[int, ...], *,

@@ -132,12 +132,7 @@ def simulate(tier: str, x: np.ndarray, bounds: np.ndarray, w: np.ndarray) -> np.
     if t.kind == "dynamic" and t.per_row:
         rows = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-30)
         fixed = np.tile(np.asarray([-1.0, 1.0], np.float32), (len(x), 1))  # rows span [-1, 1]
-        scaled = x / rows
-        codes = dynamic_int8_inputs(scaled, fixed)
-        if t.passes == 2:  # the second pass: the first's rounding error, 254x finer
-            fine = np.float32(2 / 255 / 254)
-            codes = codes + np.clip(np.rint((scaled - codes) / fine), -128, 127) * fine
-        return (codes * rows) @ int8_columns(w)
+        return (dynamic_int8_inputs(x / rows, fixed) * rows) @ int8_columns(w)
     if t.kind == "dynamic":
         return dynamic_int8_inputs(x, bounds) @ int8_columns(w)
     xq = int8_row_blocks(x, t.block_size) if t.accuracy_level == 4 else x
