@@ -94,7 +94,7 @@ def test_manifest_records_every_decision(bundles):
             assert settings["rounds"][-1]["calibration_min_cosine"] == pytest.approx(
                 settings["calibration_fidelity"], abs=1e-6)
             matmuls = settings["matmuls"]
-            tiers = ("int4", "int4-row", "int8", "int8-row", "nbits8", "nbits8-128", "fp32")
+            tiers = ("int4", "int8", "int8-row", "nbits8", "nbits8-128", "fp32")
             assert matmuls and all(tier in tiers for tier, _ in matmuls.values())
             for name, change in settings["escalated"].items():
                 assert change.endswith("->" + matmuls[name][0])
@@ -300,51 +300,3 @@ def test_simulated_per_row_int8_matches_onnxruntime(tmp_path):
     measured = relative_error(session.run(["Y1"], {"X": x})[0], x @ w)
     assert simulated["int8-row"] == pytest.approx(measured, rel=0.25)
     assert simulated["int8-row"] < 0.5 * simulated["int8"]
-
-
-def test_packed_int4_runs_the_int8_kernel_after_folding(tmp_path):
-    """``int4-row``: 4-bit codes and block multipliers in the file, unfolded to int8 by
-    onnxruntime when the session loads (only the per-row int8 MatMul runs per call); the
-    product is the simulated one, as faithful as its measurement says and more than 4-bit
-    MatMulNBits, in fewer bytes than int8."""
-    import json
-    import os
-
-    import onnxruntime as ort
-
-    from qwen3emb.export.onnx.lazy import LazyGraph
-    from qwen3emb.export.quant.ops import int4_row_dequantized, rewrite_int8, weight_matmuls
-    from qwen3emb.export.quant.sensitivity import measure_matmul, relative_error
-
-    rng = np.random.default_rng(5)
-    w1 = rng.normal(0, 0.05, (256, 96)).astype(np.float32)
-    w2 = rng.normal(0, 0.05, (256, 32)).astype(np.float32)
-    fp32 = _two_matmul_graph(tmp_path / "fp32.onnx", w1, w2)
-    sizes = {}
-    for packed in ((), ("first",)):
-        graph = LazyGraph(fp32)
-        assert rewrite_int8(graph, weight_matmuls(graph), per_row=True, packed4=packed) == 2
-        [path, *_] = graph.save(tmp_path / f"int-{len(packed)}.onnx", external=False)
-        sizes[len(packed)] = path.stat().st_size
-    assert sizes[1] < sizes[0] - 0.4 * w1.size  # ~half a byte a weight, less the unpacking nodes
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(tmp_path / "profile")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    x = rng.normal(0, 1, (64, 256)).astype(np.float32)
-    y1 = session.run(["Y1"], {"X": x})[0]
-    events = json.loads(Path(session.end_profiling()).read_text())
-    ran = {e["args"]["op_name"] for e in events if e.get("cat") == "Node"}
-    assert ran == {"Abs", "ReduceMax", "Max", "Div", "QuantizeLinear", "MatMulIntegerToFloat",
-                   "Mul"}, ran  # the unpacking was folded away at load
-    rows = np.abs(x).max(axis=1, keepdims=True)
-    step = np.float32(2 / 255)
-    x8 = np.clip(np.rint(x / rows / step), -128, 127) * step * rows
-    expected = x8 @ int4_row_dequantized(w1)
-    assert np.abs(y1 - expected).max() < 1e-5 * np.abs(expected).max()
-    bounds = np.tile([x.min(), x.max()], (64, 1)).astype(np.float32)
-    measured = measure_matmul(x, bounds, w1, ("int4", "int4-row"))
-    assert measured["int4-row"] == pytest.approx(relative_error(y1, x @ w1), rel=0.01)
-    assert measured["int4-row"] < measured["int4"]
-    for leftover in tmp_path.glob("profile*"):
-        os.remove(leftover)

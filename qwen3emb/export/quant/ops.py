@@ -17,7 +17,7 @@ apply unchanged:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,53 +48,6 @@ def int8_weights(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarr
     scales = (np.maximum(peak, 1e-12) / INT8_LEVELS).astype(np.float32)
     codes = np.clip(np.rint(w / scales), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
     return codes, np.asarray(scales, np.float32)
-
-
-INT4_ROW_BLOCK = 32
-"""Block (along K) of the packed 4-bit weights the int8 kernel runs (:func:`int4_row_weights`)."""
-INT4_ROW_MULTIPLIERS = 15
-
-
-def int4_row_weights(w: np.ndarray, block: int = INT4_ROW_BLOCK
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """4-bit codes of a ``[K, N]`` weight whose products are exact int8: two-level scales.
-
-    Each block of ``block`` rows of a column would want its own step (its largest magnitude /
-    7); here that step is an integer multiple ``m`` (1..15) of one step per column, so
-    ``code x m`` (at most 8 x 15 = 120) is the int8 weight of that column's scale, and
-    ``MatMulIntegerToFloat`` with per-column scales computes the product. Codes are in
-    [-8, 7], stored + 8, two per byte (row ``2i`` in the low nibble of byte ``i``).
-
-    Measured (relative output error, 1024 x 2048 Gaussian weights, per-row int8 activations):
-    0.098, against 0.117 for MatMulNBits 4-bit block 128 with int8 activations per block and
-    0.097 with free (unquantized) block-32 steps.
-
-    Returns:
-        ``(packed uint8 [K/2, N], multipliers uint8 [K/block, 1, N], scales float32 [N])``.
-    """
-    k, n = w.shape
-    blocks = w.reshape(k // block, block, n)
-    step = np.abs(blocks).max(axis=1, keepdims=True) / 7.0
-    column = np.maximum(step.max(axis=0, keepdims=True) / INT4_ROW_MULTIPLIERS, 1e-30)
-    multipliers = np.clip(np.rint(step / column), 1, INT4_ROW_MULTIPLIERS)
-    codes = np.clip(np.rint(blocks / (multipliers * column)), -8, 7).reshape(k, n) + 8
-    codes = codes.astype(np.uint8)
-    packed = codes[0::2] | (codes[1::2] << 4)
-    return (packed, multipliers.astype(np.uint8),
-            column.reshape(n).astype(np.float32))
-
-
-def int4_row_dequantized(w: np.ndarray, block: int = INT4_ROW_BLOCK) -> np.ndarray:
-    """``w`` as :func:`int4_row_weights` stores it, dequantized (float32 ``[K, N]``); a K that
-    is not a whole number of blocks is padded with zero rows for the measurement."""
-    size, n = w.shape
-    w = np.pad(w, ((0, -size % block), (0, 0)))
-    packed, multipliers, scales = int4_row_weights(w, block)
-    k = w.shape[0]
-    codes = np.empty((k, n), np.int32)
-    codes[0::2], codes[1::2] = packed & 15, packed >> 4
-    products = (codes - 8).reshape(k // block, block, n) * multipliers.astype(np.int32)
-    return (products.reshape(k, n).astype(np.float32) * scales)[:size]
 
 
 def nbits_weights(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,9 +113,6 @@ def _splice(graph: LazyGraph, replaced: dict[str, list[Any]]) -> None:
     graph.drop_unused()
 
 
-_NUMPY: dict[int, Any] = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64}
-"""numpy dtype of the ONNX element types used for constants here."""
-
 ROW_SCALE = np.float32(2 / 255)
 """uint8 step of a row scaled to [-1, 1] (zero point 128): what ``DynamicQuantizeLinear`` would
 choose for that range, fixed so that no row depends on another."""
@@ -206,69 +156,14 @@ def _row_scaled(graph: LazyGraph, x: str) -> tuple[list[Any], str, str]:
     return nodes, f"{x}_row_quantized", f"{x}_rows"
 
 
-def _unpacked_int4(graph: LazyGraph, w: str, slot: OneSlot) -> list[Any]:
-    """Initializers of :func:`int4_row_weights` for weight ``w`` and the nodes that rebuild
-    its int8 codes, ``{w}_quantized``, from them. Every input is a constant, so onnxruntime
-    folds these nodes when the session loads (the file keeps 4 bits a weight; the int8
-    kernel runs). Integer arithmetic in int32 (``Div``/``Mul``/``Sub``/``Cast``): kernels
-    every onnxruntime build has, in every opset the exporter writes.
-    """
-    from onnx import TensorProto, helper
-
-    k, n = graph.shape(w)
-    block = INT4_ROW_BLOCK
-
-    def compute(array: np.ndarray) -> tuple[np.ndarray, ...]:
-        return int4_row_weights(array, block)
-
-    def const(name: str, dtype: int, value: Any, dims: tuple[int, ...] = ()) -> str:
-        graph.replace(f"{w}_{name}", Recipe(dtype, dims, lambda: np.asarray(value).reshape(dims)
-                                              .astype(_NUMPY[dtype])))
-        return f"{w}_{name}"
-
-    graph.replace(f"{w}_packed4", Recipe(TensorProto.UINT8, (k // 2, n),
-                                         _derived(graph, slot, w, 0, compute)))
-    graph.replace(f"{w}_multipliers", Recipe(TensorProto.UINT8, (k // block, 1, n),
-                                             _derived(graph, slot, w, 1, compute)))
-    graph.replace(f"{w}_scale", Recipe(TensorProto.FLOAT, (n,),
-                                       _derived(graph, slot, w, 2, compute)))
-    sixteen = const("int4_sixteen_const", TensorProto.INT32, 16)
-    eight = const("int4_eight_const", TensorProto.INT32, 8)
-    halves = const("int4_halves_shape", TensorProto.INT64, [k // 2, 1, n], (3,))
-    blocks = const("int4_blocks_shape", TensorProto.INT64, [k // block, block, n], (3,))
-    whole = const("int4_whole_shape", TensorProto.INT64, [k, n], (2,))
-    t = f"{w}_int4"
-    mk = helper.make_node
-    return [
-        mk("Cast", [f"{w}_packed4"], [f"{t}_bytes"], name=f"{t}_bytes", to=TensorProto.INT32),
-        mk("Div", [f"{t}_bytes", sixteen], [f"{t}_high"], name=f"{t}_high"),
-        mk("Mul", [f"{t}_high", sixteen], [f"{t}_high_shifted"], name=f"{t}_high_shifted"),
-        mk("Sub", [f"{t}_bytes", f"{t}_high_shifted"], [f"{t}_low"], name=f"{t}_low"),
-        mk("Reshape", [f"{t}_low", halves], [f"{t}_low_rows"], name=f"{t}_low_rows"),
-        mk("Reshape", [f"{t}_high", halves], [f"{t}_high_rows"], name=f"{t}_high_rows"),
-        mk("Concat", [f"{t}_low_rows", f"{t}_high_rows"], [f"{t}_rows"], name=f"{t}_rows",
-           axis=1),
-        mk("Reshape", [f"{t}_rows", blocks], [f"{t}_blocks"], name=f"{t}_blocks"),
-        mk("Sub", [f"{t}_blocks", eight], [f"{t}_codes"], name=f"{t}_codes"),
-        mk("Cast", [f"{w}_multipliers"], [f"{t}_multipliers"], name=f"{t}_multipliers",
-           to=TensorProto.INT32),
-        mk("Mul", [f"{t}_codes", f"{t}_multipliers"], [f"{t}_products"], name=f"{t}_products"),
-        mk("Reshape", [f"{t}_products", whole], [f"{t}_int32"], name=f"{t}_int32"),
-        mk("Cast", [f"{t}_int32"], [f"{w}_quantized"], name=f"{t}_int8", to=TensorProto.INT8),
-    ]
-
-
 def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = True,
-                 per_row: bool = False, packed4: Collection[str] = ()) -> int:
+                 per_row: bool = False) -> int:
     """Dynamic int8 for ``nodes`` (weight MatMuls), with symmetric int8 weights.
 
     Args:
         per_row: int8 activations per row (per token) instead of one scale per call
             (:func:`_row_scaled`): a few more element-wise ops per activation, and no text's
             embedding depends on what else is in its batch.
-        packed4: names of ``nodes`` (with ``per_row``) whose weights are stored as packed
-            4-bit codes (:func:`int4_row_weights`, :func:`_unpacked_int4`) instead of int8:
-            half the bytes, the same int8 kernel once the session has loaded.
 
     Returns:
         How many MatMuls were quantized.
@@ -287,18 +182,14 @@ def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = 
         def compute(array: np.ndarray) -> tuple[np.ndarray, ...]:
             return int8_weights(array, per_channel)
 
-        name = node.name or y
-        new = []
-        if per_row and name in packed4:
-            new += _unpacked_int4(graph, w, slot)
-            width = (n,)
-        else:
-            graph.replace(f"{w}_quantized", Recipe(TensorProto.INT8, (k, n),
-                                                   _derived(graph, slot, w, 0, compute)))
-            graph.replace(f"{w}_scale", Recipe(TensorProto.FLOAT, width,
-                                               _derived(graph, slot, w, 1, compute)))
+        graph.replace(f"{w}_quantized", Recipe(TensorProto.INT8, (k, n),
+                                               _derived(graph, slot, w, 0, compute)))
+        graph.replace(f"{w}_scale", Recipe(TensorProto.FLOAT, width,
+                                           _derived(graph, slot, w, 1, compute)))
         graph.replace(f"{w}_zero_point", Recipe(TensorProto.INT8, width,
                                                 _filled(width, 0, np.int8)))
+        name = node.name or y
+        new = []
         if x not in quantized:
             if per_row:
                 row_nodes, codes, rows = _row_scaled(graph, x)

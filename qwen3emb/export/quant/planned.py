@@ -23,7 +23,6 @@ import numpy as np
 from qwen3emb.export.onnx.lazy import LazyGraph, OneSlot, Recipe
 from qwen3emb.export.quant import quantize as q
 from qwen3emb.export.quant.ops import (
-    INT4_ROW_BLOCK,
     embedding_blocks,
     rewrite_embedding,
     rewrite_int8,
@@ -46,18 +45,14 @@ class Tier:
     def bytes_per_weight(self) -> float:
         if self.kind == "fp32":
             return 4.0
-        if self.kind == "dynamic":  # int8, or packed 4-bit with one byte per block
-            return 1.0 if self.bits == 8 else self.bits / 8 + 1 / self.block_size
+        if self.kind == "dynamic":
+            return 1.0
         return self.bits / 8 + 4 / self.block_size
 
 
 TIERS: dict[str, Tier] = {
     "int4": Tier("nbits", 4, q.INT4_BLOCK_SIZE, q.INT4_ACCURACY_LEVEL,
                  "4-bit MatMulNBits, int8 activations per block"),
-    "int4-row": Tier("dynamic", 4, INT4_ROW_BLOCK, 0,
-                     "4-bit weights in blocks of 32 whose steps are integer multiples of one "
-                     "per-column step, stored packed and unfolded to int8 when the session "
-                     "loads; int8 activations per row; runs the int8 kernel", per_row=True),
     "int8": Tier("dynamic", 8, 0, 0, "per-channel int8 weights, per-tensor dynamic int8 "
                                      "activations (DynamicQuantizeMatMul)"),
     "int8-row": Tier("dynamic", 8, 0, 0, "per-channel int8 weights, int8 activations per row "
@@ -69,7 +64,7 @@ TIERS: dict[str, Tier] = {
                    "8-bit MatMulNBits block 32, int8 activations per 32-block (as q8_0)"),
     "fp32": Tier("fp32", description="fp32 MatMul"),
 }
-SIZE_LADDER: dict[str, str] = {"int4": "int8-row", "int4-row": "int8-row", "int8": "int8-row",
+SIZE_LADDER: dict[str, str] = {"int4": "int8-row", "int8": "int8-row",
                                "int8-row": "nbits8-128", "nbits8": "nbits8-128",
                                "nbits8-128": "fp32"}
 """The next, more faithful treatment of each tier, at the least added size: int4's ladder (its
@@ -112,8 +107,7 @@ def initial_plan(graph: LazyGraph, precision: str, scheme: str,
         x, name = node.input[0], node.name
         if precision == "int4":
             wide = name.endswith(q.INT4_8BIT_MATMULS)
-            narrow = "int4-row" if graph.shape(node.input[1])[0] % INT4_ROW_BLOCK == 0 else "int4"
-            plan[name] = ("nbits8" if x in outliers else "int8-row") if wide else narrow
+            plan[name] = ("nbits8" if x in outliers else "int8-row") if wide else "int4"
         elif scheme == "nbits8":
             plan[name] = "nbits8-128"
         elif scheme == "mixed":
@@ -135,12 +129,8 @@ def apply_plan(graph: LazyGraph, plan: dict[str, str]) -> None:
         if tier.kind == "nbits":
             rewrite_nbits(graph, nodes, bits=tier.bits, block_size=tier.block_size,
                           accuracy_level=tier.accuracy_level)
-        elif tier.kind == "dynamic" and not tier.per_row:
-            rewrite_int8(graph, nodes, per_channel=True)
-    # The per-row tiers in one rewrite: MatMuls of one activation share its row scaling.
-    rows = {n: TIERS[t] for n, t in plan.items() if TIERS[t].per_row}
-    rewrite_int8(graph, [m for m in weight_matmuls(graph) if m.name in rows], per_channel=True,
-                 per_row=True, packed4={n for n, t in rows.items() if t.bits == 4})
+        elif tier.kind == "dynamic":
+            rewrite_int8(graph, nodes, per_channel=True, per_row=tier.per_row)
 
 
 def rewrite_embedding_apart(graph: LazyGraph, columns: tuple[int, ...], *,

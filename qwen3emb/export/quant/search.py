@@ -62,14 +62,14 @@ SIZE_BUDGET: dict[str, float] = {"int8": 0.40, "int4": 0.32}
 OUT_OF_LINE = 4.0
 """A MatMul whose measured error exceeds this x the median of its tier is escalated up front."""
 OUT_OF_LINE_MIN_ERROR = 0.02
-CEILING: dict[str, float] = {"int8": 0.04, "int8-row": 0.04, "int4": 0.2, "int4-row": 0.2}
+CEILING: dict[str, float] = {"int8": 0.04, "int8-row": 0.04, "int4": 0.2}
 """Measured output error above which a MatMul leaves its tier up front, whatever its peers do.
 Per-tensor dynamic int8 measures ~1 % on Gaussian inputs and 1-3 % on the normal and deep
 fixtures; on the outlier fixtures MatMuls above 4 % were the ones that failed on texts the
 calibration never saw (probe cosine 0.69 with one such MatMul left at int8, 0.995 without)."""
 MAX_BUILDS = 5
 ROUND_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1.0)
-MEASURED_TIERS = ("int4", "int4-row", "int8", "int8-row", "nbits8", "nbits8-128")
+MEASURED_TIERS = ("int4", "int8", "int8-row", "nbits8", "nbits8-128")
 SCORE_BATCH = 8
 """Batch of the padded scoring feeds (the validator's and the runtime's default batch)."""
 

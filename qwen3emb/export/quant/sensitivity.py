@@ -124,7 +124,6 @@ def int8_row_blocks(x: np.ndarray, block: int) -> np.ndarray:
 
 def simulate(tier: str, x: np.ndarray, bounds: np.ndarray, w: np.ndarray) -> np.ndarray:
     """The output of one MatMul treated as ``tier`` (a name of ``planned.TIERS``)."""
-    from qwen3emb.export.quant.ops import int4_row_dequantized
     from qwen3emb.export.quant.planned import TIERS
 
     t = TIERS[tier]
@@ -133,8 +132,7 @@ def simulate(tier: str, x: np.ndarray, bounds: np.ndarray, w: np.ndarray) -> np.
     if t.kind == "dynamic" and t.per_row:
         rows = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-30)
         fixed = np.tile(np.asarray([-1.0, 1.0], np.float32), (len(x), 1))  # rows span [-1, 1]
-        weights = int8_columns(w) if t.bits == 8 else int4_row_dequantized(w, t.block_size)
-        return (dynamic_int8_inputs(x / rows, fixed) * rows) @ weights
+        return (dynamic_int8_inputs(x / rows, fixed) * rows) @ int8_columns(w)
     if t.kind == "dynamic":
         return dynamic_int8_inputs(x, bounds) @ int8_columns(w)
     xq = int8_row_blocks(x, t.block_size) if t.accuracy_level == 4 else x
