@@ -101,6 +101,33 @@ def test_interrupted_export_leaves_nothing_behind(tiny_checkpoint: Path, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_full_disk_mid_export_is_one_line_and_leaves_nothing(
+        tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError deep in a write (a full disk: what a 30 GB fp32 8B graph plus its variants
+    met on this machine) ends as one line with a fix and exit 2, not a traceback."""
+    import errno
+
+    from typer.testing import CliRunner
+
+    import qwen3emb.export.onnx.trace as onnx_export
+    from qwen3emb.cli.app import create_app
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "model.onnx_data")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = CliRunner().invoke(create_app(), ["export", str(tiny_checkpoint), "-o",
+                                               str(out / "bundle"), "--no-validate"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert lines == ["error: No space left on device (model.onnx_data). Free disk space or "
+                     "fix permissions where the files go (or write elsewhere), then run again"]
+    assert "Traceback" not in result.output
+    assert list(out.iterdir()) == []
+
+
 def test_dimensions_outside_mrl_range_are_rejected(tiny_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="outside 32..64"):
         export_bundle(tiny_checkpoint, tmp_path / "b", dimensions=16, validate=False)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from qwen3emb.constants import EXIT_INTERRUPTED
-from qwen3emb.errors import Qwen3EmbError
+from qwen3emb.errors import OutputError, Qwen3EmbError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -88,6 +88,14 @@ def handle_errors(func: F) -> F:
             raise fail(e.one_line(), e.exit_code) from None
         except KeyboardInterrupt:
             raise fail("interrupted; nothing was left half-written", EXIT_INTERRUPTED) from None
+        except OSError as e:  # a full disk, a vanished or unwritable directory mid-run
+            if debug_enabled():
+                traceback.print_exc()
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            error = OutputError(f"{e.strerror or e}{where}",
+                                hint="Free disk space or fix permissions where the files go "
+                                     "(or write elsewhere), then run again")
+            raise fail(error.one_line(), error.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 
