@@ -194,7 +194,7 @@ def test_unreachable_floor_fails_in_one_line(bundles, workdir, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_higher_target_escalates_until_it_holds(bundles, workdir):
+def test_a_higher_target_escalates_until_it_holds(bundles, workdir, monkeypatch):
     """``--target``: the same normal checkpoint, asked for half the default int4's error,
     is escalated until the calibration texts reach it, and says so in its settings."""
     from qwen3emb.export.quant import search
@@ -212,9 +212,18 @@ def test_a_higher_target_escalates_until_it_holds(bundles, workdir):
     calibration = calibrate(source, feeds, observe=samples.observe)
     aim = round(1 - (1 - default["calibration_fidelity"]) / 2, 6)
     assert aim > search.TARGETS["int4"]
+    build = search.planned.build_planned
+    found: list[bool] = []  # was a previous build still on disk when the next one started?
+
+    def recording(source_path, target, *args, **kwargs):
+        found.append(target.exists() or target.with_name(target.name + "_data").exists())
+        return build(source_path, target, *args, **kwargs)
+
+    monkeypatch.setattr(search.planned, "build_planned", recording)
     (variant,) = search.search_variants(source, ["int4"], scheme="smoothquant",
                                         calibration=calibration, samples=samples,
                                         feeds=feeds, targets={"int4": aim})
+    assert len(found) > 1 and not any(found)  # one variant on disk at a time
     settings = variant.settings
     assert settings["target"] == aim and settings["target_reached"]
     assert settings["calibration_fidelity"] >= aim > default["calibration_fidelity"]

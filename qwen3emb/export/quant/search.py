@@ -283,6 +283,10 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
             key = frozenset(plan.items())
             reused = key in scored  # the second ladder starts where the first did
             if not reused:
+                # The previous build is scored: remove it first, so the disk holds the fp32
+                # graph and one variant (an 8B: 30 GB + ~10 GB), not two.
+                for path in files:
+                    path.unlink(missing_ok=True)
                 files = planned.build_planned(source, target_path, plan, smoothing,
                                               calibration.ranges, columns, external)
                 on_disk = key
@@ -312,6 +316,8 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
         plan = best_plan
     fidelity = scored[frozenset(plan.items())]
     if frozenset(plan.items()) != on_disk:  # the kept plan is not the last one written
+        for path in files:
+            path.unlink(missing_ok=True)
         files = planned.build_planned(source, target_path, plan, smoothing, calibration.ranges,
                                       columns, external)
         fidelity = score(target_path, scoring, calibration.outputs)
