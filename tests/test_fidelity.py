@@ -167,21 +167,28 @@ def test_wide_matmuls_are_measured_on_sampled_columns_like_in_full(monkeypatch):
         assert abs(sampled[tier] / full[tier] - 1) < 0.05, (tier, sampled[tier], full[tier])
 
 
-def test_unreachable_floor_fails_in_one_line(bundles, workdir, monkeypatch):
-    """With no room to escalate, the export refuses to write a failing artifact."""
-    from qwen3emb.errors import OutputError
-    from qwen3emb.export.quant import search
+def _calibrated_copy(bundle: Path, directory: Path):
+    """The bundle's fp32 graph copied into ``directory`` (so variants land there), with its
+    calibration feeds, activation samples and calibration: what a search needs."""
     from qwen3emb.export.quant.calibrate import calibrate
     from qwen3emb.export.quant.precisions import calibration_feeds
     from qwen3emb.export.quant.sensitivity import ActivationSamples
 
-    bundle = bundles["outlier-embeddings"].bundle
-    source = workdir / "unreachable" / "model.onnx"
-    source.parent.mkdir()
+    source = directory / "model.onnx"
+    directory.mkdir()
     source.write_bytes((bundle / "onnx" / "model.onnx").read_bytes())
     feeds = calibration_feeds(bundle / "tokenizer.json")
     samples = ActivationSamples()
-    calibration = calibrate(source, feeds, observe=samples.observe)
+    return source, feeds, samples, calibrate(source, feeds, observe=samples.observe)
+
+
+def test_unreachable_floor_fails_in_one_line(bundles, workdir, monkeypatch):
+    """With no room to escalate, the export refuses to write a failing artifact."""
+    from qwen3emb.errors import OutputError
+    from qwen3emb.export.quant import search
+
+    source, feeds, samples, calibration = _calibrated_copy(
+        bundles["outlier-embeddings"].bundle, workdir / "unreachable")
     monkeypatch.setitem(search.SIZE_BUDGET, "int4", 0.0)  # no byte to spend on escalation
     monkeypatch.setitem(search.TARGETS, "int4", 1.01)
     monkeypatch.setattr(search, "_out_of_line", lambda plan, measurements: [])
@@ -198,18 +205,10 @@ def test_a_higher_target_escalates_until_it_holds(bundles, workdir, monkeypatch)
     """``--target``: the same normal checkpoint, asked for half the default int4's error,
     is escalated until the calibration texts reach it, and says so in its settings."""
     from qwen3emb.export.quant import search
-    from qwen3emb.export.quant.calibrate import calibrate
-    from qwen3emb.export.quant.precisions import calibration_feeds
-    from qwen3emb.export.quant.sensitivity import ActivationSamples
 
     default = _settings(bundles["normal"], "int4")
-    bundle = bundles["normal"].bundle
-    source = workdir / "aimed" / "model.onnx"
-    source.parent.mkdir()
-    source.write_bytes((bundle / "onnx" / "model.onnx").read_bytes())
-    feeds = calibration_feeds(bundle / "tokenizer.json")
-    samples = ActivationSamples()
-    calibration = calibrate(source, feeds, observe=samples.observe)
+    source, feeds, samples, calibration = _calibrated_copy(bundles["normal"].bundle,
+                                                           workdir / "aimed")
     aim = round(1 - (1 - default["calibration_fidelity"]) / 2, 6)
     assert aim > search.TARGETS["int4"]
     build = search.planned.build_planned
