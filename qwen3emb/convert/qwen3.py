@@ -79,7 +79,11 @@ class Qwen3Embedder(torch.nn.Module):
         for layer in body:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary,
                            position_ids=position_ids, use_cache=False)
-        pooled = pooled_layer(last, hidden, mask, rotary, last_token_index(attention_mask))
+        # The pooled row is the last real token, so every real key is at or before it: its row
+        # of the causal mask is the key mask itself. Read from the [batch, seq] input, not
+        # gathered from the [batch, 1, seq, seq] mask, which the blocked attention never needs.
+        row_mask = None if mask is None else attention_mask.bool()[:, None, None, :]
+        pooled = pooled_layer(last, hidden, row_mask, rotary, last_token_index(attention_mask))
         return l2_normalize(backbone.norm(pooled)[:, 0], self.dimensions)
 
 
@@ -88,8 +92,8 @@ def pooled_layer(layer: Any, hidden: torch.Tensor, mask: torch.Tensor | None,
     """A Qwen3 decoder layer's output at row ``index[b]`` of each input → [batch, 1, hidden].
 
     Keys and values come from every row; the query, o_proj and MLP from the pooled row only.
-    ``mask`` is the model's causal mask ([batch, 1, seq, seq] or ``None`` when nothing is
-    masked); the pooled query keeps its row of it. Activations stay 3-D so the projections
+    ``mask`` is the pooled query's row of the model's causal mask ([batch, 1, 1, seq], or
+    ``None`` when nothing is masked). Activations stay 3-D so the projections
     export as MatMul (as in the other layers), not Gemm.
     """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -110,8 +114,6 @@ def pooled_layer(layer: Any, hidden: torch.Tensor, mask: torch.Tensor | None,
     key = key * cos.unsqueeze(1) + rotate_half(key) * sin.unsqueeze(1)
     cos_row, sin_row = cos[batch, index][:, None, None], sin[batch, index][:, None, None]
     query = query * cos_row + rotate_half(query) * sin_row
-    if mask is not None:
-        mask = mask[batch, :, index].unsqueeze(2)  # [batch, 1, 1, seq]
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
                                                       eager_attention_forward)
     out, _ = interface(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling,

@@ -113,7 +113,9 @@ class LazyGraph:
 
     def drop_unused(self) -> None:
         """Remove initializers (and their recipes) that no node reads any more."""
-        used = {name for node in self.model.graph.node for name in node.input}
+        from qwen3emb.export.onnx.attention import node_reads
+
+        used = {name for node in self.model.graph.node for name in node_reads(node)}
         used |= {o.name for o in self.model.graph.output}
         kept = [t for t in self.model.graph.initializer if t.name in used]
         del self.model.graph.initializer[:]

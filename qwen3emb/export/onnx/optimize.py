@@ -12,6 +12,8 @@ expects a Div), nor does its transformers optimizer know Qwen3. This module:
   residual stream lives in nodes that the fp16 converter keeps in fp32;
 - fuses the elementwise GELUs (the Qwen3-VL vision tower's) into ``com.microsoft``
   ``FastGelu`` / ``Gelu``;
+- rewrites each full-sequence attention as a loop over query blocks, so no (heads × seq ×
+  seq) tensor is ever held (:mod:`qwen3emb.export.onnx.attention`);
 - drops the exporter's per-node metadata (stack traces: ~160 kB per layer of file size).
 """
 
@@ -21,6 +23,8 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
+
+from qwen3emb.export.onnx.attention import block_attention, node_reads
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ class OptimizeStats:
     skip_norms: int = 0
     renamed_nodes: int = 0
     gelus: int = 0
+    blocked_attention: int = 0
 
     def to_dict(self) -> dict[str, int]:
         out = {"named_projections": self.named_projections, "rms_norms": self.rms_norms,
@@ -49,6 +54,8 @@ class OptimizeStats:
             out["renamed_nodes"] = self.renamed_nodes
         if self.gelus:
             out["gelus"] = self.gelus
+        if self.blocked_attention:
+            out["blocked_attention"] = self.blocked_attention
         return out
 
 
@@ -339,10 +346,13 @@ def _topological(graph: Any, nodes: list[Any]) -> list[Any]:
     """Order ``nodes`` so each comes after the producers of its inputs (stable otherwise)."""
     ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     pending, ordered = list(nodes), []
+    produced = {name for node in nodes for name in node.output}
+    # A Loop body reads tensors of this graph too: it must come after their producers.
+    reads = {id(n): [*n.input, *(t for t in node_reads(n) if t in produced)] for n in nodes}
     while pending:
         waiting = []
         for node in pending:
-            if all(name in ready for name in node.input):
+            if all(name in ready for name in reads[id(node)]):
                 ordered.append(node)
                 ready.update(node.output)
             else:
@@ -360,7 +370,7 @@ def prune_initializers(model: Any) -> int:
     Returns:
         How many were removed.
     """
-    used = {name for node in model.graph.node for name in node.input}
+    used = {name for node in model.graph.node for name in node_reads(node)}
     used |= {o.name for o in model.graph.output}
     kept = [t for t in model.graph.initializer if t.name in used]
     removed = len(model.graph.initializer) - len(kept)
@@ -420,6 +430,9 @@ def optimize_graph(model: Any) -> OptimizeStats:
     stats.rms_norms = fuse_rms_norms(model)
     stats.skip_norms = fuse_skip_norms(model)
     stats.gelus = fuse_gelus(model)
+    # A decoder reads attention_mask (causal, padded); a vision tower has none (bidirectional).
+    causal = any(i.name == "attention_mask" for i in model.graph.input)
+    stats.blocked_attention = block_attention(model, causal=causal)
     prune_initializers(model)
     strip_metadata(model)
     stats.renamed_nodes = unique_node_names(model)

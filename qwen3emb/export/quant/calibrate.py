@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from qwen3emb.export.onnx.attention import node_reads
+
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 30
@@ -70,12 +72,12 @@ def split_graph(model: Any, chunk_bytes: int) -> list[list[Any]]:
     held: set[str] = set()
     total = 0
     for node in model.graph.node:
-        new = {name for name in node.input if name in sizes and name not in held}
+        new = {name for name in node_reads(node) if name in sizes and name not in held}
         extra = sum(sizes[name] for name in new)
         if pieces[-1] and total + extra > chunk_bytes:
             pieces.append([])
             held, total = set(), 0
-            new = {name for name in node.input if name in sizes}
+            new = {name for name in node_reads(node) if name in sizes}
             extra = sum(sizes[name] for name in new)
         pieces[-1].append(node)
         held |= new
@@ -114,7 +116,7 @@ def calibrate(source: Path, feeds: Sequence[dict[str, np.ndarray]], *,
     last_use: dict[str, int] = {}
     for index, piece in enumerate(pieces):
         for node in piece:
-            for name in node.input:
+            for name in node_reads(node):
                 last_use[name] = index
     stores: list[dict[str, np.ndarray]] = [dict(feed) for feed in feeds]
     results: list[dict[str, np.ndarray]] = [{} for _ in feeds]
@@ -125,10 +127,10 @@ def calibrate(source: Path, feeds: Sequence[dict[str, np.ndarray]], *,
         with bar(len(pieces), "calibrate", progress, unit="piece") as advancing:
             for index, piece in enumerate(pieces):
                 produced = {name for node in piece for name in node.output if name}
-                weights = sorted({name for node in piece for name in node.input
+                weights = sorted({name for node in piece for name in node_reads(node)
                                   if name in inits})
                 largest = max(largest, sum(_tensor_bytes(inits[n]) for n in weights))
-                inputs = sorted({name for node in piece for name in node.input
+                inputs = sorted({name for node in piece for name in node_reads(node)
                                  if name and name not in produced and name not in inits})
                 outputs = sorted(name for name in produced
                                  if name in graph_outputs or name in taps

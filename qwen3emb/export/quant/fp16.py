@@ -17,6 +17,7 @@ from collections import Counter
 from typing import Any
 
 from qwen3emb.errors import MissingDependencyError, OutputError
+from qwen3emb.export.onnx.attention import PREFIX as ATTENTION_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ def convert_fp16(model: Any, *, keep_fp32_ops: tuple[str, ...] = FP32_OPS) -> An
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     keep_nodes = residual_adds(copy) if keep_fp32_ops else []
+    # The blocked attention (scores, softmax, its Loop) stays fp32, as Softmax always did.
+    keep_nodes += [n.name for n in copy.graph.node if n.name.startswith(ATTENTION_PREFIX)]
     try:
         converted = convert_float_to_float16(
             copy,
