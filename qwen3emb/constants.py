@@ -14,7 +14,9 @@ QUERY_TEMPLATE = "Instruct: {task}\nQuery:{query}"
 DEFAULT_TASK = "Given a web search query, retrieve relevant passages that answer the query"
 
 TEXT_MRL_MIN = 32
-DEFAULT_MAX_LENGTH = 8192
+VL_MAX_LENGTH = 8192
+"""Qwen3-VL-Embedding's reference truncation; text bundles default to the checkpoint's
+max_position_embeddings."""
 
 POOLING = "last_token"
 NORMALIZATION = "l2"

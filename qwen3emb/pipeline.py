@@ -5,6 +5,7 @@ each other."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ from qwen3emb.manifest import write_json_atomic
 
 
 def export_bundle(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
-                  validate: bool = True, progress: bool = False, **options: Any
-                  ) -> ExportResult:
+                  validate: bool = True, progress: bool = False,
+                  long_probes: Sequence[int] | None = None, **options: Any) -> ExportResult:
     """Export a checkpoint to a bundle and, unless ``validate`` is false, check its parity
     against the HuggingFace reference before the bundle is moved into place.
 
@@ -25,6 +26,8 @@ def export_bundle(source: str | os.PathLike[str], out: str | os.PathLike[str], *
         out: the bundle directory to create.
         validate: run the parity validator and write its report into the bundle.
         progress: progress bars on stderr.
+        long_probes: token lengths of the validator's long-document probes (default: its
+            own, 2048 / 8192 / 32768 capped at max_length; ``()`` for none).
         **options: the options of :func:`qwen3emb.export.write_bundle` (``dimensions``,
             ``max_length``, ``opset``, ``force``, ``revision``, ``formats``, ``gguf_types``,
             ``precisions``, ``int8_scheme``, ``targets``).
@@ -40,7 +43,8 @@ def export_bundle(source: str | os.PathLike[str], out: str | os.PathLike[str], *
         def check(stage: Path, manifest: dict[str, Any], backbone: Any) -> Any:
             from qwen3emb.validate import validate_bundle
 
-            report = validate_bundle(stage, source, model=backbone, progress=progress)
+            report = validate_bundle(stage, source, model=backbone, progress=progress,
+                                     long_probes=long_probes)
             record_parity(stage, manifest, report)
             return report
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from qwen3emb.constants import EXIT_INTERRUPTED
+from qwen3emb.constants import EXIT_INTERRUPTED, EXIT_USAGE
 from qwen3emb.errors import OutputError, Qwen3EmbError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -103,7 +103,20 @@ def handle_errors(func: F) -> F:
 ProgressOpt = Annotated[bool | None, typer.Option(
     "--progress/--no-progress",
     help="Progress bars on stderr (default: only at a terminal, never in CI).")]
+LongProbeOpt = Annotated[list[int] | None, typer.Option(
+    "--long-probe", help="Token length of a long-document probe, capped at the bundle's "
+    "max_length (repeatable; default 2048, 8192, 32768; --long-probe 0 for none).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")]
+
+
+def long_probes(values: list[int] | None) -> tuple[int, ...] | None:
+    """``--long-probe`` values as the validator takes them (``None``: its default)."""
+    if values is None:
+        return None
+    if any(v < 0 for v in values):
+        raise fail(f"--long-probe {min(values)} is negative; give a token length, or 0 for "
+                   "no long probes", EXIT_USAGE)
+    return tuple(v for v in values if v > 0)
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")]
 Provider = Annotated[
     list[str] | None,

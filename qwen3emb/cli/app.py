@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from qwen3emb.cli._common import (
+    LongProbeOpt,
     ProgressOpt,
     Provider,
     Quiet,
@@ -20,6 +21,7 @@ from qwen3emb.cli._common import (
     configure_logging,
     fail,
     handle_errors,
+    long_probes,
     quiet_libraries,
 )
 from qwen3emb.cli.corpus import embed_corpus
@@ -62,7 +64,8 @@ def export(
     dimensions: Annotated[int | None, typer.Option(
         help="Bake a Matryoshka width into the graph (default: full width).")] = None,
     max_length: Annotated[int | None, typer.Option(
-        help="Longest input in tokens (default: min(8192, max_position_embeddings)).")] = None,
+        help="Longest input in tokens (default: the checkpoint's max_position_embeddings; "
+             "8192 for Qwen3-VL, as its reference).")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = DEFAULT_OPSET,
     validate: Annotated[bool, typer.Option(
         help="Check parity against the HuggingFace reference and put the report in the bundle."
@@ -85,6 +88,7 @@ def export(
     gguf_type: Annotated[list[str] | None, typer.Option(
         "--gguf-type", help="GGUF type: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k "
         "(repeatable; default f16; implies --format gguf).")] = None,
+    long_probe: LongProbeOpt = None,
     progress: ProgressOpt = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
@@ -119,7 +123,7 @@ def export(
                            opset=opset, validate=validate, force=force, revision=revision,
                            formats=format or ["onnx"], gguf_types=gguf_type or [],
                            progress=show, precisions=precision, int8_scheme=int8_scheme,
-                           targets=target)
+                           targets=target, long_probes=long_probes(long_probe))
     if not quiet:
         typer.echo(f"bundle: {result.bundle}")
         for a in result.manifest["artifacts"]:
@@ -156,6 +160,7 @@ def validate(
     eval_task: EvalTaskOpt = None,
     eval_max_length: EvalMaxLengthOpt = None,
     eval_max_drop: EvalMaxDropOpt = None,
+    long_probe: LongProbeOpt = None,
     progress: ProgressOpt = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
@@ -187,7 +192,7 @@ def validate(
     request = eval_request(eval_set, eval_split, eval_task, eval_max_length, eval_max_drop)
     report = validate_bundle(bundle, reference, texts=extra, precisions=precision,
                              providers=provider, reference_dtype=reference_dtype, progress=show,
-                             eval_set=request)
+                             eval_set=request, long_probes=long_probes(long_probe))
     write_report(report, json_path=json_path, markdown_path=markdown, junit_path=junit)
     if not quiet:
         typer.echo(f"parity {'PASS' if report.passed else 'FAIL'} for {bundle} "

@@ -28,6 +28,11 @@ class Family:
         """Longest input the checkpoint supports."""
         return int(self.config.get("max_position_embeddings", 0)) or 1 << 31
 
+    @property
+    def default_max_length(self) -> int:
+        """A bundle's ``max_length`` when the user sets none: all the checkpoint reads."""
+        return self.max_positions
+
     def load_backbone(self, dtype: Any = None) -> Any:
         """Load the HF backbone (no LM head) in ``dtype`` (fp32 by default), in eval mode."""
         raise NotImplementedError

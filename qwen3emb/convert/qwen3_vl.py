@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from qwen3emb import constants as C
-from qwen3emb.constants import VL_MRL_MIN
+from qwen3emb.constants import VL_MAX_LENGTH, VL_MRL_MIN
 from qwen3emb.convert import register
 from qwen3emb.convert.base import Family
 from qwen3emb.convert.qwen3_vl_modules import VisionEncoder, VLDecoderEmbedder
@@ -50,6 +50,11 @@ class Qwen3VLFamily(Family):
     @property
     def max_positions(self) -> int:
         return int(self.text_config.get("max_position_embeddings", 0)) or 1 << 31
+
+    @property
+    def default_max_length(self) -> int:
+        # The released embedder truncates at 8192 tokens (shared/CONTRACT.md, step 6).
+        return min(VL_MAX_LENGTH, self.max_positions)
 
     @property
     def num_layers(self) -> int:

@@ -42,6 +42,7 @@ def validate_bundle(
     reference_dtype: str = "auto",
     progress: bool = False,
     eval_set: EvalRequest | str | os.PathLike[str] | None = None,
+    long_probes: Sequence[int] | None = None,
 ) -> ParityReport:
     """Compare every model (ONNX and GGUF) in ``bundle`` with the reference from transformers.
 
@@ -59,6 +60,8 @@ def validate_bundle(
         eval_set: a BEIR-format directory (or an :class:`EvalRequest` naming split, task,
             truncation and gate): nDCG@10 and recall@10 of the reference and of every
             artifact go in ``report.retrieval`` (text bundles only).
+        long_probes: token lengths of the long-document probes, each capped at the bundle's
+            max_length (default 2048, 8192, 32768; ``()`` for none; text bundles).
 
     Returns:
         The report; ``report.passed`` says whether every artifact met its floor (and, when
@@ -81,9 +84,10 @@ def validate_bundle(
                           "cannot validate", hint=f"Validators exist for: {', '.join(suites)}")
     request, beir = _eval_set(eval_set, suites[modality], modality, manifest.max_length)
     checkpoint = load_checkpoint(reference)
+    extra = {} if long_probes is None else {"long_lengths": tuple(long_probes)}
     suite = suites[modality](bundle, manifest, checkpoint, texts=texts,
                              probe_max_length=probe_max_length, model=model,
-                             providers=providers, reference_dtype=reference_dtype)
+                             providers=providers, reference_dtype=reference_dtype, **extra)
     held = suite.held_precisions()
     if not held:
         raise InputError(f"bundle '{bundle}' has no model to validate", hint="Re-run the export")

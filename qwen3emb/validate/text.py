@@ -13,15 +13,21 @@ from qwen3emb.constants import DEFAULT_TASK, FLOORS
 from qwen3emb.errors import InputError, Qwen3EmbError
 from qwen3emb.progress import bar
 from qwen3emb.validate.compare import ArtifactResult, top1_agreement
-from qwen3emb.validate.probes import ProbeSet, build_probes
+from qwen3emb.validate.probes import (
+    LONG_PROBE_LENGTHS,
+    ProbeSet,
+    build_probes,
+    long_probe_lengths,
+    long_probe_text,
+)
 from qwen3emb.validate.reference import ReferenceEmbedder, reference_query
 from qwen3emb.validate.runners import open_runner
 
 logger = logging.getLogger(__name__)
 
 PROBE_MAX_LENGTH = 256
-"""Probes truncate here (or at the bundle's max_length if smaller): an over-long probe at
-8192 tokens would cost minutes per artifact on a CPU and prove nothing more."""
+"""Probes truncate here (or at the bundle's max_length if smaller); long inputs have probes
+of their own (``long_lengths``), each embedded once per artifact."""
 
 PADDING_PROBES = 6
 
@@ -74,6 +80,15 @@ def check_artifact(runner: Any, ref: ReferenceEmbedder, probes: ProbeSet, result
             ref_cut = ref.embed([texts[i] for i in picked], max_length, width)
             result.add(f"mrl-{width}", [names[i] for i in picked], out, ref_cut)
 
+    # Long documents, each alone at its length (the runner is not bound to max_length here).
+    for length in probes.long_lengths:
+        text = long_probe_text(length)
+        ids = ref.token_ids(text, length)
+        embed = runner.encode_tokens if hasattr(runner, "encode_tokens") else runner.embed_ids
+        out = embed([ids])[:, :out_dim]
+        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        result.add("long", [str(len(ids))], out, ref.embed([text], length, ref_dims))
+
 
 class TextSuite:
     """The text probes through every model of a text bundle.
@@ -86,6 +101,8 @@ class TextSuite:
         providers: onnxruntime providers for the artifacts.
         reference_dtype: ``"float32"``, ``"layerwise"`` (fp32, one decoder layer resident at
             a time), ``"bfloat16"`` or ``"auto"`` (see :func:`choose_reference_dtype`).
+        long_lengths: token lengths of the long-document probes, each capped at the bundle's
+            max_length (:func:`qwen3emb.validate.probes.long_probe_lengths`); ``()`` for none.
 
     Raises:
         InputError: a probe length outside 8..max_length.
@@ -97,8 +114,8 @@ class TextSuite:
 
     def __init__(self, bundle: Any, manifest: Any, checkpoint: Any, *,
                  texts: Sequence[str] | None = None, probe_max_length: int | None = None,
-                 model: Any = None, providers: Any = None, reference_dtype: str = "auto"
-                 ) -> None:
+                 model: Any = None, providers: Any = None, reference_dtype: str = "auto",
+                 long_lengths: Sequence[int] = LONG_PROBE_LENGTHS) -> None:
         self.bundle, self.manifest, self.checkpoint = bundle, manifest, checkpoint
         self.model, self.providers = model, providers
         self.reference: ReferenceEmbedder | None = None
@@ -107,8 +124,10 @@ class TextSuite:
             raise InputError(f"probe max length {self.limit} is outside "
                              f"8..{manifest.max_length}")
         self.probe_max_length = self.limit
-        self.probes = build_probes(self.limit, list(texts or []))
-        self.probe_count = len(self.probes.texts) + 2 * len(self.probes.pairs)
+        self.probes = build_probes(self.limit, list(texts or []), long_probe_lengths(
+            manifest.max_length, long_lengths, shortest=self.limit))
+        self.probe_count = (len(self.probes.texts) + 2 * len(self.probes.pairs)
+                            + len(self.probes.long_lengths))
         self.dtype = reference_dtype if reference_dtype != "auto" else \
             choose_reference_dtype(checkpoint)
         self.precision = self.dtype

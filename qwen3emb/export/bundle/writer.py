@@ -18,7 +18,6 @@ from qwen3emb.constants import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
     DEFAULT_GGUF_TYPE,
-    DEFAULT_MAX_LENGTH,
     DEFAULT_OPSET,
     FORMATS,
     GGUF_DIR,
@@ -76,7 +75,8 @@ def write_bundle(
         source: local checkpoint directory or Hugging Face hub id.
         out: the bundle directory to create.
         dimensions: bake a Matryoshka width into the graph (default: full width).
-        max_length: longest input in tokens (default: min(8192, max_position_embeddings)).
+        max_length: longest input in tokens (default: the family's ``default_max_length``: the
+            checkpoint's max_position_embeddings for text, 8192 for Qwen3-VL).
         opset: ONNX opset.
         force: replace an existing ``out``.
         revision: hub revision.
@@ -112,7 +112,7 @@ def write_bundle(
         [DEFAULT_GGUF_TYPE] if "gguf" in wanted else [])
     checkpoint = load_checkpoint(source, revision=revision)
     family = family_for(checkpoint)
-    limit = max_length or min(DEFAULT_MAX_LENGTH, family.max_positions)
+    limit = max_length or family.default_max_length
     if not 8 <= limit <= family.max_positions:
         raise InputError(f"--max-length {limit} is outside 8..{family.max_positions}",
                          hint="The checkpoint's max_position_embeddings is the upper bound")

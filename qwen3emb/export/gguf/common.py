@@ -23,7 +23,6 @@ from gguf import (
 )
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
-from qwen3emb.constants import DEFAULT_MAX_LENGTH
 from qwen3emb.errors import CheckpointError, InputError, OutputError
 from qwen3emb.export.gguf.vocab import PRE_TOKENIZER, TOKENIZER_MODEL, GGUFVocab
 
@@ -106,9 +105,10 @@ class DecoderConfig:
 
 
 def prepare_output(out_dir: Path, wanted: Sequence[GGUFType], limit: int,
-                   max_length: int | None) -> int:
-    """Resolve ``max_length``, check the llama.cpp binding when k-quants are wanted, and create
-    ``out_dir`` — all before anything is written.
+                   max_length: int | None, default: int | None = None) -> int:
+    """Resolve ``max_length`` (unset: ``default`` capped at ``limit``, else ``limit``), check
+    the llama.cpp binding when k-quants are wanted, and create ``out_dir`` — all before
+    anything is written.
 
     Raises:
         InputError: max_length outside 2..limit.
@@ -116,7 +116,7 @@ def prepare_output(out_dir: Path, wanted: Sequence[GGUFType], limit: int,
         OutputError: ``out_dir`` cannot be created.
     """
     if max_length is None:
-        max_length = min(DEFAULT_MAX_LENGTH, limit)
+        max_length = limit if default is None else min(default, limit)
     elif isinstance(max_length, bool) or not 1 < int(max_length) <= limit:
         raise InputError(f"max_length={max_length} is outside 2..{limit} for this checkpoint",
                          hint=f"Choose at most max_position_embeddings ({limit})")

@@ -85,7 +85,7 @@ def export_gguf(checkpoint_dir: Path, out_dir: Path, types: Sequence[str], *,
         types: names from ``GGUF_TYPES`` (any case): f32, f16, bf16, q8_0, q4_k_m, q5_k_m,
             q6_k.
         max_length: tokens kept per input by the runtime, stored as ``qwen3emb.max_length``;
-            default min(8192, max_position_embeddings).
+            default max_position_embeddings.
         progress: show a progress bar per file (needs tqdm).
 
     Returns:

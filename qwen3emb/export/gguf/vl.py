@@ -35,6 +35,7 @@ from qwen3emb.constants import (
     IM_END_TOKEN,
     VL_IMAGE_MEAN,
     VL_IMAGE_STD,
+    VL_MAX_LENGTH,
     VL_MAX_PIXELS,
     VL_MIN_PIXELS,
 )
@@ -168,7 +169,8 @@ def export_vl_gguf(checkpoint_dir: Path, out_dir: Path, types: Sequence[str], *,
     wanted = check_types(types)
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     config = Qwen3VLConfig.from_dict(_read_json(checkpoint_dir / "config.json"), checkpoint_dir)
-    max_length = prepare_output(out_dir, wanted, config.max_position_embeddings, max_length)
+    max_length = prepare_output(out_dir, wanted, config.max_position_embeddings, max_length,
+                                default=VL_MAX_LENGTH)
     vocab = read_vocab(checkpoint_dir, config.vocab_size)
     text_tensors, vision_tensors = list_vl_tensors(checkpoint_dir, config)
 

@@ -108,12 +108,16 @@ def shared_inputs(attention_mask: str | None, block: int = BLOCK, *,
     for axis in range(5):
         names[f"axis{axis}"] = b.const(f"axis{axis}", [axis])
     names["axes12"] = b.const("axes12", [1, 2])
+    # An explicit loop condition: onnx's reference evaluator runs no iteration without one.
+    names["true"] = b.const("true", True, np.bool_)
     if attention_mask is not None:
         names["keys"] = b("Cast", [attention_mask], to=onnx.TensorProto.BOOL)
         names["seq_1d"] = b("Shape", [attention_mask], start=1, end=2)
+        names["batch_1d"] = b("Shape", [attention_mask], start=0, end=1)
     else:
         names["keys"] = None
         names["seq_1d"] = b("Shape", [seq_from], start=2, end=3)
+        names["batch_1d"] = b("Shape", [seq_from], start=0, end=1)
     names["block_1d"] = b("Min", [names["seq_1d"], b.const("block", [block])])
     names["seq"] = b("Squeeze", [names["seq_1d"], names["axis0"]])
     names["block"] = b("Squeeze", [names["block_1d"], names["axis0"]])
@@ -186,7 +190,13 @@ def blocked_attention(site: AttentionSite, shared: dict[str, str], *, heads: int
          onnx.helper.make_tensor_value_info(cond, onnx.TensorProto.BOOL, [])],
         [onnx.helper.make_tensor_value_info(keep, onnx.TensorProto.BOOL, []),
          onnx.helper.make_tensor_value_info(padded, onnx.TensorProto.FLOAT, [None] * 5)])
-    stacked = outer("Loop", [s["blocks"], ""], body=graph)          # [n, b, kv, g, blk, d]
+    stacked = outer("Loop", [s["blocks"], s["true"]], body=graph)
+    # onnxruntime stacks the blocks on a new axis, onnx's reference evaluator concatenates
+    # them on axis 0: one explicit shape reads both as [n, b, kv, g, blk, d].
+    blocks_shape = outer("Concat", [outer.const("minus1", [-1]), s["batch_1d"],
+                                    outer.const("kv_groups", [kv_heads, groups]),
+                                    s["block_1d"], outer.const("head_dim", [head_dim])], axis=0)
+    stacked = outer("Reshape", [stacked, blocks_shape])
     joined = outer("Transpose", [stacked], perm=[1, 2, 3, 0, 4, 5])
     flat = outer("Reshape", [joined, outer.const("out_shape", [0, heads, -1, head_dim])])
     outer.nodes.append(onnx.helper.make_node(

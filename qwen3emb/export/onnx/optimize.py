@@ -342,6 +342,11 @@ def _replace_nodes(model: Any, drop: set[int], new_nodes: dict[int, Any],
     model.graph.node.extend(_topological(model.graph, kept))
 
 
+def sort_nodes(model: Any) -> None:
+    """Re-sort ``model``'s nodes topologically (stable), Loop bodies' reads included."""
+    _replace_nodes(model, set(), {})
+
+
 def _topological(graph: Any, nodes: list[Any]) -> list[Any]:
     """Order ``nodes`` so each comes after the producers of its inputs (stable otherwise)."""
     ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}

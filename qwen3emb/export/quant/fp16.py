@@ -18,6 +18,7 @@ from typing import Any
 
 from qwen3emb.errors import MissingDependencyError, OutputError
 from qwen3emb.export.onnx.attention import PREFIX as ATTENTION_PREFIX
+from qwen3emb.export.onnx.optimize import sort_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ def convert_fp16(model: Any, *, keep_fp32_ops: tuple[str, ...] = FP32_OPS) -> An
                           hint="Export without --precision fp16 and report the problem") from e
     drop_duplicate_casts(converted)
     unique_node_names(converted)
+    # The converter appends the Casts it puts before fp32 nodes; evaluators that run nodes
+    # in file order (onnx's reference) need them before their readers.
+    sort_nodes(converted)
     logger.info("fp16: kept %s and %d residual Adds in fp32", sorted(keep_fp32_ops),
                 len(keep_nodes))
     return converted
