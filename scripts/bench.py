@@ -65,8 +65,10 @@ class PeakRss:
         self.peak = max(self.peak, rss())
 
 
-def prepare(work: Path, preset: str = "0.6B") -> tuple[Path, Path, dict[str, Path]]:
-    """Checkpoint, bundle and the ONNX file of each engine (cached under ``work``)."""
+def prepare(work: Path, preset: str = "0.6B", *, fixed_recipes: bool = True
+            ) -> tuple[Path, Path, dict[str, Path]]:
+    """Checkpoint, bundle and the ONNX file of each engine (cached under ``work``); without
+    ``fixed_recipes``, only the bundle's own graphs."""
     from qwen3emb.convert.random_checkpoint import REAL_VOCAB_SIZE, build_random_checkpoint
     from qwen3emb.export.quant.calibrate import calibrate
     from qwen3emb.export.quant.precisions import calibration_feeds
@@ -98,7 +100,7 @@ def prepare(work: Path, preset: str = "0.6B") -> tuple[Path, Path, dict[str, Pat
     fixed = {f"onnx-int8-{s}": ("int8", s, INT4_ACCURACY_LEVEL) for s in INT8_SCHEMES}
     fixed |= {f"onnx-int4-acc{level}": ("int4", DEFAULT_INT8_SCHEME, level) for level in (0, 4)}
     paths = {name: work / f"{name.removeprefix('onnx-')}{tag}" / "model.onnx" for name in fixed}
-    missing = [name for name in fixed if not paths[name].is_file()]
+    missing = [name for name in fixed if not paths[name].is_file()] if fixed_recipes else []
     if missing:
         feeds = calibration_feeds(checkpoint / "tokenizer.json")
         calibration = calibrate(files["onnx-fp32"], feeds)
@@ -109,7 +111,7 @@ def prepare(work: Path, preset: str = "0.6B") -> tuple[Path, Path, dict[str, Pat
             build_variant(files["onnx-fp32"], precision, calibration=calibration,
                           int8_scheme=scheme, target=paths[name], external=True,
                           int4_accuracy_level=level)
-    files |= paths
+    files |= {name: path for name, path in paths.items() if path.is_file()}
     return checkpoint, bundle, files
 
 
@@ -176,6 +178,14 @@ def main() -> None:
     parser.add_argument("--onnx", nargs="*", default=[], metavar="NAME=PATH",
                         help="also time these ONNX graphs of the same checkpoint as engine "
                              "onnx-NAME (e.g. an int8 exported with another --target)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="length sweep instead of the grid: one text per length, each "
+                             "engine in its own process (scripts/bench_lengths.py)")
+    parser.add_argument("--lengths", nargs="*", type=int, default=None,
+                        help="sweep lengths (default 128 512 2048 8192 32768)")
+    parser.add_argument("--sweep-engines", nargs="*", default=None,
+                        help="sweep engines (default: torch, ours fp32/int8/int4, llama.cpp "
+                             "q8_0, OpenVINO fp32)")
     args = parser.parse_args()
     extra = {}
     for item in args.onnx:
@@ -189,6 +199,18 @@ def main() -> None:
     out = args.out or args.work
     out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+
+    if args.sweep:
+        from bench_lengths import ENGINES, LENGTHS, sweep
+        from bench_peers import build_peers
+
+        checkpoint, _, files = prepare(args.work, args.preset, fixed_recipes=False)
+        wanted = args.sweep_engines or list(ENGINES)
+        if any(not e.startswith(("torch-", "onnx-")) for e in wanted):
+            files |= build_peers(checkpoint, files["onnx-fp32"], args.work, args.preset)[0]
+        sweep(args.work, out, checkpoint, files, args.lengths or list(LENGTHS), wanted,
+              args.threads)
+        return
 
     import onnxruntime as ort
     import torch

@@ -157,3 +157,16 @@ def test_bundle_that_failed_parity_is_refused_unless_not_strict(tiny_bundle: Pat
 def test_missing_manifest_means_incomplete_bundle(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="not a complete bundle"):
         TextEmbedder(tmp_path)
+
+
+def test_length_batches_never_pad_short_texts_to_a_long_one() -> None:
+    """One 8K text and seven 50-token texts: the long one runs alone, the rest together."""
+    from qwen3emb.runtime.common import length_batches
+
+    lengths = [50, 50, 8192, 50, 50, 50, 50, 50]
+    assert length_batches(lengths, 32) == [[2], [0, 1, 3, 4, 5, 6, 7]]
+    # The bound is on padded tokens: 4 rows of 2048 fit 8192, a fifth does not.
+    assert [len(b) for b in length_batches([2048] * 5, 32)] == [4, 1]
+    assert [len(b) for b in length_batches([50] * 40, 32)] == [32, 8]
+    assert length_batches([9000, 9000], 32) == [[0], [1]]
+    assert length_batches([9000, 9000], 32, max_tokens=None) == [[0, 1]]

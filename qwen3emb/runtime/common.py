@@ -83,8 +83,18 @@ def truncate_normalize(vectors: np.ndarray, dimensions: int) -> np.ndarray:
     return out / np.maximum(norms, np.float32(1e-12))
 
 
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+BATCH_TOKENS = 8192
+"""Padded tokens per onnxruntime call (rows × longest row): an 8K text runs alone, and a
+batch never pads seven short texts to a long one."""
+
+
+def length_batches(lengths: Sequence[int], batch_size: int,
+                   max_tokens: int | None = BATCH_TOKENS) -> list[list[int]]:
     """Group indices into batches of similar length (longest first) to limit padding.
+
+    A batch ends at ``batch_size`` rows or when one more row would pad it past
+    ``max_tokens`` (``None``: no token bound); a row longer than that runs alone. The
+    grouping depends only on ``lengths``.
 
     Raises:
         InputError: batch_size < 1.
@@ -92,7 +102,15 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        if (batches and len(batches[-1]) < batch_size
+                and (max_tokens is None
+                     or (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens)):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def describe(obj: Any) -> str:
