@@ -6,7 +6,7 @@ torch's sdpa exports as ``Softmax(Q·Kᵀ + mask)·V`` over the whole sequence: 
 scores, probabilities), so one 8K text needed 22.9 GB and 32K could not run. onnxruntime's CPU
 kernels do not help here: ``GroupQueryAttention``, ``MultiHeadAttention`` with a mask and the
 opset-23 ``Attention`` all allocate the full probability buffer (measured in
-``scripts/bench.py --attention``); only ``MultiHeadAttention`` without any mask uses a flash
+``scripts/bench_attention.py``); only ``MultiHeadAttention`` without any mask uses a flash
 kernel, and a causal, padded decoder needs a mask.
 
 So each full-sequence attention becomes an ONNX ``Loop`` over blocks of ``BLOCK`` query rows.
@@ -29,7 +29,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 BLOCK = 256
-"""Query rows per loop iteration (``scripts/bench.py --attention`` sweeps it)."""
+"""Query rows per loop iteration (``scripts/bench_attention.py`` sweeps it)."""
 
 PREFIX = "attention/"
 """Every node this rewrite adds is named under it: the fp16 converter keeps them in fp32."""
