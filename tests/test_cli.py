@@ -191,3 +191,22 @@ def test_export_exits_1_when_validation_fails(tiny_checkpoint: Path, tmp_path: P
     assert "below its fidelity floor" in result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parity"]["status"] == "failed"  # kept, marked, and refused by the runtime
+
+
+def test_export_defaults_to_the_checkpoints_max_length(tiny_checkpoint: Path,
+                                                       tmp_path: Path) -> None:
+    """No --max-length: the bundle reads what the checkpoint reads (1024 for tiny)."""
+    result = invoke("export", tiny_checkpoint, "-o", tmp_path / "b", "--no-validate")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert manifest["tokenizer"]["max_length"] == config["max_position_embeddings"]
+
+
+def test_negative_long_probe_exits_2_and_writes_nothing(tiny_checkpoint: Path,
+                                                        tmp_path: Path) -> None:
+    result = invoke("export", tiny_checkpoint, "-o", tmp_path / "out", "--long-probe", "-5")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--long-probe -5 is negative" in lines[0]
+    assert not (tmp_path / "out").exists()
