@@ -100,6 +100,7 @@ def sweep(work: Path, out: Path, checkpoint: Path, files: dict[str, Path],
     """Every (engine, length) cell in its own process; returns the rows, also written to
     ``out/sweep.json`` and ``out/sweep.md`` as they come."""
     rows: list[dict[str, Any]] = []
+    files = {"torch-fp32": checkpoint, **files}
     cells = out / "sweep-cells"
     cells.mkdir(parents=True, exist_ok=True)
     for length in lengths:

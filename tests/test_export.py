@@ -29,7 +29,7 @@ def test_manifest_records_what_a_deployer_needs(tiny_bundle: Path, tiny_checkpoi
     assert data["prompt"]["query_template"] == "Instruct: {task}\nQuery:{query}"
     assert data["prompt"]["default_task"] == DEFAULT_TASK
     assert data["tokenizer"]["end_token"] == "<|endoftext|>"
-    assert data["tokenizer"]["max_length"] == 1024  # min(8192, max_position_embeddings)
+    assert data["tokenizer"]["max_length"] == 1024  # the checkpoint's max_position_embeddings
     assert data["source"]["weights"][0]["sha256"] == sha256_file(
         tiny_checkpoint / "model.safetensors")
     assert data["onnx"]["opset"] == 18
