@@ -104,7 +104,7 @@ def shared_inputs(attention_mask: str | None, block: int = BLOCK, *,
 
     b = _Builder(f"{PREFIX}shared")
     names = {"zero": b.const("zero", [0]), "s0": b.const("s0", 0), "s1": b.const("s1", 1),
-             "zeros9": b.const("zeros9", [0] * 8), "zeros1": b.const("zeros1", [0])}
+             "zeros8": b.const("zeros8", [0] * 8), "zeros1": b.const("zeros1", [0])}
     for axis in range(5):
         names[f"axis{axis}"] = b.const(f"axis{axis}", [axis])
     names["axes12"] = b.const("axes12", [1, 2])
@@ -182,7 +182,8 @@ def blocked_attention(site: AttentionSite, shared: dict[str, str], *, heads: int
     # A short last block is padded to the block length so every iteration's output has one
     # shape (Loop stacks them); the padding is cut after the loop.
     short = body("Sub", [s["block_1d"], body("Sub", [end_1d, start_1d])])
-    padded = body("Pad", [out, body("Concat", [s["zeros9"], short, s["zeros1"]], axis=0)])
+    # Pads of a 5-D tensor: 5 begins and 3 ends of zeros, then the rows axis, then 0.
+    padded = body("Pad", [out, body("Concat", [s["zeros8"], short, s["zeros1"]], axis=0)])
     keep = body("Identity", [cond])
     graph = onnx.helper.make_graph(
         body.nodes, f"{prefix}/body",
