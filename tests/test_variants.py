@@ -150,8 +150,15 @@ def test_variant_graph_uses_onnxruntime_quantizer_patterns(wide_bundle, wide_cal
     source = wide_bundle / "onnx" / "model.onnx"
     int8 = build_variant(source, "int8", calibration=wide_calibration,
                          target=tmp_path / "int8.onnx")
-    ops = Counter(n.op_type for n in onnx.load(str(int8.path)).graph.node)
+    model = onnx.load(str(int8.path))
+    ops = Counter(n.op_type for n in model.graph.node)
     matmuls = 7 * 4
+    # Weights as uint8 around 128: uint8 x int8 saturates in int16 on CPUs without VNNI.
+    inits = {t.name: t for t in model.graph.initializer}
+    weights = [n.input[1] for n in model.graph.node if n.op_type == "MatMulInteger"]
+    zeros = [n.input[3] for n in model.graph.node if n.op_type == "MatMulInteger"]
+    assert weights and all(inits[w].data_type == onnx.TensorProto.UINT8 for w in weights)
+    assert all(set(onnx.numpy_helper.to_array(inits[z]).ravel()) == {128} for z in zeros)
     assert ops["MatMulInteger"] + len(int8.settings["fp32_matmuls"]) == matmuls
     # Shared by q/k/v and by gate/up; the last layer's q_proj reads only the pooled rows.
     assert ops["DynamicQuantizeLinear"] == 4 * 4 + 1

@@ -10,6 +10,7 @@ apply unchanged:
   pattern; onnxruntime fuses it into ``MatMulIntegerToFloat`` / ``DynamicQuantizeMatMul``).
   Per row: each row scaled to [-1, 1], ``QuantizeLinear`` with a fixed step, and
   ``com.microsoft`` ``MatMulIntegerToFloat`` (the kernel that fusion would have chosen).
+  Weight codes are symmetric int8 stored as uint8 around 128 (:data:`WEIGHT_ZERO_POINT`).
 - n-bit: ``com.microsoft`` ``MatMulNBits`` with weights packed by onnxruntime's own
   ``quantize_matmul_{4,8}bits`` (what its ``MatMulNBitsQuantizer`` calls).
 - embedding: ``com.microsoft`` ``GatherBlockQuantized`` with 8-bit blocks.
@@ -113,6 +114,21 @@ def _splice(graph: LazyGraph, replaced: dict[str, list[Any]]) -> None:
     graph.drop_unused()
 
 
+WEIGHT_ZERO_POINT = 128
+"""Zero point of the stored weight codes: symmetric int8 codes kept as uint8 around 128.
+
+onnxruntime's x86 kernels for uint8 activations times int8 weights add pairs of products in
+int16 where the CPU lacks VNNI (AVX2, AVX-512 BW: ``vpmaddubsw``), which saturates past 32767
+(255 × 127 × 2 = 64770): on such CPUs the same graph silently loses up to half its precision.
+uint8 × uint8 widens both to 16 bits before multiplying and is exact on every CPU, for about
+a quarter more time per MatMul than the saturating kernel."""
+
+
+def uint8_weight_codes(codes: np.ndarray) -> np.ndarray:
+    """Symmetric int8 codes stored as uint8 around :data:`WEIGHT_ZERO_POINT`."""
+    return (codes.astype(np.int16) + WEIGHT_ZERO_POINT).astype(np.uint8)
+
+
 ROW_SCALE = np.float32(2 / 255)
 """uint8 step of a row scaled to [-1, 1] (zero point 128): what ``DynamicQuantizeLinear`` would
 choose for that range, fixed so that no row depends on another."""
@@ -180,14 +196,15 @@ def rewrite_int8(graph: LazyGraph, nodes: Sequence[Any], *, per_channel: bool = 
         width: tuple[int, ...] = (n,) if per_channel else ()
 
         def compute(array: np.ndarray) -> tuple[np.ndarray, ...]:
-            return int8_weights(array, per_channel)
+            codes, scales = int8_weights(array, per_channel)
+            return uint8_weight_codes(codes), scales
 
-        graph.replace(f"{w}_quantized", Recipe(TensorProto.INT8, (k, n),
+        graph.replace(f"{w}_quantized", Recipe(TensorProto.UINT8, (k, n),
                                                _derived(graph, slot, w, 0, compute)))
         graph.replace(f"{w}_scale", Recipe(TensorProto.FLOAT, width,
                                            _derived(graph, slot, w, 1, compute)))
-        graph.replace(f"{w}_zero_point", Recipe(TensorProto.INT8, width,
-                                                _filled(width, 0, np.int8)))
+        graph.replace(f"{w}_zero_point", Recipe(TensorProto.UINT8, width,
+                                                _filled(width, WEIGHT_ZERO_POINT, np.uint8)))
         name = node.name or y
         new = []
         if x not in quantized:
