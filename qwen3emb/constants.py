@@ -109,6 +109,29 @@ FLOORS: dict[str, float] = {
     "q5_k_m": 0.98,
 }
 
+# --- Rerankers (Qwen3-Reranker, Qwen3-VL-Reranker) --------------------------------------
+TASKS = ("embed", "rerank")
+"""What a bundle computes; ``export --task``, else ``rerank`` when the model's name contains
+``reranker`` (config and weights of the two are indistinguishable)."""
+RERANK_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
+    'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+    "<|im_start|>user\n")
+RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+RERANK_TEMPLATE = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+RERANK_INSTRUCTION = DEFAULT_TASK
+"""The model card's default instruction (the embedder's default task)."""
+RERANK_YES, RERANK_NO = "yes", "no"
+"""The tokens whose LM-head rows make the score (ids read from the tokenizer)."""
+RERANK_MAX_LENGTH = 8192
+"""The model card's max_length (prefix and suffix included)."""
+SCORE = "score"
+"""Reranker output [batch]: sigmoid(logit_yes - logit_no) at the last real token."""
+LOGITS = "logits"
+"""Reranker output [batch, 1]: logit_yes - logit_no (for tools that apply their own sigmoid)."""
+SCORE_FLOORS: dict[str, float] = {"fp32": 1e-4, "fp16": 5e-3, "int8": 0.02, "int4": 0.05}
+"""Largest |score - reference score| over the validator's reranker probes, per precision."""
+
 # --- Exit codes of the CLI ---------------------------------------------------------------
 EXIT_OK = 0
 EXIT_PARITY_FAILED = 1

@@ -61,6 +61,16 @@ class Manifest:
         return str(self.data["family"])
 
     @property
+    def task(self) -> str:
+        """``embed`` or ``rerank`` (bundles written before rerankers existed embed)."""
+        return str(self.data.get("task", "embed"))
+
+    @property
+    def rerank(self) -> dict[str, Any]:
+        """A reranker's prompt and head facts (``task: rerank``)."""
+        return dict(self.data["rerank"])
+
+    @property
     def embedding(self) -> dict[str, Any]:
         return dict(self.data["embedding"])
 
@@ -158,7 +168,8 @@ def read_manifest(bundle: str | os.PathLike[str]) -> Manifest:
             f"'{path}' has format_version {version}; this tool reads {BUNDLE_FORMAT_VERSION}",
             hint="Re-export the bundle with this version of qwen3emb-export",
         )
-    required = ("family", "embedding", "tokenizer", "prompt", "artifacts")
+    required = ("family", "tokenizer", "artifacts",
+                *(("rerank",) if data.get("task") == "rerank" else ("embedding", "prompt")))
     missing = [k for k in required if k not in data]
     if missing:
         raise BundleError(f"'{path}' lacks keys {missing}", hint="Re-run the export")

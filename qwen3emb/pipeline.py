@@ -53,8 +53,8 @@ def export_bundle(source: str | os.PathLike[str], out: str | os.PathLike[str], *
 
 def record_parity(stage: Path, manifest: dict[str, Any], report: Any) -> None:
     """Write the three report formats into the staged bundle and the verdict into its
-    manifest (``min_cosine`` keyed by precision when each artifact has its own, else by
-    artifact)."""
+    manifest (``min_cosine``, or a reranker's ``max_abs_score_diff``, keyed by precision when
+    each artifact has its own, else by artifact)."""
     from qwen3emb.validate.report import write_report
 
     reports = stage / REPORTS_DIR
@@ -68,7 +68,12 @@ def record_parity(stage: Path, manifest: dict[str, Any], report: Any) -> None:
         "markdown": f"{REPORTS_DIR}/parity.md",
         "junit": f"{REPORTS_DIR}/parity.junit.xml",
         "reference_precision": report.reference["precision"],
-        "min_cosine": {getattr(a, key): round(a.min_cosine, 8) for a in report.artifacts},
     }
+    if all(hasattr(a, "max_abs_score_diff") for a in report.artifacts):
+        manifest["parity"]["max_abs_score_diff"] = {
+            getattr(a, key): float(f"{a.max_abs_score_diff:.3e}") for a in report.artifacts}
+    else:
+        manifest["parity"]["min_cosine"] = {getattr(a, key): round(a.min_cosine, 8)
+                                            for a in report.artifacts}
     write_json_atomic(stage / MANIFEST_FILE, manifest)
     write_model_card(stage, manifest)  # its parity table

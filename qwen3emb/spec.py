@@ -15,6 +15,9 @@ from qwen3emb.constants import (
     FLOORS,
     INPUT_IDS,
     LAST_HIDDEN_STATE,
+    LOGITS,
+    SCORE,
+    SCORE_FLOORS,
     SENTENCE_EMBEDDING,
 )
 from qwen3emb.errors import InputError
@@ -84,6 +87,57 @@ class TextGraphSpec:
     def floor(self, precision: str) -> float:
         """Minimum cosine to the reference for an artifact of ``precision``."""
         return FLOORS[precision]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "opset": self.opset,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+
+@dataclass(frozen=True)
+class RerankGraphSpec:
+    """The ONNX contract of a text reranker graph.
+
+    The embedder's inputs (``input_ids``, ``attention_mask``: int64 [batch, sequence], any
+    padding side) in; ``score`` (float32 [batch]: sigmoid of ``logits``) and ``logits``
+    (float32 [batch, 1]: logit("yes") - logit("no") at the last real token) out. No
+    vocabulary-wide head.
+    """
+
+    opset: int = DEFAULT_OPSET
+    inputs: tuple[TensorSpec, ...] = field(default=(
+        TensorSpec(INPUT_IDS, "int64", ("batch", "sequence")),
+        TensorSpec(ATTENTION_MASK, "int64", ("batch", "sequence")),
+    ))
+    outputs: tuple[TensorSpec, ...] = field(default=(
+        TensorSpec(SCORE, "float32", ("batch",)),
+        TensorSpec(LOGITS, "float32", ("batch", "1")),
+    ))
+    metric: str = "score"
+    """What the search and the validator measure: |score - reference score|."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.opset, int) or self.opset < MIN_OPSET:
+            raise InputError(f"opset {self.opset} is too old for this exporter",
+                             hint=f"Use --opset {MIN_OPSET} or newer")
+
+    @property
+    def name(self) -> str:
+        return "model"
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def floor(self, precision: str) -> float:
+        """Largest |score - reference score| allowed for an artifact of ``precision``."""
+        return SCORE_FLOORS[precision]
 
     def to_dict(self) -> dict[str, Any]:
         return {

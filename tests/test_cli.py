@@ -25,7 +25,7 @@ def test_no_arguments_shows_help() -> None:
     assert "export" in result.output and "validate" in result.output and "demo" in result.output
 
 
-@pytest.mark.parametrize("command", ["export", "validate", "embed", "inspect", "demo",
+@pytest.mark.parametrize("command", ["export", "validate", "embed", "rerank", "inspect", "demo",
                                      "embed-corpus"])
 def test_each_command_has_help_with_an_example(command: str) -> None:
     result = invoke(command, "--help")

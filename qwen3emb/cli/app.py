@@ -50,8 +50,9 @@ def _size(n: int) -> str:
 def _print_report_summary(report: object, where: str | None = None) -> None:
     for a in report.artifacts:  # type: ignore[attr-defined]
         verdict = "pass" if a.passed else "measured, not gated" if a.informational else "FAIL"
-        typer.echo(f"  {a.artifact:<28} {a.precision:<5} min cosine {a.min_cosine:.6f} "
-                   f"(floor {a.floor})  {verdict}")
+        figure = (f"max |score diff| {a.max_abs_score_diff:.2e}" if hasattr(a, "score_diffs")
+                  else f"min cosine {a.min_cosine:.6f}")
+        typer.echo(f"  {a.artifact:<28} {a.precision:<5} {figure} (floor {a.floor})  {verdict}")
         for failure in [] if a.informational else a.failures:
             typer.echo(f"      {failure}")
     if where:
@@ -88,13 +89,16 @@ def export(
     gguf_type: Annotated[list[str] | None, typer.Option(
         "--gguf-type", help="GGUF type: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k "
         "(repeatable; default f16; implies --format gguf).")] = None,
+    task: Annotated[str | None, typer.Option(
+        help="embed or rerank (default: rerank when the model's name contains 'reranker', "
+             "else embed; config and weights cannot tell them apart).")] = None,
     long_probe: LongProbeOpt = None,
     progress: ProgressOpt = None,
     verbose: Verbose = False,
     quiet: Quiet = False,
 ) -> None:
-    """Export a Qwen3-Embedding checkpoint to a bundle (ONNX and/or GGUF + tokenizer + manifest +
-    parity report).
+    """Export a Qwen3-Embedding (or Qwen3-Reranker) checkpoint to a bundle (ONNX and/or GGUF +
+    tokenizer + manifest + parity report).
 
     Exit code 0 when the bundle is written (and passes validation), 1 when an artifact
     misses its fidelity floor, 2 on bad input.
@@ -109,6 +113,8 @@ def export(
             --gguf-type f16 --gguf-type q8_0
 
         qwen3emb-export export ./my-checkpoint -o out --precision int8 --precision int4
+
+        qwen3emb-export export Qwen/Qwen3-Reranker-0.6B -o reranker --precision fp16
     """
     configure_logging(verbose, quiet)
     from qwen3emb.pipeline import export_bundle
@@ -123,7 +129,7 @@ def export(
                            opset=opset, validate=validate, force=force, revision=revision,
                            formats=format or ["onnx"], gguf_types=gguf_type or [],
                            progress=show, precisions=precision, int8_scheme=int8_scheme,
-                           targets=target, long_probes=long_probes(long_probe))
+                           targets=target, long_probes=long_probes(long_probe), task=task)
     if not quiet:
         typer.echo(f"bundle: {result.bundle}")
         for a in result.manifest["artifacts"]:
@@ -226,6 +232,22 @@ def inspect(
         typer.echo(json.dumps({"bundle": str(bundle), "intact": not problems,
                                "problems": problems, "manifest": data}, indent=2,
                               ensure_ascii=False))
+    elif data.get("task") == "rerank":
+        tok, rerank = data["tokenizer"], data["rerank"]
+        typer.echo(f"bundle:  {bundle}")
+        typer.echo(f"family:  {data['family']} reranker "
+                   f"({', '.join(data.get('architectures', []))})")
+        typer.echo(f"source:  {data['source']['model']}")
+        typer.echo(f"score:   {rerank['score']} (yes id {rerank['yes_token_id']}, no id "
+                   f"{rerank['no_token_id']}); pairs up to {tok['max_length']} tokens")
+        typer.echo(f"content: {rerank['template']!r}")
+        _print_files(data, problems, verify)
+        parity = data.get("parity", {})
+        typer.echo(f"parity:  {parity.get('status', 'not-run')}"
+                   + (f" {parity.get('max_abs_score_diff')}"
+                      if parity.get("max_abs_score_diff") else ""))
+        for problem in problems:
+            typer.echo(f"problem: {problem}", err=True)
     else:
         emb, tok = data["embedding"], data["tokenizer"]
         typer.echo(f"bundle:  {bundle}")
@@ -245,12 +267,7 @@ def inspect(
         else:
             typer.echo(f"prompt:  system {prompt.get('default_instruction')!r}, content order "
                        f"{', '.join(prompt.get('content_order', []))}")
-        typer.echo("files:")
-        bad = {p.split(':')[0] for p in problems}
-        for a in data["artifacts"]:
-            state = "MISMATCH" if a["path"] in bad else ("ok" if verify else "unchecked")
-            label = a.get("precision", a.get("role", ""))
-            typer.echo(f"  {a['path']:<28} {label:<9} {_size(a['size']):>9}  {state}")
+        _print_files(data, problems, verify)
         parity = data.get("parity", {})
         typer.echo(f"parity:  {parity.get('status', 'not-run')}"
                    + (f" {parity.get('min_cosine')}" if parity.get("min_cosine") else ""))
@@ -258,6 +275,15 @@ def inspect(
             typer.echo(f"problem: {problem}", err=True)
     if problems:
         raise typer.Exit(EXIT_PARITY_FAILED)
+
+
+def _print_files(data: dict, problems: list[str], verify: bool) -> None:
+    typer.echo("files:")
+    bad = {p.split(':')[0] for p in problems}
+    for a in data["artifacts"]:
+        state = "MISMATCH" if a["path"] in bad else ("ok" if verify else "unchecked")
+        label = a.get("precision", a.get("role", ""))
+        typer.echo(f"  {a['path']:<28} {label:<9} {_size(a['size']):>9}  {state}")
 
 
 def demo(
@@ -315,8 +341,9 @@ def create_app() -> typer.Typer:
         """qwen3emb-export"""
 
     from qwen3emb.cli.push import push
+    from qwen3emb.cli.rerank import rerank
 
-    for command in (export, validate, embed, inspect, demo, serve, embed_corpus, push):
+    for command in (export, validate, embed, rerank, inspect, demo, serve, embed_corpus, push):
         app.command()(handle_errors(command) if command is not embed else command)
     return app
 

@@ -12,6 +12,8 @@ class Family:
 
     model_type: ClassVar[str] = ""
     modality: ClassVar[str] = "text"
+    task: ClassVar[str] = "embed"
+    """What the bundle computes (``qwen3emb.constants.TASKS``)."""
     mrl_min: ClassVar[int] = 32
 
     def __init__(self, checkpoint: Checkpoint) -> None:
@@ -214,5 +216,6 @@ class Family:
         return {
             "family": self.model_type,
             "modality": self.modality,
+            "task": self.task,
             "architectures": list(self.config.get("architectures") or []),
         }

@@ -52,11 +52,16 @@ class Qwen3Embedder(torch.nn.Module):
         self.nan_free_softmax = self.pooled_last_layer
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return l2_normalize(self.pooled_hidden(input_ids, attention_mask), self.dimensions)
+
+    def pooled_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                      ) -> torch.Tensor:
+        """The final-norm hidden state of each input's last real token → [batch, hidden]."""
         position_ids = position_ids_from_mask(attention_mask)
         if not self.pooled_last_layer:
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                    position_ids=position_ids, use_cache=False).last_hidden_state
-            return l2_normalize(last_token_pool(hidden, attention_mask), self.dimensions)
+            return last_token_pool(hidden, attention_mask)
         from transformers.masking_utils import create_causal_mask
 
         # Qwen3Model.forward up to its last layer, with the same mask and rotary tables.
@@ -84,7 +89,7 @@ class Qwen3Embedder(torch.nn.Module):
         # gathered from the [batch, 1, seq, seq] mask, which the blocked attention never needs.
         row_mask = None if mask is None else attention_mask.bool()[:, None, None, :]
         pooled = pooled_layer(last, hidden, row_mask, rotary, last_token_index(attention_mask))
-        return l2_normalize(backbone.norm(pooled)[:, 0], self.dimensions)
+        return backbone.norm(pooled)[:, 0]
 
 
 def pooled_layer(layer: Any, hidden: torch.Tensor, mask: torch.Tensor | None,

@@ -214,6 +214,107 @@ def build_random_checkpoint(
     return out
 
 
+RERANK_LOGIT_STD = 2.5
+"""Spread of a random reranker's yes-minus-no logit over documents. Random head rows would give
+every document nearly the same score (the last token's state is mostly the fixed suffix's) and
+often one near 0 or 1, where the sigmoid hides any error; real rerankers spread documents over
+(0, 1). So the rows are set along the direction in which the documents' states differ most,
+centred at logit 0 (the sigmoid's steepest point)."""
+
+
+def build_random_reranker(
+    out_dir: str | Path,
+    *,
+    preset: str = "tiny",
+    tied: bool = False,
+    append_end_token: bool = False,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    modify: Callable[[Any], None] | None = None,
+    **config_overrides: Any,
+) -> Path:
+    """Write a random-weight Qwen3-Reranker checkpoint: a ``Qwen3ForCausalLM`` with its head.
+
+    Args:
+        out_dir: target directory (created).
+        preset: a shape from ``PRESETS``.
+        tied: tie the LM head to the embedding table (as the released 0.6B does).
+        append_end_token: the tokenizer's post-processor appends ``<|endoftext|>`` (the
+            released reranker tokenizers append nothing).
+        vocab_size: total vocabulary (``None``: the small trained one).
+        seed: torch seed.
+        dtype: stored weight dtype.
+        modify: called with the fp32 backbone (``Qwen3Model``) before saving.
+        **config_overrides: any config.json key.
+
+    Returns:
+        The checkpoint directory; "yes" and "no" are single tokens of its tokenizer.
+    """
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from qwen3emb.constants import RERANK_NO, RERANK_YES
+
+    out = Path(out_dir)
+    # Alone on a line, "yes" and "no" become tokens without a leading space, as in Qwen's
+    # vocabulary (the answer follows "\n\n").
+    corpus = (*CORPUS, *([RERANK_YES, RERANK_NO] * 40))
+    end_id = build_tokenizer(out, vocab_size=vocab_size, corpus=corpus,
+                             append_end_token=append_end_token)
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    yes, no = tokenizer.token_to_id(RERANK_YES), tokenizer.token_to_id(RERANK_NO)
+    config = make_config(preset, vocab_size=end_id + len(QWEN_SPECIAL_TOKENS), end_id=end_id,
+                         tie_word_embeddings=tied, **config_overrides)
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(**config)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.mul_(1.0 + 0.1 * torch.randn_like(param))
+        if modify is not None:
+            modify(model.model)
+        head = model.get_output_embeddings().weight
+        head[[yes, no]] = _spread_rows(model, tokenizer, head[[yes, no]])
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+    saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    saved["architectures"] = ["Qwen3ForCausalLM"]
+    (out / "config.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    logger.info("wrote random %s reranker checkpoint (%s head) to %s", preset,
+                "tied" if tied else "untied", out)
+    return out
+
+
+def _spread_rows(model: Any, tokenizer: Any, rows: Any) -> Any:
+    """New "yes"/"no" head rows whose difference spreads the built-in documents' logits
+    (:data:`RERANK_LOGIT_STD`, mean 0) and whose mean is the old rows' mean."""
+    import torch
+
+    from qwen3emb.constants import (
+        RERANK_INSTRUCTION,
+        RERANK_PREFIX,
+        RERANK_SUFFIX,
+        RERANK_TEMPLATE,
+    )
+
+    prefix = tokenizer.encode(RERANK_PREFIX, add_special_tokens=False).ids
+    suffix = tokenizer.encode(RERANK_SUFFIX, add_special_tokens=False).ids
+    states = []
+    for document in CORPUS[:24]:
+        content = RERANK_TEMPLATE.format(instruction=RERANK_INSTRUCTION, document=document,
+                                         query="what does this passage say?")
+        ids = torch.tensor([prefix + tokenizer.encode(content).ids + suffix])
+        states.append(model.model(input_ids=ids).last_hidden_state[0, -1])
+    hidden = torch.stack(states).double()
+    mean = hidden.mean(0)
+    direction = torch.linalg.svd(hidden - mean, full_matrices=False).Vh[0]
+    direction = direction - (direction @ mean) / (mean @ mean) * mean  # logit 0 at the mean
+    direction *= RERANK_LOGIT_STD / float((hidden @ direction).std())
+    centre = rows.double().mean(0)
+    return torch.stack([centre + direction / 2, centre - direction / 2]).to(rows.dtype)
+
+
 def qwen3_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every tensor of a Qwen3 embedding checkpoint (no ``model.`` prefix)."""
     hidden, ffn = config["hidden_size"], config["intermediate_size"]

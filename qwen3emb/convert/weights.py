@@ -83,6 +83,15 @@ class ShardedWeights:
             tensor = handle.get_tensor(key)
         return tensor.to(torch_dtype).numpy()
 
+    def load_rows(self, key: str, rows: list[int]) -> np.ndarray:
+        """Rows ``rows`` of a 2-D tensor in fp32, reading only those rows of the shard."""
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[key]), framework="pt") as handle:
+            part = handle.get_slice(key)
+            return np.stack([part[row:row + 1].to(torch.float32).numpy()[0] for row in rows])
+
     def close(self) -> None:
         """Nothing stays open between reads; kept for callers that close explicitly."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from qwen3emb.runtime.common import format_query
 from qwen3emb.runtime.gguf import GGUFTextEmbedder
+from qwen3emb.runtime.rerank import Reranker
 from qwen3emb.runtime.session import available_providers
 from qwen3emb.runtime.text import TextEmbedder
 from qwen3emb.runtime.vl import ItemErrors, VLEmbedder
@@ -16,6 +17,7 @@ from qwen3emb.runtime.vl import ItemErrors, VLEmbedder
 __all__ = [
     "GGUFTextEmbedder",
     "ItemErrors",
+    "Reranker",
     "TextEmbedder",
     "VLEmbedder",
     "available_providers",

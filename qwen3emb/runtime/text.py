@@ -98,6 +98,10 @@ class TextEmbedder:
         if manifest.family != "qwen3":
             raise BundleError(f"'{bundle}' holds a '{manifest.family}' bundle, not a text model",
                               hint="Use the embedder for that family")
+        if manifest.task != "embed":
+            raise BundleError(f"'{bundle}' holds a {manifest.task} bundle, which computes "
+                              "scores, not embeddings",
+                              hint="Load it with qwen3emb.runtime.Reranker")
         if verify:
             problems = manifest.verify()
             if problems:

@@ -79,6 +79,13 @@ def validate_bundle(
                           hint="Re-run the export")
     modality = str(manifest.data.get("modality", "text"))
     suites = _suites()
+    if manifest.task == "rerank":
+        from qwen3emb.validate.rerank import RerankSuite
+
+        if modality != "text":
+            raise BundleError(f"bundle '{bundle}' holds a {modality} reranker, which this "
+                              "version cannot validate", hint="Validators exist for text rerankers")
+        suites = {modality: RerankSuite}
     if modality not in suites:
         raise BundleError(f"bundle '{bundle}' holds a '{modality}' model, which this version "
                           "cannot validate", hint=f"Validators exist for: {', '.join(suites)}")

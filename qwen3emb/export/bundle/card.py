@@ -95,8 +95,20 @@ def write_model_card(bundle: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+RERANK_SNIPPET = f'''\
+from qwen3emb.runtime import Reranker  # numpy, onnxruntime and tokenizers; no torch
+
+reranker = Reranker("{PLACEHOLDER}")  # a bundle directory; precision="fp16" for model_fp16.onnx
+documents = ["{DOCUMENT}", "The capital of France is Paris."]
+print(reranker.score("{QUERY}", documents))          # one score in (0, 1) per document
+print(reranker.rerank("{QUERY}", documents, top_n=1))  # [(index, score)], best first
+'''
+
+
 def render_model_card(manifest: dict[str, Any]) -> str:
     """The model card's Markdown, YAML front matter first."""
+    if manifest.get("task") == "rerank":
+        return _render_reranker_card(manifest)
     tools = list(manifest.get("interop", {}).get("tools", []))
     artifacts = manifest["artifacts"]
     models = [a for a in artifacts if a.get("role") == "model"]
@@ -150,6 +162,49 @@ def render_model_card(manifest: dict[str, Any]) -> str:
         lines += ["## Not supported", "",
                   f"This `{manifest['family']}` bundle has no files for: {', '.join(missing)}. "
                   "Use qwen3emb's runtime (`pip install qwen3emb-export`) instead.", ""]
+    return "\n".join(lines)
+
+
+def _render_reranker_card(manifest: dict[str, Any]) -> str:
+    from qwen3emb.constants import SCORE_FLOORS
+
+    models = [a for a in manifest["artifacts"] if a.get("role") == "model"]
+    source = str(manifest["source"]["model"])
+    version = manifest.get("versions", {}).get("qwen3emb-export", __version__)
+    front = ["---", "library_name: onnx", "pipeline_tag: text-ranking"]
+    if HUB_ID.match(source):
+        front.append(f"base_model: {source}")
+    front += ["tags:", "- qwen3emb-export", f"- {manifest['family']}", "- reranker", "- onnx",
+              "---"]
+    rerank = manifest.get("rerank", {})
+    lines = [*front, "", f"# {Path(source).name or source} (ONNX reranker bundle)", "",
+             f"Exported by qwen3emb-export {version} from `{source}`. The graph takes the model "
+             "card's prompt for a (query, document) pair and outputs `score` "
+             "= sigmoid(logit(\"yes\") - logit(\"no\")) at the last real token (any padding "
+             "side) and `logits`, the difference before the sigmoid; inputs up to "
+             f"{manifest.get('tokenizer', {}).get('max_length', '?')} tokens, prompt included.",
+             "", f"Pair content: `{rerank.get('template', '')!r}` with the default instruction "
+             f"`{rerank.get('default_instruction', '')}`, between the system prefix and the "
+             "assistant suffix of the model card (in `manifest.json`).", "",
+             "## Files", "", "| file | format | precision | MB |", "|---|---|---|---|"]
+    lines += [f"| `{a['path']}` | {a['kind']} | {a.get('precision', '')} | "
+              f"{a['size'] / 1e6:.1f} |" for a in models]
+    parity = manifest.get("parity", {})
+    lines += ["", "## Parity with the reference", ""]
+    if parity.get("status", "not-run") == "not-run":
+        lines.append("Not validated at export (`--no-validate`).")
+    else:
+        lines += [f"Largest |score difference| to the HuggingFace reference "
+                  f"({parity.get('reference_precision')}) over the validator's query/document "
+                  f"pairs: **{parity['status']}**.", "",
+                  "| artifact | max abs score diff | floor |", "|---|---|---|"]
+        precision_of = {a["path"]: a.get("precision") for a in manifest["artifacts"]}
+        for key, value in parity.get("max_abs_score_diff", {}).items():
+            floor = SCORE_FLOORS.get(precision_of.get(key) or key)
+            lines.append(f"| {key} | {value:.2e} | {'' if floor is None else floor} |")
+    lines += ["", "## Use it", "", "```python", RERANK_SNIPPET.rstrip(), "```", "",
+              "```sh", f"qwen3emb-export rerank {PLACEHOLDER} \"{QUERY}\" \"{DOCUMENT}\" "
+              "\"The capital of France is Paris.\"", "```", ""]
     return "\n".join(lines)
 
 

@@ -68,6 +68,7 @@ def write_bundle(
     int8_scheme: str | None = None,
     targets: Sequence[str] | None = None,
     check: Check | None = None,
+    task: str | None = None,
 ) -> ExportResult:
     """Export a checkpoint of any supported family to a bundle directory.
 
@@ -93,6 +94,8 @@ def write_bundle(
             replacing its default aim (:func:`qwen3emb.export.quant.precisions.check_targets`).
         check: run on the staged bundle before it is moved into place; its return value is
             the result's ``report``.
+        task: ``"embed"`` or ``"rerank"``; ``None`` picks ``rerank`` when ``source``'s name
+            contains "reranker" (config and weights cannot tell them apart), and says so.
 
     Returns:
         The bundle path, its manifest, and ``check``'s report.
@@ -110,8 +113,13 @@ def write_bundle(
     wanted = _check_formats(formats, gguf_types)
     gguf_list = [t.lower() for t in gguf_types] or (
         [DEFAULT_GGUF_TYPE] if "gguf" in wanted else [])
+    from qwen3emb.convert.qwen3_reranker import task_for
+
+    chosen, why = task_for(str(source), task)
     checkpoint = load_checkpoint(source, revision=revision)
-    family = family_for(checkpoint)
+    family = family_for(checkpoint, chosen)
+    if chosen == "rerank":
+        _check_reranker_options(dimensions, gguf_list, onnx_precisions)
     limit = max_length or family.default_max_length
     if not 8 <= limit <= family.max_positions:
         raise InputError(f"--max-length {limit} is outside 8..{family.max_positions}",
@@ -130,12 +138,20 @@ def write_bundle(
         check_types(gguf_list)
         gguf_writer(family)  # an unsupported family fails before any work
     with staged_directory(out_path, force=force) as stage:
+        if task is None:
+            # Loud when the name made the export a reranker; an embedder is the default. Said
+            # once the inputs (and the output path) are checked: a refused export prints only
+            # its error.
+            (logger.warning if chosen == "rerank" else logger.info)(
+                "task: %s (from the name '%s'; pass --task %s to override)", chosen, source,
+                "embed" if chosen == "rerank" else "rerank")
         # Copied first: calibration of some graphs runs the staged bundle's tokenizer.
         support = _copy_support_files(family, stage)
         manifest = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_FORMAT_VERSION,
             **family.describe(),
+            "task_source": why,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": {"model": str(source), "weights": checkpoint.weights_sha256()},
             **family.manifest_sections(out_dim, onnx="onnx" in wanted, gguf=bool(gguf_list)),
@@ -167,6 +183,20 @@ def write_bundle(
         report = check(stage, manifest, backbone) if check is not None else None
     logger.info("bundle written to %s", out_path)
     return ExportResult(bundle=out_path, manifest=manifest, report=report)
+
+
+def _check_reranker_options(dimensions: int | None, gguf_types: Sequence[str],
+                            precisions: Sequence[str]) -> None:
+    """What reranker bundles do not hold (yet), refused before any work."""
+    if dimensions is not None:
+        raise InputError("--dimensions cuts embeddings; a reranker outputs one score",
+                         hint="Drop --dimensions, or pass --task embed")
+    if gguf_types:
+        raise InputError("GGUF export of rerankers is not built yet",
+                         hint="Export the reranker with --format onnx")
+    if unsupported := [p for p in precisions if p not in ("fp32", "fp16")]:
+        raise InputError(f"reranker bundles are built in fp32 and fp16 so far, not "
+                         f"{', '.join(unsupported)}", hint="Use --precision fp16 (or none)")
 
 
 def _check_formats(formats: Sequence[str], gguf_types: Sequence[str]) -> list[str]:

@@ -1,0 +1,213 @@
+"""Qwen3-Reranker (text): the Qwen3 backbone → last real token → (w_yes − w_no) · h → sigmoid.
+
+The model card scores a pair as ``exp(log_softmax([logit_no, logit_yes])[1])`` at the last
+position of a left-padded batch, which is ``sigmoid(logit_yes − logit_no)``. The graph computes
+exactly that difference from two rows of the LM head, at each input's last real token (any
+padding side), and never the vocabulary-wide head. Everything else (tracing, streaming,
+shallow replication, precisions) is the embedder's, through the family hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from qwen3emb.constants import (
+    IM_END_TOKEN,
+    IM_START_TOKEN,
+    RERANK_INSTRUCTION,
+    RERANK_MAX_LENGTH,
+    RERANK_NO,
+    RERANK_PREFIX,
+    RERANK_SUFFIX,
+    RERANK_TEMPLATE,
+    RERANK_YES,
+)
+from qwen3emb.convert import register
+from qwen3emb.convert.qwen3 import Qwen3Embedder, Qwen3Family
+from qwen3emb.errors import CheckpointError, InputError
+from qwen3emb.spec import RerankGraphSpec
+
+logger = logging.getLogger(__name__)
+
+SCORE_HEAD = "score_head"
+"""The graph's one head weight, [hidden, 1]: LM-head row of "yes" minus row of "no"."""
+
+
+class Qwen3Scorer(Qwen3Embedder):
+    """``input_ids``, ``attention_mask`` [batch, seq] → ``score`` [batch], ``logits`` [batch, 1].
+
+    The embedder's pooled final-norm hidden state (last real token, the last layer computed
+    for that row only) times :data:`SCORE_HEAD`.
+    """
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.Tensor | None = None, *,
+                 pooled_last_layer: bool = True) -> None:
+        super().__init__(backbone, pooled_last_layer=pooled_last_layer)
+        hidden = int(backbone.config.hidden_size)
+        device = next(backbone.parameters()).device
+        weight = (torch.empty((hidden, 1), device=device) if head is None
+                  else head.reshape(hidden, 1).float())
+        self.score_head = torch.nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.pooled_hidden(input_ids, attention_mask).float() @ self.score_head
+        return torch.sigmoid(logits)[:, 0], logits
+
+
+def task_for(source: str, task: str | None) -> tuple[str, str]:
+    """The task of an export and why: ``(task, "flag" | "name")``.
+
+    Args:
+        source: the hub id or directory the user named.
+        task: ``export --task`` (``None``: from the name).
+
+    Raises:
+        InputError: an unknown task.
+    """
+    from qwen3emb.constants import TASKS
+
+    if task is not None:
+        if task not in TASKS:
+            raise InputError(f"unknown task '{task}'",
+                             hint=f"Use --task {' or --task '.join(TASKS)}")
+        return task, "flag"
+    name = str(source).rstrip("/\\").lower()
+    return ("rerank" if "reranker" in name else "embed"), "name"
+
+
+class Qwen3RerankerFamily(Qwen3Family):
+    """Qwen3-Reranker 0.6B / 4B / 8B (``model_type: qwen3``, exported with ``task: rerank``)."""
+
+    task = "rerank"
+    interop_tools = ()
+
+    @property
+    def default_max_length(self) -> int:
+        return min(RERANK_MAX_LENGTH, self.max_positions)
+
+    def token_ids(self) -> tuple[int, int]:
+        """The ids of "yes" and "no" in the checkpoint's tokenizer.
+
+        Raises:
+            CheckpointError: either is not one token of the vocabulary.
+        """
+        from tokenizers import Tokenizer
+
+        path = self.checkpoint.path / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"'{self.checkpoint.path}' has no tokenizer.json",
+                                  hint="Use the checkpoint's original tokenizer files")
+        tokenizer = Tokenizer.from_file(str(path))
+        ids = []
+        for token in (RERANK_YES, RERANK_NO):
+            found = tokenizer.token_to_id(token)
+            if found is None:
+                raise CheckpointError(
+                    f"tokenizer.json has no single token {token!r}, so the reranker's "
+                    f"{RERANK_YES}/{RERANK_NO} score is undefined",
+                    hint="Qwen3-Reranker's tokenizer has both; use that tokenizer")
+            ids.append(int(found))
+        return ids[0], ids[1]
+
+    def head_rows(self) -> np.ndarray:
+        """LM-head rows of "yes" and "no", [2, hidden] fp32, read from the shards.
+
+        Tied checkpoints (the 0.6B) read them from the embedding table.
+
+        Raises:
+            CheckpointError: an untied checkpoint without ``lm_head.weight``.
+        """
+        from qwen3emb.convert.weights import ShardedWeights
+
+        shards = ShardedWeights(self.checkpoint.weight_files)
+        tied = bool(self.config.get("tie_word_embeddings", False))
+        key = None if tied else self.checkpoint_key("lm_head.weight", shards)
+        if key is None and not tied:
+            raise CheckpointError(
+                f"'{self.checkpoint.path}' has no lm_head.weight and config.json does not tie "
+                "the head to the embedding table", hint="A reranker checkpoint needs its LM head")
+        if key is None:
+            key = self.checkpoint_key("embed_tokens.weight", shards)
+        if key is None:
+            raise CheckpointError(f"'{self.checkpoint.path}' has no embedding table",
+                                  hint="The checkpoint is incomplete")
+        return shards.load_rows(key, list(self.token_ids()))
+
+    def score_weight(self) -> np.ndarray:
+        """:data:`SCORE_HEAD`: ``lm_head[yes] − lm_head[no]`` as [hidden, 1] fp32."""
+        rows = self.head_rows()
+        return (rows[0] - rows[1]).astype(np.float32).reshape(-1, 1)
+
+    def host_buffers(self, backbone: Any) -> dict[str, Any]:
+        return {**super().host_buffers(backbone), SCORE_HEAD: self.score_weight()}
+
+    def embedding_module(self, backbone: Any, dimensions: int | None = None) -> torch.nn.Module:
+        if dimensions is not None:
+            raise InputError("a reranker has no embedding width to cut",
+                             hint="Drop --dimensions for reranker exports")
+        meta = next(backbone.parameters()).device.type == "meta"
+        head = None if meta else torch.from_numpy(self.score_weight())
+        return Qwen3Scorer(backbone, head, pooled_last_layer=self.pooled_last_layer).eval()
+
+    def graph_specs(self, dim: int, opset: int) -> tuple[RerankGraphSpec]:
+        return (RerankGraphSpec(opset=opset),)
+
+    def check_tokenizer(self, tokenizer: Any) -> dict[str, Any]:
+        """The prompt's tokens must exist, "yes" and "no" must be one token each; records what
+        the post-processor appends to the content (kept, as the model card's call keeps it)."""
+        from qwen3emb.constants import END_TOKEN
+
+        for token in (IM_START_TOKEN, IM_END_TOKEN, END_TOKEN):
+            if tokenizer.token_to_id(token) is None:
+                raise CheckpointError(f"tokenizer.json has no {token} token",
+                                      hint="This is not a Qwen3 tokenizer")
+        yes, no = self.token_ids()
+        plain = tokenizer.encode("a", add_special_tokens=False).ids
+        full = tokenizer.encode("a").ids
+        appended = full[len(plain):] if full[:len(plain)] == plain else []
+        prepended = full[:len(full) - len(plain) - len(appended)]
+        end_id = int(tokenizer.token_to_id(END_TOKEN))
+        return {"yes_token": RERANK_YES, "yes_token_id": yes, "no_token": RERANK_NO,
+                "no_token_id": no, "pad_token_id": end_id, "end_token": END_TOKEN,
+                "end_token_id": end_id, "content_appended_ids": appended,
+                "content_prepended_ids": prepended,
+                "truncation_side": self._truncation_side(),
+                "rule": ("prefix and suffix encoded without special tokens and never cut; the "
+                         "content encoded with the post-processor and truncated (longest first) "
+                         "to max_length minus prefix and suffix; score at the last real token")}
+
+    def _truncation_side(self) -> str:
+        path = self.checkpoint.path / "tokenizer_config.json"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            config = {}
+        side = str(config.get("truncation_side", "right"))
+        if side not in ("left", "right"):
+            raise CheckpointError(f"tokenizer_config.json has truncation_side {side!r}",
+                                  hint="Use 'left' or 'right'")
+        return side
+
+    def manifest_sections(self, out_dim: int, *, onnx: bool, gguf: bool) -> dict[str, Any]:
+        yes, no = self.token_ids()
+        return {
+            "rerank": {
+                "prefix": RERANK_PREFIX, "suffix": RERANK_SUFFIX, "template": RERANK_TEMPLATE,
+                "default_instruction": RERANK_INSTRUCTION, "yes_token_id": yes,
+                "no_token_id": no, "pooling": "last_token",
+                "score": "sigmoid(logit_yes - logit_no) at the last real token",
+                "outputs": {"score": "[batch] in (0, 1)", "logits": "[batch, 1], pre-sigmoid"},
+            },
+        }
+
+    def prompts(self) -> dict[str, str]:
+        return {}
+
+
+register("qwen3", task="rerank")(Qwen3RerankerFamily)
