@@ -227,7 +227,7 @@ def test_inspect_and_validate_read_reranker_bundles(reranker_bundles: dict[str, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (("--precision", "int8"), "fp32 and fp16 so far"),
+    (("--precision", "int8", "--target", "int8=0.999"), "Drop --target for rerankers"),
     (("--dimensions", "32"), "a reranker outputs one score"),
     (("--format", "gguf"), "GGUF export of rerankers"),
 ])
@@ -248,3 +248,67 @@ def test_a_tokenizer_without_yes_and_no_tokens_is_refused(tiny_checkpoint: Path,
                     "--no-validate")
     assert result.exit_code == 2
     assert "no single token 'yes'" in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_int8_and_int4_are_searched_on_the_score_and_hold_their_floors(
+        reranker_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """The search scores each build on |score diff| over reranker-prompt calibration pairs,
+    not on cosine; the validator's probes (other texts) then confirm the floors."""
+    from qwen3emb.constants import SCORE_FLOORS
+    from qwen3emb.pipeline import export_bundle
+
+    result = export_bundle(reranker_checkpoints["untied"], tmp_path / "b", task="rerank",
+                           precisions=["int8", "int4"])
+    assert result.passed
+    diffs = result.manifest["parity"]["max_abs_score_diff"]
+    for precision in ("int8", "int4"):
+        assert diffs[precision] <= SCORE_FLOORS[precision]
+        entry = next(a for a in result.manifest["artifacts"]
+                     if a.get("role") == "model" and a["precision"] == precision)
+        settings = entry["settings"]
+        assert settings["metric"] == "score" and settings["target_reached"]
+        assert settings["calibration_fidelity"] <= settings["target"] < SCORE_FLOORS[precision]
+        assert all("calibration_max_score_diff" in r for r in settings["rounds"])
+        assert "table_alone" in settings["embedding"]
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "b" / "onnx" / "model_int8.onnx"))
+    head = next(n for n in graph.graph.node if "score_head" in n.input)
+    assert head.op_type == "MatMul"  # the one-column head stays fp32 in every variant
+
+
+@pytest.mark.slow
+def test_a_table_that_moves_the_score_stays_fp32(tmp_path: Path) -> None:
+    """Massive activations: the 8-bit embedding table alone moves the score past half the
+    int8 target, so the search keeps the table fp32 (size, not time) and escalates MatMuls
+    until the floor holds; what it cost is in the settings."""
+    from qwen3emb.constants import SCORE_FLOORS
+    from qwen3emb.convert.hard_checkpoints import build_hard_checkpoint
+    from qwen3emb.pipeline import export_bundle
+
+    checkpoint = build_hard_checkpoint(tmp_path / "massive-reranker", "massive-activations",
+                                       reranker=True, seed=5)
+    result = export_bundle(checkpoint, tmp_path / "b", precisions=["int8"])
+    assert result.manifest["task"] == "rerank" and result.passed
+    assert result.manifest["parity"]["max_abs_score_diff"]["int8"] <= SCORE_FLOORS["int8"]
+    entry = next(a for a in result.manifest["artifacts"]
+                 if a.get("role") == "model" and a["precision"] == "int8")
+    embedding = entry["settings"]["embedding"]
+    assert embedding["table_fp32"] and embedding["table_alone"] > SCORE_FLOORS["int8"] / 4
+    assert embedding["treatment"].startswith("fp32")
+    assert "fp32 embedding table" in entry["scheme"]
+
+
+def test_the_readme_two_stage_example_runs_without_torch(reranker_bundles: dict[str, Path],
+                                                        tiny_bundle: Path,
+                                                        run_without_torch) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Rerank (second stage)", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace('"qwen3-0.6b"', repr(str(tiny_bundle)))
+    code = code.replace('"reranker-0.6b"', repr(str(reranker_bundles["untied"])))
+    result = run_without_torch(code)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(0.0 < float(line.rsplit(" ", 1)[1]) < 1.0 for line in lines)

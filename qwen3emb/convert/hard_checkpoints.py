@@ -130,7 +130,8 @@ def compensate_norms(model: Any, huge: list[int], rms: float, first_layer: int) 
 
 
 def build_hard_checkpoint(out_dir: str | Path, kind: str, *, preset: str = "tiny",
-                          seed: int = 0, **config_overrides: Any) -> Path:
+                          seed: int = 0, reranker: bool = False, tied: bool = False,
+                          **config_overrides: Any) -> Path:
     """Write one of :data:`FIXTURES` as a random checkpoint in the Hugging Face layout.
 
     Args:
@@ -138,6 +139,9 @@ def build_hard_checkpoint(out_dir: str | Path, kind: str, *, preset: str = "tiny
         kind: a name from :data:`FIXTURES`.
         preset: the width (``tiny`` keeps tests fast; depth comes from ``num_hidden_layers``).
         seed: torch seed.
+        reranker: write a Qwen3-Reranker (a causal LM with its head,
+            :func:`qwen3emb.convert.random_checkpoint.build_random_reranker`) with the trait.
+        tied: the reranker's head is the embedding table (as in the released 0.6B).
         **config_overrides: any config.json key (``num_hidden_layers`` ...).
 
     Returns:
@@ -146,7 +150,7 @@ def build_hard_checkpoint(out_dir: str | Path, kind: str, *, preset: str = "tiny
     Raises:
         InputError: an unknown fixture name.
     """
-    from qwen3emb.convert.random_checkpoint import build_random_checkpoint
+    from qwen3emb.convert.random_checkpoint import build_random_checkpoint, build_random_reranker
 
     if kind not in FIXTURES:
         raise InputError(f"unknown fixture '{kind}'", hint=f"Choose one of {', '.join(FIXTURES)}")
@@ -162,4 +166,7 @@ def build_hard_checkpoint(out_dir: str | Path, kind: str, *, preset: str = "tiny
         options.update(num_hidden_layers=HIGH_VARIANCE_LAYERS,
                        initializer_range=HIGH_VARIANCE_STD)
     options.update(config_overrides)
+    if reranker:
+        return build_random_reranker(out_dir, preset=preset, seed=seed, modify=modify,
+                                     tied=tied, **options)
     return build_random_checkpoint(out_dir, preset=preset, seed=seed, modify=modify, **options)

@@ -82,15 +82,20 @@ def _trace(family: Family, onnx_dir: Path, specs: Sequence[Any], dimensions: int
 
 def calibration_feeds(spec: Any, stage: Path, manifest: dict[str, Any],
                       entries: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
-    """Calibration inputs of a graph, chosen by what the graph takes: token ids alone come
-    from the staged tokenizer; image patches from the bundle's own host preprocessing of
-    synthetic images; visual embeddings from that preprocessing and the bundle's fp32 vision
-    graph (already written, in ``entries``).
+    """Calibration inputs of a graph, chosen by what the graph takes: a reranker's pairs in its
+    prompt; token ids alone come from the staged tokenizer; image patches from the bundle's
+    own host preprocessing of synthetic images; visual embeddings from that preprocessing and
+    the bundle's fp32 vision graph (already written, in ``entries``).
 
     Raises:
         OutputError: a graph whose inputs no calibration source produces.
     """
     names = spec.input_names
+    if getattr(spec, "metric", None) == "score":
+        from qwen3emb.export.quant.precisions import rerank_calibration_feeds
+        from qwen3emb.manifest import Manifest
+
+        return rerank_calibration_feeds(Manifest(root=stage, data=dict(manifest)))
     if names == [INPUT_IDS, ATTENTION_MASK]:
         from qwen3emb.export.quant.precisions import calibration_feeds as text_feeds
 

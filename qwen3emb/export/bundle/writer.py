@@ -119,7 +119,7 @@ def write_bundle(
     checkpoint = load_checkpoint(source, revision=revision)
     family = family_for(checkpoint, chosen)
     if chosen == "rerank":
-        _check_reranker_options(dimensions, gguf_list, onnx_precisions)
+        _check_reranker_options(dimensions, gguf_list, aims)
     limit = max_length or family.default_max_length
     if not 8 <= limit <= family.max_positions:
         raise InputError(f"--max-length {limit} is outside 8..{family.max_positions}",
@@ -186,7 +186,7 @@ def write_bundle(
 
 
 def _check_reranker_options(dimensions: int | None, gguf_types: Sequence[str],
-                            precisions: Sequence[str]) -> None:
+                            targets: dict[str, float]) -> None:
     """What reranker bundles do not hold (yet), refused before any work."""
     if dimensions is not None:
         raise InputError("--dimensions cuts embeddings; a reranker outputs one score",
@@ -194,9 +194,9 @@ def _check_reranker_options(dimensions: int | None, gguf_types: Sequence[str],
     if gguf_types:
         raise InputError("GGUF export of rerankers is not built yet",
                          hint="Export the reranker with --format onnx")
-    if unsupported := [p for p in precisions if p not in ("fp32", "fp16")]:
-        raise InputError(f"reranker bundles are built in fp32 and fp16 so far, not "
-                         f"{', '.join(unsupported)}", hint="Use --precision fp16 (or none)")
+    if targets:
+        raise InputError("--target aims the embedders' calibration cosine; a reranker's search "
+                         "aims at half its score floor", hint="Drop --target for rerankers")
 
 
 def _check_formats(formats: Sequence[str], gguf_types: Sequence[str]) -> list[str]:

@@ -31,9 +31,14 @@ INT8_LEVELS = 127
 
 
 def weight_matmuls(graph: LazyGraph) -> list[Any]:
-    """MatMul nodes whose second input is a 2-D weight initializer, in graph order."""
+    """MatMul nodes whose second input is a 2-D weight initializer, in graph order.
+
+    A one-column weight (a reranker's score head, ``lm_head[yes] - lm_head[no]``) is left out:
+    it stays fp32 in every variant, as it costs one dot product per input and its error would
+    reach the output unattenuated."""
     return [n for n in graph.model.graph.node if n.op_type == "MatMul"
-            and graph.is_lazy(n.input[1]) and len(graph.shape(n.input[1])) == 2]
+            and graph.is_lazy(n.input[1]) and len(shape := graph.shape(n.input[1])) == 2
+            and shape[1] > 1]
 
 
 # --- per-tensor numerics ------------------------------------------------------------------

@@ -188,7 +188,7 @@ def rewrite_embedding_apart(graph: LazyGraph, columns: tuple[int, ...], *,
 
 def build_planned(source: Path, target: Path, plan: dict[str, str],
                   smoothing: list[q.Smoothing], ranges: dict[str, np.ndarray],
-                  embedding_columns: tuple[int, ...], external: bool) -> list[Path]:
+                  embedding_columns: tuple[int, ...] | None, external: bool) -> list[Path]:
     """Write the graph ``source`` quantized as ``plan`` says to ``target``.
 
     Args:
@@ -197,7 +197,8 @@ def build_planned(source: Path, target: Path, plan: dict[str, str],
         plan: node name → tier name (:data:`TIERS`); MatMuls not in it stay fp32.
         smoothing: the smoothing plan to fold in first (may be empty).
         ranges: calibrated ranges of ``source`` (for :func:`quantize.apply_smoothing`).
-        embedding_columns: token-embedding columns kept apart (may be empty).
+        embedding_columns: token-embedding columns kept apart (may be empty); ``None`` keeps
+            the whole table fp32.
         external: write weights to ``<target>_data``.
 
     Returns:
@@ -207,7 +208,8 @@ def build_planned(source: Path, target: Path, plan: dict[str, str],
     if smoothing:
         q.apply_smoothing(graph, smoothing, ranges)
     apply_plan(graph, plan)
-    rewrite_embedding_apart(graph, embedding_columns)
+    if embedding_columns is not None:
+        rewrite_embedding_apart(graph, embedding_columns)
     return graph.save(target, external=external)
 
 

@@ -103,6 +103,29 @@ def calibration_feeds(tokenizer_json: Path, texts: Sequence[str] | None = None
     return feeds
 
 
+def rerank_calibration_feeds(manifest: Any) -> list[dict[str, np.ndarray]]:
+    """One unpadded feed per calibration pair, in the reranker's own prompt: the built-in
+    corpus's texts as documents, the opening words of other texts as queries, plus one long
+    document (the texts joined). Independent of the validator's reranker probes.
+
+    Args:
+        manifest: the staged bundle's :class:`qwen3emb.manifest.Manifest`.
+    """
+    from qwen3emb.convert._corpus import CORPUS
+    from qwen3emb.runtime.rerank import RerankPrompt
+
+    texts = list(CORPUS)[:CALIBRATION_TEXTS]
+    prompt = RerankPrompt.from_manifest(manifest, min(manifest.max_length, 1024))
+    queries = [" ".join(texts[(i + 7) % len(texts)].split()[:6]) for i in range(len(texts))]
+    rows = [prompt.pair_ids(q, [d])[0][0] for q, d in zip(queries, texts)]
+    rows += prompt.pair_ids(queries[0], [" ".join(texts * 4)])[0]
+    feeds = []
+    for ids in rows:
+        array = np.asarray([ids], dtype=np.int64)
+        feeds.append({INPUT_IDS: array, ATTENTION_MASK: np.ones_like(array)})
+    return feeds
+
+
 FP32_SCHEME = "fp32 weights and activations"
 FUSED_SCHEME = "; RMSNorm and residual Adds fused"
 
@@ -197,7 +220,10 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
 
         # searched precisions are int8/int4, which always calibrate (above)
         assert ranges is not None and samples is not None
+        from qwen3emb.export.quant.search import Metric
+
         fixed += search_variants(raw_path, searched, scheme=int8_scheme, calibration=ranges,
+                                 metric=Metric(getattr(spec, "metric", "cosine")),
                                  samples=samples, feeds=feeds, targets=targets)
     order = {p: i for i, p in enumerate(wanted)}
     for variant in sorted(fixed, key=lambda v: order[v.precision]):

@@ -27,6 +27,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from qwen3emb.constants import (
     FLOORS,
     INPUT_IDS,
     LAST_HIDDEN_STATE,
+    SCORE,
 )
 from qwen3emb.errors import OutputError
 from qwen3emb.export.onnx.lazy import LazyGraph
@@ -57,8 +59,50 @@ logger = logging.getLogger(__name__)
 
 TARGETS: dict[str, float] = {"int8": 0.998, "int4": 0.96}
 """Calibration min cosine each precision aims for (its floor plus a margin)."""
+SCORE_TARGETS: dict[str, float] = {"int8": 0.01, "int4": 0.025}
+"""A reranker's aim: largest |score difference| on the calibration pairs, half its floor
+(:data:`qwen3emb.constants.SCORE_FLOORS`)."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """What the search scores a build on. Internally higher is better: cosine as it is, a
+    reranker's largest |score difference| d as ``1 - d``."""
+
+    name: str
+    """``cosine`` (embedding graphs) or ``score`` (reranker graphs)."""
+
+    @property
+    def label(self) -> str:
+        return "min cosine" if self.name == "cosine" else "max |score diff|"
+
+    @property
+    def key(self) -> str:
+        return ("calibration_min_cosine" if self.name == "cosine"
+                else "calibration_max_score_diff")
+
+    def shown(self, fidelity: float) -> float:
+        """The figure as reported: the cosine, or the score difference."""
+        return fidelity if self.name == "cosine" else round(1.0 - fidelity, 9)
+
+    def target(self, precision: str, override: float | None = None) -> float:
+        if self.name == "cosine":
+            return override or TARGETS[precision]
+        return 1.0 - (SCORE_TARGETS[precision] if override is None else override)
+
+    def floor(self, precision: str) -> float:
+        from qwen3emb.constants import SCORE_FLOORS
+
+        return FLOORS[precision] if self.name == "cosine" else 1.0 - SCORE_FLOORS[precision]
+
+
+COSINE = Metric("cosine")
 SIZE_BUDGET: dict[str, float] = {"int8": 0.40, "int4": 0.32}
 """Largest variant, as a fraction of the fp32 weights (MatMuls and embedding table)."""
+SCORE_SIZE_BUDGET = 1.0
+"""A reranker's budget: any MatMul may go back to fp32. Users threshold the score itself, so
+a variant that misses its score floor is worse than a slower one; the settings record what
+each escalation cost."""
 OUT_OF_LINE = 4.0
 """A MatMul whose measured error exceeds this x the median of its tier is escalated up front."""
 OUT_OF_LINE_MIN_ERROR = 0.02
@@ -156,13 +200,15 @@ def scoring_feeds(feeds: Sequence[dict[str, np.ndarray]], batch: int = SCORE_BAT
 
 
 def score(path: Path, feeds: Sequence[tuple[dict[str, np.ndarray], list[int]]],
-          reference: Sequence[dict[str, np.ndarray]]) -> float:
-    """Minimum cosine, over feeds and output rows, of the graph at ``path`` to ``reference``.
+          reference: Sequence[dict[str, np.ndarray]], metric: Metric = COSINE) -> float:
+    """Minimum cosine, over feeds and output rows, of the graph at ``path`` to ``reference``;
+    with the ``score`` metric, 1 minus the largest |score difference| instead.
 
     Args:
         path: the graph to score.
         feeds: from :func:`scoring_feeds`.
         reference: the fp32 graph's outputs per calibration text.
+        metric: :class:`Metric`.
     """
     import onnxruntime as ort
 
@@ -173,10 +219,17 @@ def score(path: Path, feeds: Sequence[tuple[dict[str, np.ndarray], list[int]]],
     # last_hidden_state (interop) is the embedding broadcast over the sequence: nothing to add.
     names = [o.name for o in session.get_outputs()
              if o.name in reference[0] and o.name != LAST_HIDDEN_STATE]
+    if metric.name == "score":
+        names = [SCORE]
     worst = 1.0
     for feed, rows in feeds:
         wanted = {i.name: feed[i.name] for i in session.get_inputs()}
         for name, value in zip(names, session.run(names, wanted)):
+            if metric.name == "score":
+                expected = np.concatenate([reference[i][name] for i in rows])
+                gap = np.abs(np.nan_to_num(value.astype(np.float64), nan=np.inf) - expected)
+                worst = min(worst, 1.0 - float(gap.max()))
+                continue
             expected = np.concatenate([reference[i][name] for i in rows])
             a = np.nan_to_num(value.reshape(-1, value.shape[-1]).astype(np.float64))
             b = expected.reshape(-1, value.shape[-1]).astype(np.float64)
@@ -231,7 +284,7 @@ def _escalate(plan: dict[str, str], ranked: list[str], count: int,
 def search_variant(source: Path, precision: str, *, scheme: str, calibration: Calibration,
                    measurements: Measurements, smoothing: list[q.Smoothing],
                    feeds: Sequence[dict[str, np.ndarray]], external: bool,
-                   target: float | None = None) -> Variant:
+                   target: float | None = None, metric: Metric = COSINE) -> Variant:
     """Build ``precision`` of ``source`` at the smallest escalation that meets its target.
 
     Args:
@@ -243,7 +296,9 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
         smoothing: the smoothing plan (folded into every build).
         feeds: the calibration inputs.
         external: write weights to ``<name>_data``.
-        target: calibration min cosine to reach (default ``TARGETS[precision]``).
+        target: calibration min cosine to reach (default ``TARGETS[precision]``); with the
+            ``score`` metric, the largest |score difference| (default ``SCORE_TARGETS``).
+        metric: what a build is scored on (:class:`Metric`).
 
     Returns:
         The written variant; its settings record every decision.
@@ -251,23 +306,41 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
     Raises:
         OutputError: the floor is out of reach within the size budget.
     """
-    target, floor = target or TARGETS[precision], FLOORS[precision]
+    target, floor = metric.target(precision, target), metric.floor(precision)
     ranges = dict(calibration.ranges)
     smoothed = q.apply_smoothing(LazyGraph(source), smoothing, ranges) if smoothing else ranges
     plan = planned.initial_plan(LazyGraph(source), precision, scheme, smoothed)
     start_plan = dict(plan)
     sizes = measurements.sizes
-    columns = measurements.embedding.outlier_columns if measurements.embedding else ()
+    columns: tuple[int, ...] | None = (measurements.embedding.outlier_columns
+                                       if measurements.embedding else ())
     rows, width = measurements.embedding_shape
     # The embedding table: codes, block scales and zero points, plus the fp32 side table.
-    fixed = rows * width * (1 + 5 / q.EMBEDDING_BLOCK_SIZE) + 4 * rows * len(columns)
-    budget = SIZE_BUDGET[precision] * measurements.fp32_bytes()
+    fixed = rows * width * (1 + 5 / q.EMBEDDING_BLOCK_SIZE) + 4 * rows * len(columns or ())
+    budget = (SIZE_BUDGET[precision] if metric.name == "cosine"
+              else SCORE_SIZE_BUDGET) * measurements.fp32_bytes()
     out_of_line = _out_of_line(plan, measurements)
     target_path = variant_path(source, precision)
     rounds: list[dict[str, Any]] = []
     best, best_plan = -1.0, dict(plan)
     started = time.perf_counter()
     scoring = scoring_feeds(feeds)
+    table_check: dict[str, Any] | None = None
+    if metric.name == "score" and rows:
+        # A score is one number: the 8-bit table's error reaches it unaveraged. Measured
+        # alone (every MatMul fp32); where it takes more than half the target, the table stays
+        # fp32, which costs size, not time (a Gather).
+        files = planned.build_planned(source, target_path, {n: "fp32" for n in plan},
+                                      smoothing, calibration.ranges, columns, external)
+        alone = score(target_path, scoring, calibration.outputs, metric)
+        for path in files:
+            path.unlink(missing_ok=True)
+        keep = 1.0 - alone > (1.0 - target) / 2
+        table_check = {"table_alone": metric.shown(alone), "table_fp32": keep}
+        if keep:
+            columns, fixed = None, 4.0 * rows * width
+        logger.info("%s %s: the 8-bit table alone gives %s %.5f: table %s", source.name,
+                    precision, metric.label, metric.shown(alone), "fp32" if keep else "8-bit")
     # The precision's own ladder first; where the budget stops it short of the target (fp32
     # escalations are 4 bytes a weight), the size ladder is tried too and the best plan kept.
     ladders = [planned.LADDERS[precision]]
@@ -290,18 +363,19 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
                 files = planned.build_planned(source, target_path, plan, smoothing,
                                               calibration.ranges, columns, external)
                 on_disk = key
-                scored[key] = score(target_path, scoring, calibration.outputs)
+                scored[key] = score(target_path, scoring, calibration.outputs, metric)
             fidelity = scored[key]
             if fidelity > best:
                 best, best_plan = fidelity, dict(plan)
-            rounds.append({"calibration_min_cosine": round(fidelity, 6),
+            rounds.append({metric.key: round(metric.shown(fidelity), 6),
                            "ladder": "size" if ladder is planned.SIZE_LADDER else "speed",
                            **({"score_reused": True} if reused else {}),
                            "tiers": planned.plan_summary(plan),
                            "weight_mb": round((planned.plan_bytes(plan, sizes) + fixed) / 1e6,
                                               3)})
-            logger.info("%s %s build %d: calibration min cosine %.5f (%s)", source.name,
-                        precision, len(rounds), fidelity, planned.plan_summary(plan))
+            logger.info("%s %s build %d: calibration %s %.5f (%s)", source.name, precision,
+                        len(rounds), metric.label, metric.shown(fidelity),
+                        planned.plan_summary(plan))
             if fidelity >= target or build == MAX_BUILDS - 1:
                 break
             ranked = rank_escalations(plan, measurements, ladder)
@@ -320,8 +394,8 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
             path.unlink(missing_ok=True)
         files = planned.build_planned(source, target_path, plan, smoothing, calibration.ranges,
                                       columns, external)
-        fidelity = score(target_path, scoring, calibration.outputs)
-        rounds.append({"calibration_min_cosine": round(fidelity, 6), "rebuilt_best": True,
+        fidelity = score(target_path, scoring, calibration.outputs, metric)
+        rounds.append({metric.key: round(metric.shown(fidelity), 6), "rebuilt_best": True,
                        "tiers": planned.plan_summary(plan),
                        "weight_mb": round((planned.plan_bytes(plan, sizes) + fixed) / 1e6, 3)})
     if fidelity < floor:
@@ -330,29 +404,36 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
         everything = {n: "fp32" for n in plan}
         cost = (planned.plan_bytes(everything, sizes) + fixed) / 1e6
         raise OutputError(
-            f"{source.name} {precision}: best min cosine on the calibration texts is "
-            f"{best:.4f}, below the {floor} floor, within its size budget of "
+            f"{source.name} {precision}: best {metric.label} on the calibration texts is "
+            f"{metric.shown(best):.4f}, short of the {metric.shown(floor):g} floor, within "
+            f"its size budget of "
             f"{budget / 1e6:.1f} MB; fp32 MatMuls would cost {cost:.1f} MB",
             hint="Export fp16 instead, or force a recipe with --int8-scheme")
     if fidelity < target:
-        logger.warning("%s %s: calibration min cosine %.5f is above the %s floor but below "
-                       "the %s target (size budget reached)", source.name, precision,
-                       fidelity, floor, target)
+        logger.warning("%s %s: calibration %s %.5f meets the %g floor but not the %g "
+                       "target (size budget reached)", source.name, precision, metric.label,
+                       metric.shown(fidelity), metric.shown(floor), metric.shown(target))
     escalated = {n: f"{start_plan[n]}->{t}" for n, t in plan.items() if t != start_plan[n]}
     table = "; 8-bit embedding table" if measurements.embedding_shape[0] else ""
     embedding: dict[str, Any] = {"treatment": "none (no token-embedding table)"}
-    if table:
+    if table and columns is None:
+        table = "; fp32 embedding table"
+        embedding = {"treatment": "fp32 (the 8-bit table alone missed half the target)",
+                     **(table_check or {})}
+    elif table:
         embedding = {"treatment": f"8-bit GatherBlockQuantized, block {q.EMBEDDING_BLOCK_SIZE}"
                      + ("; outlier columns in an fp32 side table" if columns else ""),
-                     **(measurements.embedding.to_dict() if measurements.embedding else {})}
+                     **(measurements.embedding.to_dict() if measurements.embedding else {}),
+                     **(table_check or {})}
     settings: dict[str, Any] = {
         "search": "accuracy-driven (qwen3emb.export.quant.search)",
         # The fixed recipe the search started from (what --int8-scheme would force).
         **({"scheme": scheme} if precision == "int8" else {
             "bits": 4, "block_size": q.INT4_BLOCK_SIZE, "accuracy_level": q.INT4_ACCURACY_LEVEL,
             "8bit_matmuls": list(q.INT4_8BIT_MATMULS)}),
-        "calibration_fidelity": round(fidelity, 6),
-        "target": target,
+        "metric": metric.name,
+        "calibration_fidelity": round(metric.shown(fidelity), 6),
+        "target": metric.shown(target),
         "target_reached": fidelity >= target,
         "size_budget_mb": round(budget / 1e6, 3),
         "rounds": rounds,
@@ -373,14 +454,15 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
     summary = ", ".join(f"{k} {v}" for k, v in planned.plan_summary(plan).items())
     scheme_text = (f"accuracy-searched {precision}: MatMuls {summary}{table}"
                    + (f" with {len(columns)} outlier columns in fp32" if columns else "")
-                   + f"; calibration min cosine {fidelity:.4f}")
+                   + f"; calibration {metric.label} {metric.shown(fidelity):.4g}")
     return Variant(precision, tuple(files), scheme_text, settings)
 
 
 def search_variants(source: Path, precisions: Sequence[str], *, scheme: str,
                     calibration: Calibration, samples: ActivationSamples,
                     feeds: Sequence[dict[str, np.ndarray]],
-                    targets: dict[str, float] | None = None) -> list[Variant]:
+                    targets: dict[str, float] | None = None,
+                    metric: Metric = COSINE) -> list[Variant]:
     """:func:`search_variant` for each of ``precisions`` (``int8``, ``int4``), sharing one
     smoothing plan and one measurement per smoothing choice; ``targets`` replaces
     :data:`TARGETS` per precision.
@@ -407,7 +489,8 @@ def search_variants(source: Path, precisions: Sequence[str], *, scheme: str,
                                        calibration=calibration, measurements=measurements,
                                        smoothing=plan if smooth else [], feeds=feeds,
                                        external=external,
-                                       target=(targets or {}).get(precision)))
+                                       target=(targets or {}).get(precision),
+                                       metric=metric))
     return variants
 
 
