@@ -186,6 +186,8 @@ def main() -> None:
     parser.add_argument("--sweep-engines", nargs="*", default=None,
                         help="sweep engines (default: torch, ours fp32/int8/int4, llama.cpp "
                              "q8_0, OpenVINO fp32)")
+    parser.add_argument("--rerank", action="store_true",
+                        help="the reranker cells instead (scripts/bench_rerank.py)")
     args = parser.parse_args()
     extra = {}
     for item in args.onnx:
@@ -199,6 +201,12 @@ def main() -> None:
     out = args.out or args.work
     out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+
+    if args.rerank:
+        from bench_rerank import run as rerank_cells
+
+        rerank_cells(args.work, out, args.threads, args.runs, args.preset)
+        return
 
     if args.sweep:
         from bench_lengths import ENGINES, LENGTHS, sweep
