@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from qwen3emb.constants import DEFAULT_TASK, QUERY_TEMPLATE
-from qwen3emb.errors import InputError
+from qwen3emb.errors import BundleError, InputError
 
 
 def format_query(query: str, task: str | None = None, template: str = QUERY_TEMPLATE) -> str:
@@ -117,3 +117,27 @@ def describe(obj: Any) -> str:
     """Short repr for error messages (first 40 characters)."""
     text = repr(obj)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def checked_model(manifest: Any, bundle: Any, precision: str, *, verify: bool,
+                  strict: bool) -> dict[str, Any]:
+    """The bundle's ONNX model entry of ``precision``, after the checks every loader makes.
+
+    Raises:
+        BundleError: a file fails its hash check (with ``verify``), or the recorded parity
+            check failed (with ``strict``).
+        InputError: the bundle has no ONNX model of ``precision``.
+    """
+    if verify and (problems := manifest.verify()):
+        raise BundleError(f"bundle '{bundle}' fails its hash check: {'; '.join(problems)}",
+                          hint="Re-run the export; do not edit bundle files by hand")
+    if strict and manifest.parity.get("status") == "failed":
+        raise BundleError(
+            f"bundle '{bundle}' failed its parity check against the reference",
+            hint="See reports/parity.md in the bundle; pass strict=False to load it anyway",
+        )
+    models = manifest.models("onnx")
+    if precision not in models:
+        raise InputError(f"bundle has no '{precision}' ONNX model",
+                         hint=f"Available precisions: {', '.join(sorted(models))}")
+    return dict(models[precision])

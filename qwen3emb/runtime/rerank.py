@@ -20,7 +20,7 @@ import numpy as np
 from qwen3emb.constants import ATTENTION_MASK, INPUT_IDS, LOGITS, SCORE
 from qwen3emb.errors import BundleError, InputError
 from qwen3emb.manifest import Manifest, read_manifest
-from qwen3emb.runtime.common import length_batches
+from qwen3emb.runtime.common import checked_model, length_batches
 from qwen3emb.runtime.session import open_session
 
 logger = logging.getLogger(__name__)
@@ -159,17 +159,7 @@ class Reranker:
         if manifest.family != "qwen3":
             raise BundleError(f"'{bundle}' holds a '{manifest.family}' reranker; Reranker "
                               "reads text rerankers", hint="Use the reranker for that family")
-        if verify and (problems := manifest.verify()):
-            raise BundleError(f"bundle '{bundle}' fails its hash check: {'; '.join(problems)}",
-                              hint="Re-run the export; do not edit bundle files by hand")
-        if strict and manifest.parity.get("status") == "failed":
-            raise BundleError(f"bundle '{bundle}' failed its parity check against the reference",
-                              hint="See reports/parity.md in the bundle; pass strict=False to "
-                                   "load it anyway")
-        models = manifest.models("onnx")
-        if precision not in models:
-            raise InputError(f"bundle has no '{precision}' ONNX model",
-                             hint=f"Available precisions: {', '.join(sorted(models))}")
+        model = checked_model(manifest, bundle, precision, verify=verify, strict=strict)
         limit = manifest.max_length
         if max_length is not None and not 1 <= max_length <= limit:
             raise InputError(f"max_length={max_length} is outside 1..{limit} for this bundle",
@@ -179,7 +169,7 @@ class Reranker:
         self.max_length = max_length or limit
         self.prompt = RerankPrompt.from_manifest(manifest, self.max_length)
         self.pad_id = int(manifest.tokenizer["pad_token_id"])
-        self.session = open_session(manifest.root / models[precision]["path"], providers,
+        self.session = open_session(manifest.root / model["path"], providers,
                                     threads, spinning=spinning)
 
     @property

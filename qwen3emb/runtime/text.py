@@ -15,6 +15,7 @@ from qwen3emb.manifest import Manifest, read_manifest
 from qwen3emb.runtime.common import (
     check_dimensions,
     check_texts,
+    checked_model,
     format_query,
     length_batches,
     truncate_normalize,
@@ -102,21 +103,7 @@ class TextEmbedder:
             raise BundleError(f"'{bundle}' holds a {manifest.task} bundle, which computes "
                               "scores, not embeddings",
                               hint="Load it with qwen3emb.runtime.Reranker")
-        if verify:
-            problems = manifest.verify()
-            if problems:
-                raise BundleError(f"bundle '{bundle}' fails its hash check: {'; '.join(problems)}",
-                                  hint="Re-run the export; do not edit bundle files by hand")
-        parity = manifest.parity
-        if strict and parity.get("status") == "failed":
-            raise BundleError(
-                f"bundle '{bundle}' failed its parity check against the reference",
-                hint="See reports/parity.md in the bundle; pass strict=False to load it anyway",
-            )
-        models = manifest.models("onnx")
-        if precision not in models:
-            raise InputError(f"bundle has no '{precision}' ONNX model",
-                             hint=f"Available precisions: {', '.join(sorted(models))}")
+        model = checked_model(manifest, bundle, precision, verify=verify, strict=strict)
         limit = manifest.max_length
         if max_length is not None and not 2 <= max_length <= limit:
             raise InputError(f"max_length={max_length} is outside 2..{limit} for this bundle",
@@ -127,7 +114,7 @@ class TextEmbedder:
         self.dim = int(manifest.embedding["output_dim"])
         self.mrl_min = manifest.mrl_min
         self.tokenizer, self.pad_id = load_tokenizer(manifest, self.max_length)
-        self.session = open_session(manifest.root / models[precision]["path"], providers, threads,
+        self.session = open_session(manifest.root / model["path"], providers, threads,
                                     spinning=spinning)
 
     @property
