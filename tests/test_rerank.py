@@ -24,32 +24,6 @@ def invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def reranker_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """An untied reranker whose tokenizer appends nothing (as released) and a tied one (as the
-    0.6B) whose tokenizer appends ``<|endoftext|>``; both named like the hub's."""
-    from qwen3emb.convert.random_checkpoint import build_random_reranker
-
-    root = tmp_path_factory.mktemp("rerankers")
-    return {"untied": build_random_reranker(root / "tiny-Qwen3-Reranker", seed=1),
-            "tied": build_random_reranker(root / "tied-qwen3-reranker", tied=True,
-                                          append_end_token=True, seed=2)}
-
-
-@pytest.fixture(scope="module")
-def reranker_bundles(reranker_checkpoints: dict[str, Path],
-                     tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each checkpoint exported by name (no --task) in fp32 and fp16, validated."""
-    root = tmp_path_factory.mktemp("reranker-bundles")
-    out = {}
-    for name, checkpoint in reranker_checkpoints.items():
-        result = invoke("export", checkpoint, "-o", root / name, "--precision", "fp16")
-        assert result.exit_code == 0, result.output
-        assert "task: rerank (from the name" in result.stderr  # said, as it was not asked
-        out[name] = root / name
-    return out
-
-
 def test_task_comes_from_the_flag_or_else_the_name() -> None:
     from qwen3emb.convert.qwen3_reranker import task_for
     from qwen3emb.errors import InputError

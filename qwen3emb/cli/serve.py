@@ -11,7 +11,9 @@ from qwen3emb.cli._common import Provider, Verbose, configure_logging
 
 
 def serve(
-    bundle: Annotated[Path, typer.Argument(help="Bundle directory (text or Qwen3-VL).")],
+    bundles: Annotated[list[Path], typer.Argument(
+        help="Bundle directories (text or Qwen3-VL embedders, rerankers), served side by side.",
+        metavar="BUNDLE...")],
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -19,8 +21,9 @@ def serve(
         help="ONNX precision or GGUF type (runs on llama.cpp) to serve; default fp32, or the "
         "best GGUF of a GGUF-only bundle.")] = None,
     provider: Provider = None,
-    model_name: Annotated[str | None, typer.Option(
-        help="Name clients send as 'model' (default: the bundle directory's name).")] = None,
+    model_name: Annotated[list[str] | None, typer.Option(
+        help="Name clients send as 'model', once per bundle in order (default: the bundle "
+        "directory's name).")] = None,
     api_key_file: Annotated[Path | None, typer.Option(
         help="File of accepted API keys, one per line (default: no authentication).")] = None,
     max_batch_tokens: Annotated[int | None, typer.Option(
@@ -53,7 +56,8 @@ def serve(
         help="Seconds to let in-flight requests finish on SIGTERM.")] = 30,
     verbose: Verbose = False,
 ) -> None:
-    """Serve a bundle over an OpenAI-compatible HTTP API (POST /v1/embeddings).
+    """Serve bundles over an OpenAI-compatible HTTP API: POST /v1/embeddings for embedders,
+    POST /v1/rerank, /v2/rerank (Cohere, Jina) and /rerank (TEI) for rerankers.
 
     Needs the serve extra: pip install 'qwen3emb-export[serve]'. Loopback only and no CORS by
     default; with --api-key-file, requests need 'Authorization: Bearer KEY'. SIGTERM drains
@@ -66,9 +70,11 @@ def serve(
         qwen3emb-export serve qwen3-0.6b --precision int8 --api-key-file keys.txt --host 0.0.0.0
 
         qwen3emb-export serve qwen3-vl-2b --allow-files /data/images
+
+        qwen3emb-export serve qwen3-0.6b qwen3-reranker-0.6b --model-name embed --model-name rerank
     """
     configure_logging(verbose)
-    from qwen3emb.errors import require
+    from qwen3emb.errors import InputError, require
 
     for module in ("fastapi", "uvicorn", "prometheus_client"):
         require(module, "serve")
@@ -76,16 +82,28 @@ def serve(
     from qwen3emb.serve.server import run_server
     from qwen3emb.serve.settings import ServeSettings, read_api_keys
 
-    settings = ServeSettings(
-        bundle=bundle, precision=precision, providers=tuple(provider or ()),
-        model_name=model_name, api_keys=read_api_keys(api_key_file) if api_key_file else (),
+    names = list(model_name or [])
+    if len(names) > len(bundles):
+        raise InputError(f"{len(names)} --model-name for {len(bundles)} bundles",
+                         hint="Give at most one --model-name per bundle, in the bundles' order")
+    common = dict(
+        precision=precision, providers=tuple(provider or ()),
+        api_keys=read_api_keys(api_key_file) if api_key_file else (),
         max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, max_inputs=max_inputs, max_tokens=max_tokens,
         max_queue=max_queue, max_queue_tokens=max_queue_tokens, max_body_bytes=max_body_bytes,
         threads=threads, default_task=task, allow_files=allow_files,
         single_sequence=single_sequence)
-    backend = load_backend(settings)
-    typer.echo(f"serving '{settings.served_name}' ({backend.kind}, {backend.runtime} "
-               f"{backend.precision}) on http://{host}:{port}", err=True)
-    run_server(settings, backend, host=host, port=port, drain_timeout=drain_timeout,
+    settings = [ServeSettings(bundle=b, model_name=names[i] if i < len(names) else None,
+                              **common)  # type: ignore[arg-type]
+                for i, b in enumerate(bundles)]
+    served = [s.served_name for s in settings]
+    if len(set(served)) < len(served):
+        raise InputError(f"two bundles would be served under one name ({', '.join(served)})",
+                         hint="Give each bundle its own --model-name")
+    backends = [load_backend(s) for s in settings]
+    for s, backend in zip(settings, backends):
+        typer.echo(f"serving '{s.served_name}' ({backend.kind}, {backend.runtime} "
+                   f"{backend.precision}) on http://{host}:{port}", err=True)
+    run_server(settings, backends, host=host, port=port, drain_timeout=drain_timeout,
                access_log=verbose)

@@ -1,9 +1,10 @@
 """The HTTP layer: ``create_app(settings)`` builds the FastAPI application.
 
-Routes: ``POST /v1/embeddings`` (and ``/embeddings``), ``POST /tokenize``, ``GET /v1/models``,
-``/info``, ``/health``, ``/ready``, ``/metrics``. Handlers validate, prepare inputs in a
-thread, and hand them to the :class:`~qwen3emb.serve.batcher.Batcher`; inference never runs
-on the event loop. Every error has OpenAI's shape.
+Routes: ``POST /v1/embeddings`` (and ``/embeddings``), ``POST /tokenize``, the rerank routes
+of :mod:`~qwen3emb.serve.rerank_routes`, ``GET /v1/models``, ``/info``, ``/health``,
+``/ready``, ``/metrics``. Handlers validate, prepare inputs in a thread, and hand them to the
+model's :class:`~qwen3emb.serve.batcher.Batcher`; inference never runs on the event loop.
+Every error has OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,10 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qwen3emb import __version__
 from qwen3emb.errors import InputError
 from qwen3emb.runtime.common import check_dimensions, truncate_normalize
-from qwen3emb.serve.backend import Backend, Prepared, load_backend
-from qwen3emb.serve.batcher import Batcher, QueueFull
-from qwen3emb.serve.metrics import ServerMetrics
+from qwen3emb.serve.backend import Backend, Prepared
 from qwen3emb.serve.middleware import GuardMiddleware
+from qwen3emb.serve.rerank_routes import RERANK_FIELDS, TEI_FIELDS, add_rerank_routes
 from qwen3emb.serve.schemas import (
     ApiError,
     EmbeddingRequest,
@@ -37,87 +36,41 @@ from qwen3emb.serve.schemas import (
     parse_input,
 )
 from qwen3emb.serve.settings import ServeSettings
+from qwen3emb.serve.state import ModelState, ServerState
 
 logger = logging.getLogger(__name__)
 
-WARMUP_TEXT = "warm-up"
+FIELDS = {"/v1/embeddings": "input, model, encoding_format, dimensions, user, input_type, "
+                            "instruction, truncate",
+          "/tokenize": "input, model, input_type, instruction, truncate",
+          "/v1/rerank": RERANK_FIELDS, "/v2/rerank": RERANK_FIELDS, "/rerank": TEI_FIELDS}
+"""What each POST route accepts, for the message that names an unknown field."""
 INLINE_PREPARE_CHARS = 4096
 """Text requests up to this many characters (or token ids) are tokenized on the event loop."""
 
 
-class ServerState:
-    """What the handlers share: settings, backend, batcher, metrics, readiness."""
-
-    def __init__(self, settings: ServeSettings, backend: Backend | None) -> None:
-        self.settings = settings
-        self.backend = backend
-        self.metrics = ServerMetrics()
-        self.batcher: Batcher | None = None
-        self.batch_tokens = self.batch_size = 0
-        self.ready = False
-        self.problem: str | None = None
-        self.started = int(time.time())
-
-    def require_ready(self) -> tuple[Backend, Batcher]:
-        """The backend and batcher, or 503 while loading, warming up or shutting down."""
-        if not self.ready or self.backend is None or self.batcher is None:
-            reason = self.problem or "the model is loading or warming up"
-            raise ApiError(503, f"not ready: {reason}; retry shortly", code="not_ready",
-                           headers={"Retry-After": "1"})
-        return self.backend, self.batcher
-
-    def check_model(self, model: str | None) -> None:
-        name = self.settings.served_name
-        if model is not None and model != name:
-            raise ApiError(404, f"model '{model}' is not served here; this server serves "
-                           f"'{name}' (see GET /v1/models)", param="model",
-                           code="model_not_found")
-
-    async def start(self) -> None:
-        """Load the backend when none was given, start the batcher, run one warm-up batch."""
-        try:
-            if self.backend is None:
-                self.backend = await asyncio.to_thread(load_backend, self.settings)
-            backend, settings = self.backend, self.settings
-            self.batch_tokens, self.batch_size = settings.batch_limits(backend.on_cpu)
-            self.batcher = Batcher(
-                backend.run, lambda p: p.tokens, dim=backend.dim,
-                max_batch_tokens=self.batch_tokens, max_batch_size=self.batch_size,
-                wait_s=settings.batch_wait_ms / 1000,
-                max_requests=settings.max_queue, max_tokens=settings.max_queue_tokens,
-                single_sequence=backend.single_sequence, metrics=self.metrics)
-            self.batcher.start()
-            warm = await asyncio.to_thread(backend.prepare, [WARMUP_TEXT], input_type=None,
-                                           instruction=None, truncate=True)
-            await self.batcher.run_direct(warm)
-            self.ready = True
-            logger.info("ready: serving '%s' (%s %s)", settings.served_name, backend.runtime,
-                        backend.precision)
-        except Exception as e:  # the server stays up and says why it is not ready
-            self.problem = e.one_line() if isinstance(e, InputError) else f"{e}"
-            logger.error("the model could not be loaded: %s", self.problem)
-
-    async def stop(self) -> None:
-        self.ready = False
-        self.problem = "the server is shutting down"
-        if self.batcher is not None:
-            await self.batcher.close()
-        if self.backend is not None:
-            self.backend.close()
-
-
-def create_app(settings: ServeSettings, backend: Backend | None = None) -> FastAPI:
+def create_app(settings: ServeSettings | Sequence[ServeSettings],
+               backend: Backend | Sequence[Backend | None] | None = None) -> FastAPI:
     """Build the application.
 
     Args:
-        settings: limits, keys, names (see :class:`ServeSettings`).
-        backend: an already loaded backend (the CLI loads it first so that a bad bundle fails
-            before the port opens); ``None``: loaded at startup, ``/ready`` says 503 until then.
+        settings: limits, keys, names (see :class:`ServeSettings`); one per served bundle,
+            the first one's keys, body cap and limits holding for all.
+        backend: already loaded backends, one per settings (the CLI loads them first so that
+            a bad bundle fails before the port opens); ``None``: loaded at startup, ``/ready``
+            says 503 until then.
 
     Returns:
-        The FastAPI app; run it with uvicorn (its lifespan starts the batcher).
+        The FastAPI app; run it with uvicorn (its lifespan starts the batchers).
+
+    Raises:
+        InputError: two bundles under one model name.
     """
-    state = ServerState(settings, backend)
+    all_settings = [settings] if isinstance(settings, ServeSettings) else list(settings)
+    backends = (list(backend) if isinstance(backend, Sequence)
+                else [backend] * len(all_settings) if backend is None else [backend])
+    state = ServerState(all_settings, backends)
+    settings = state.settings
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -137,8 +90,7 @@ def create_app(settings: ServeSettings, backend: Backend | None = None) -> FastA
     @app.post("/embeddings", response_model=EmbeddingResponse, include_in_schema=False)
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         """Embed strings, token-id lists or (Qwen3-VL) {text, image, video} objects."""
-        backend, batcher = state.require_ready()
-        state.check_model(body.model)
+        served, backend, _ = state.require_ready(body.model, "embed")
         items = parse_input(body.input, max_inputs=settings.max_inputs)
         try:
             width = check_dimensions(body.dimensions, dim=backend.dim, mrl_min=backend.mrl_min)
@@ -147,7 +99,7 @@ def create_app(settings: ServeSettings, backend: Backend | None = None) -> FastA
                            code="invalid_dimensions") from None
         prepared = await _prepare(backend, items, body.input_type, body.instruction,
                                   body.truncate)
-        vectors = await _embed_until_disconnect(request, batcher, prepared, settings)
+        vectors = await served.run(request, prepared)
         bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
         if bad.size:
             raise ApiError(500, f"the model produced non-finite values for input[{bad[0]}] "
@@ -159,47 +111,41 @@ def create_app(settings: ServeSettings, backend: Backend | None = None) -> FastA
         state.metrics.tokens.inc(tokens)
         state.metrics.inputs.inc(len(prepared))
         return JSONResponse(embeddings_body(vectors, encoding_format=body.encoding_format,
-                                            model=settings.served_name, tokens=tokens))
+                                            model=served.name, tokens=tokens))
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         """The token ids each input becomes (instruction, template and end token included)."""
-        backend, _ = state.require_ready()
-        state.check_model(body.model)
+        served, backend, _ = state.require_ready(body.model, "embed")
         items = parse_input(body.input, max_inputs=settings.max_inputs)
         prepared = await _prepare(backend, items, body.input_type, body.instruction,
                                   body.truncate)
         data = [{"index": i, "text": p.text, "tokens": _ids(p), "count": p.tokens,
                  "truncated": p.truncated} for i, p in enumerate(prepared)]
         total = sum(p.tokens for p in prepared)
-        return {"object": "list", "data": data, "model": settings.served_name,
+        return {"object": "list", "data": data, "model": served.name,
                 "usage": {"prompt_tokens": total, "total_tokens": total}}
+
+    add_rerank_routes(app, state)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        """The one model this server serves."""
-        return {"object": "list", "data": [_model_card(state)]}
+        """The models this server serves, in the order it was given them."""
+        return {"object": "list", "data": [_model_card(state, m) for m in state.models]}
 
     @app.get("/v1/models/{model}")
     async def model(model: str) -> dict[str, Any]:
-        state.check_model(model)
-        return _model_card(state)
+        if model not in state.models:
+            state.lookup(model, "embed")  # the 404 naming what is served
+        return _model_card(state, model)
 
     @app.get("/info")
     async def info() -> dict[str, Any]:
-        """Bundle hash, dimensions, Matryoshka range, precision, providers and limits."""
-        backend, _ = state.require_ready()
-        return {"model": settings.served_name, "version": __version__,
-                "bundle": str(settings.bundle), **backend.info(),
-                "default_task": settings.default_task,
-                "query_template": backend.manifest.prompt.get("query_template"),
-                "limits": {"max_inputs": settings.max_inputs,
-                           "max_batch_tokens": state.batch_tokens,
-                           "max_batch_size": state.batch_size,
-                           "max_queue": settings.max_queue,
-                           "max_queue_tokens": settings.max_queue_tokens,
-                           "max_body_bytes": settings.max_body_bytes},
-                "auth": bool(settings.api_keys)}
+        """Per model: bundle hash, dimensions, Matryoshka range, precision, providers, limits;
+        the first model's fields also at the top level."""
+        state.require_all_ready()
+        described = [_describe(m) for m in state.models.values()]
+        return {**described[0], "models": described}
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -208,8 +154,8 @@ def create_app(settings: ServeSettings, backend: Backend | None = None) -> FastA
 
     @app.get("/ready")
     async def ready() -> dict[str, str]:
-        """Readiness: 503 until a warm-up batch has run, and again while shutting down."""
-        state.require_ready()
+        """Readiness: 503 until every model has run a warm-up batch, and while shutting down."""
+        state.require_all_ready()
         return {"status": "ready"}
 
     @app.get("/metrics")
@@ -237,41 +183,27 @@ def _ids(p: Prepared) -> list[int]:
     return list(p.payload if isinstance(p.payload, list) else p.payload.ids)
 
 
-def _model_card(state: ServerState) -> dict[str, Any]:
-    return {"id": state.settings.served_name, "object": "model", "created": state.started,
-            "owned_by": "qwen3emb-export"}
+def _model_card(state: ServerState, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": state.started,
+            "owned_by": "qwen3emb-export", "task": state.models[name].task}
 
 
-async def _embed_until_disconnect(request: Request, batcher: Batcher, prepared: list[Prepared],
-                                  settings: ServeSettings) -> np.ndarray:
-    """Queue the request; if its client disconnects first, drop the queued work."""
-    tokens = sum(p.tokens for p in prepared)
-    if tokens > settings.max_queue_tokens:
-        raise ApiError(413, f"the request has {tokens} tokens, above the queue's limit of "
-                       f"{settings.max_queue_tokens}; split it into smaller requests",
-                       param="input", code="request_too_large")
-    work = asyncio.ensure_future(batcher.embed(prepared))
-    watch = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if work not in done:
-        work.cancel()
-        with contextlib.suppress(asyncio.CancelledError, QueueFull):
-            await work
-        raise ApiError(499, "the client closed the connection", code="client_closed")
-    try:
-        return work.result()
-    except QueueFull as e:
-        raise ApiError(429, str(e), code="queue_full",
-                       headers={"Retry-After": str(e.retry_after)}) from None
-
-
-async def _disconnected(request: Request) -> None:
-    """Return when the client goes away (the body has been read, so only that is left)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+def _describe(served: ModelState) -> dict[str, Any]:
+    backend, _ = served.require_ready()
+    settings = served.settings
+    extra: dict[str, Any] = {}
+    if served.task == "embed":
+        extra = {"default_task": settings.default_task,
+                 "query_template": backend.manifest.prompt.get("query_template")}
+    return {"model": served.name, "task": served.task, "version": __version__,
+            "bundle": str(settings.bundle), **backend.info(), **extra,
+            "limits": {"max_inputs": settings.max_inputs,
+                       "max_batch_tokens": served.batch_tokens,
+                       "max_batch_size": served.batch_size,
+                       "max_queue": settings.max_queue,
+                       "max_queue_tokens": settings.max_queue_tokens,
+                       "max_body_bytes": settings.max_body_bytes},
+            "auth": bool(settings.api_keys)}
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -291,8 +223,8 @@ def _add_error_handlers(app: FastAPI) -> None:
             message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
             param = None
         elif first.get("type") == "extra_forbidden":
-            message = (f"unknown field '{param}'; this API takes input, model, "
-                       "encoding_format, dimensions, user, input_type, instruction, truncate")
+            takes = FIELDS.get(request.url.path, FIELDS["/v1/embeddings"])
+            message = f"unknown field '{param}'; this route takes {takes}"
         elif not loc:
             message = ("the body must be a JSON object sent with the header "
                        "'Content-Type: application/json'")

@@ -27,6 +27,7 @@ from qwen3emb.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
+WARMUP_TEXT = "warm-up"
 BATCH_INDEPENDENT_ONNX = ("fp32", "fp16")
 """ONNX precisions whose rows never see each other: batched = single within 1.2e-7 (1 - cosine,
 tiny bundle, 12 texts of 3..486 tokens; scripts/measure_batch_independence.py). int8 and int4
@@ -61,8 +62,7 @@ class Backend:
         self.manifest = manifest
         self.settings = settings
         self.precision = precision
-        self.dim = int(manifest.embedding["output_dim"])
-        self.mrl_min = manifest.mrl_min
+        self.dim, self.mrl_min = self.widths(manifest)
         self.max_tokens = int(settings.max_tokens or manifest.max_length)
         if self.max_tokens > manifest.max_length:
             raise InputError(f"--max-tokens {self.max_tokens} is above the bundle's "
@@ -70,6 +70,10 @@ class Backend:
                              hint=f"Choose at most {manifest.max_length}")
         chosen = settings.single_sequence
         self.single_sequence = self.default_single_sequence() if chosen is None else chosen
+
+    def widths(self, manifest: Manifest) -> tuple[int, int]:
+        """Width of ``run``'s rows and the narrowest Matryoshka width (embedders)."""
+        return int(manifest.embedding["output_dim"]), manifest.mrl_min
 
     def default_single_sequence(self) -> bool:
         """Whether batching would make a row depend on its batch mates: fp32/fp16 never, a
@@ -122,6 +126,10 @@ class Backend:
                 instruction: str | None, truncate: bool) -> list[Prepared]:
         """Turn request items into sequences (see :class:`TextBackend`, :class:`VLBackend`)."""
         raise NotImplementedError
+
+    def warmup_inputs(self) -> list[Prepared]:
+        """One short input, run once before the server says it is ready."""
+        return self.prepare([WARMUP_TEXT], input_type=None, instruction=None, truncate=True)
 
     def run(self, batch: Sequence[Prepared]) -> np.ndarray:
         """Embed ``batch`` in one call → float32 ``[len(batch), dim]`` unit-norm rows."""
@@ -359,12 +367,16 @@ def _allowed_path(value: str, allow: Path | None, where: str) -> Path:
 
 
 def load_backend(settings: ServeSettings) -> Backend:
-    """Open the bundle with the embedder its family and precision need.
+    """Open the bundle with the embedder (or reranker) its family, task and precision need.
 
     Raises:
         BundleError, InputError, ProviderError, MissingDependencyError: from the runtime.
     """
     manifest = read_manifest(settings.bundle)
+    if manifest.task == "rerank":
+        from qwen3emb.serve.rerank_backend import load_reranker
+
+        return load_reranker(settings, manifest)
     providers = list(settings.providers) or None
     if "vision" in manifest.data:
         from qwen3emb.runtime import VLEmbedder

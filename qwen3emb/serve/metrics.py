@@ -43,6 +43,12 @@ class ServerMetrics:
                                  "Requests dropped because their client went away",
                                  registry=registry)
 
+    def watch_queues(self, depths: Any) -> None:
+        """Report the queue gauges as the sum over every batcher's ``depth`` (several models
+        in one process), read at each scrape, instead of the value a batcher last set."""
+        self.queue_requests.set_function(lambda: sum(r for r, _ in depths()))
+        self.queue_tokens.set_function(lambda: sum(t for _, t in depths()))
+
     def render(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -17,8 +17,8 @@ from qwen3emb.serve.settings import ServeSettings
 
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/openapi.json"})
 """Probes and scrapers need no key."""
-ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/tokenize", "/v1/models", "/info",
-                    "/health", "/ready", "/metrics"})
+ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/tokenize", "/v1/rerank", "/v2/rerank",
+                    "/rerank", "/v1/models", "/info", "/health", "/ready", "/metrics"})
 
 
 class GuardMiddleware:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Sequence
 from types import FrameType
 
 from qwen3emb.serve.backend import Backend
@@ -12,7 +13,8 @@ from qwen3emb.serve.settings import ServeSettings, is_loopback
 logger = logging.getLogger(__name__)
 
 
-def run_server(settings: ServeSettings, backend: Backend, *, host: str = "127.0.0.1",
+def run_server(settings: ServeSettings | Sequence[ServeSettings],
+               backend: Backend | Sequence[Backend], *, host: str = "127.0.0.1",
                port: int = 8000, drain_timeout: int = 30, access_log: bool = False) -> None:
     """Serve ``backend`` until SIGTERM or Ctrl-C.
 
@@ -21,8 +23,8 @@ def run_server(settings: ServeSettings, backend: Backend, *, host: str = "127.0.
     process exits 0. Ctrl-C does the same, then raises ``KeyboardInterrupt``.
 
     Args:
-        settings: the server's settings.
-        backend: the loaded model (see :func:`~qwen3emb.serve.backend.load_backend`).
+        settings: the server's settings, one per served bundle.
+        backend: the loaded models, likewise (see :func:`~qwen3emb.serve.backend.load_backend`).
         host, port: where to listen; loopback by default.
         drain_timeout: seconds to wait for in-flight requests on shutdown.
         access_log: log one line per request (at INFO).
@@ -31,7 +33,8 @@ def run_server(settings: ServeSettings, backend: Backend, *, host: str = "127.0.
 
     from qwen3emb.serve.app import create_app
 
-    if not settings.api_keys and not is_loopback(host):
+    first = settings if isinstance(settings, ServeSettings) else settings[0]
+    if not first.api_keys and not is_loopback(host):
         logger.warning("listening on %s without API keys: anyone who reaches this port can "
                        "use the model (add --api-key-file)", host)
     app = create_app(settings, backend)

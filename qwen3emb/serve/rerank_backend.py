@@ -1,0 +1,110 @@
+"""The reranker side of the server: the runtime's ``Reranker`` behind the backend interface.
+
+A pair becomes one :class:`~qwen3emb.serve.backend.Prepared` sequence (the model card's prompt,
+content cut longest first to the token limit, prefix and suffix never cut), and a call returns
+one row per pair: ``[score, logit]``. The same batcher that forms embedding batches forms
+these, so a pair's score never depends on the pairs it ran with (fp32/fp16 graphs, and the
+searched int8/int4 whose activations are per row; see ``BATCH_INDEPENDENT_ONNX``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from qwen3emb.manifest import Manifest, sha256_file
+from qwen3emb.serve.backend import WARMUP_TEXT, Backend, Prepared
+from qwen3emb.serve.schemas import ApiError
+from qwen3emb.serve.settings import ServeSettings
+
+ROW = ("score", "logit")
+"""What each row of :meth:`RerankBackend.run` holds."""
+
+
+class RerankBackend(Backend):
+    """Qwen3-Reranker through the ONNX ``Reranker``."""
+
+    kind = "rerank"
+
+    def __init__(self, reranker: Any, manifest: Manifest, settings: ServeSettings,
+                 precision: str) -> None:
+        super().__init__(reranker, manifest, settings, precision)
+        self.prompt = reranker.prompt
+
+    def widths(self, manifest: Manifest) -> tuple[int, int]:
+        return len(ROW), len(ROW)
+
+    def model_file(self) -> dict[str, Any]:
+        return self.manifest.models("onnx")[self.precision]
+
+    def info(self) -> dict[str, Any]:
+        entry = self.model_file()
+        rerank = self.manifest.rerank
+        return {"family": self.manifest.family, "kind": self.kind, "runtime": self.runtime,
+                "precision": self.precision, "providers": self.providers,
+                "max_tokens": self.max_tokens,
+                "default_instruction": rerank["default_instruction"],
+                "bundle_sha256": sha256_file(self.manifest.root / "manifest.json"),
+                "model_file": entry["path"], "model_sha256": entry["sha256"],
+                "one_sequence_per_call": self.single_sequence}
+
+    def prepare(self, items: list[Any], *, input_type: str | None,
+                instruction: str | None, truncate: bool) -> list[Prepared]:
+        raise ApiError(400, "this model is a reranker; POST /v1/rerank (or /v2/rerank, "
+                       "/rerank) with a query and documents", param="model",
+                       code="wrong_model_kind")
+
+    def prepare_pairs(self, query: str, documents: Sequence[str], *,
+                      instruction: str | None, truncate: bool, param: str = "documents"
+                      ) -> list[Prepared]:
+        """The model card's prompt for each (query, document) pair (``param``: the request
+        field errors name).
+
+        Raises:
+            ApiError: 400 for an empty instruction; 413 for a pair above the token limit with
+                ``truncate`` false (its content would have been cut).
+        """
+        if instruction is not None and not instruction.strip():
+            raise ApiError(400, "instruction is empty; omit it to use the model card's default",
+                           param="instruction", code="invalid_instruction")
+        ids, cut = self.prompt.pair_ids(query, list(documents), instruction)
+        if not truncate and any(cut):
+            i = cut.index(True)
+            raise ApiError(413, f"{param}[{i}] with the query is above this server's limit "
+                           f"of {self.max_tokens} tokens per pair; shorten it, or send "
+                           "truncate: true to cut it the model card's way (longest first)",
+                           param=f"{param}[{i}]", code="input_too_long")
+        return [Prepared(len(row), row, doc, flag)
+                for row, doc, flag in zip(ids, documents, cut)]
+
+    def warmup_inputs(self) -> list[Prepared]:
+        return self.prepare_pairs(WARMUP_TEXT, [WARMUP_TEXT], instruction=None, truncate=True)
+
+    def run(self, batch: Sequence[Prepared]) -> np.ndarray:
+        """Score ``batch`` in one call → float32 ``[len(batch), 2]``: score, logit."""
+        seqs = [p.payload for p in batch]
+        width = max(len(s) for s in seqs)
+        input_ids = np.full((len(seqs), width), self.embedder.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for j, row in enumerate(seqs):  # right padding: the graph reads the last real token
+            input_ids[j, :len(row)] = row
+            mask[j, :len(row)] = 1
+        score, logit = self.embedder.run_ids(input_ids, mask)
+        return np.stack([score, logit], axis=1)
+
+
+def load_reranker(settings: ServeSettings, manifest: Manifest) -> RerankBackend:
+    """Open a reranker bundle (``export --task rerank``) for serving.
+
+    Raises:
+        BundleError, InputError, ProviderError: from the runtime.
+    """
+    from qwen3emb.runtime import Reranker
+
+    precision = settings.precision or "fp32"
+    reranker = Reranker(settings.bundle, list(settings.providers) or None, precision=precision,
+                        threads=settings.threads, max_length=settings.max_tokens,
+                        spinning=False)
+    return RerankBackend(reranker, manifest, settings, precision)

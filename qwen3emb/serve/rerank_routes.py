@@ -1,0 +1,179 @@
+"""The rerank routes: Cohere's and Jina's shape at ``POST /v1/rerank`` and ``/v2/rerank`` (as
+vLLM serves them), TEI's at ``POST /rerank``.
+
+A request's pairs are prepared with the model card's prompt and queued on the reranker's
+batcher like embedding inputs; the answer is sorted best first (ties keep input order).
+Errors have the same OpenAI shape as every other route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from qwen3emb.serve.backend import Prepared
+from qwen3emb.serve.schemas import ApiError
+from qwen3emb.serve.state import ModelState, ServerState
+
+INLINE_PREPARE_CHARS = 4096
+"""Requests up to this many characters are tokenized on the event loop (see ``app``)."""
+RERANK_FIELDS = ("model, query, documents, top_n, return_documents, instruction, truncate")
+TEI_FIELDS = "query, texts, raw_scores, return_text, truncate, model, instruction"
+
+
+class RerankDocument(BaseModel):
+    """A document given as an object (Cohere's and Jina's ``{"text": ...}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: StrictStr
+
+
+class RerankRequest(BaseModel):
+    """``POST /v1/rerank`` and ``/v2/rerank``: Cohere's fields, plus ``instruction``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: StrictStr = Field(description="The query (may be empty).")
+    documents: list[StrictStr | RerankDocument] = Field(
+        description="The candidates: strings or {text} objects (may be empty strings).")
+    model: StrictStr | None = Field(None, description="A served reranker's name; default the "
+                                    "first reranker served.")
+    top_n: StrictInt | None = Field(None, ge=1, description="Return only the best N.")
+    return_documents: StrictBool = Field(True, description="Echo each document's text.")
+    instruction: StrictStr | None = Field(
+        None, description="The task; default the model card's web-search instruction.")
+    truncate: StrictBool = Field(True, description="Cut pairs above the token limit the model "
+                                 "card's way (content longest first); false: refuse with 413.")
+
+
+class TEIRerankRequest(BaseModel):
+    """``POST /rerank``: text-embeddings-inference's fields, plus ``model`` and ``instruction``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: StrictStr
+    texts: list[StrictStr]
+    raw_scores: StrictBool = Field(False, description="The logit (yes minus no) instead of "
+                                   "its sigmoid.")
+    return_text: StrictBool = False
+    truncate: StrictBool = Field(False, description="As TEI: refuse over-long pairs unless "
+                                 "true, which cuts them the model card's way.")
+    model: StrictStr | None = None
+    instruction: StrictStr | None = None
+
+
+class RerankResultDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankResultDocument | None = None
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    """The response, as Cohere, Jina and vLLM send it."""
+
+    id: str
+    results: list[RerankResult]
+    model: str
+    usage: RerankUsage
+    meta: dict[str, Any]
+
+
+class TEIRank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
+def add_rerank_routes(app: FastAPI, state: ServerState) -> None:
+    """Register ``/v1/rerank``, ``/v2/rerank`` and ``/rerank`` on ``app``."""
+
+    async def cohere(body: RerankRequest, request: Request, version: str) -> Response:
+        documents = [d if isinstance(d, str) else d.text for d in body.documents]
+        served, rows, prepared = await _score(state, request, body.model, body.query,
+                                              documents, "documents", body.instruction,
+                                              body.truncate)
+        order = _best_first(rows[:, 0])[:body.top_n]
+        results = [{"index": i, "relevance_score": float(rows[i, 0]),
+                    **({"document": {"text": documents[i]}} if body.return_documents else {})}
+                   for i in order]
+        tokens = sum(p.tokens for p in prepared)
+        return JSONResponse({"id": f"rerank-{uuid.uuid4().hex}", "results": results,
+                             "model": served.name, "usage": {"total_tokens": tokens},
+                             "meta": {"api_version": {"version": version},
+                                      "billed_units": {"search_units": 1}}})
+
+    @app.post("/v1/rerank", response_model=RerankResponse)
+    async def rerank_v1(body: RerankRequest, request: Request) -> Response:
+        """Rerank documents against a query (Cohere v1 and Jina shape)."""
+        return await cohere(body, request, "1")
+
+    @app.post("/v2/rerank", response_model=RerankResponse)
+    async def rerank_v2(body: RerankRequest, request: Request) -> Response:
+        """Rerank documents against a query (Cohere v2 shape)."""
+        return await cohere(body, request, "2")
+
+    @app.post("/rerank", response_model=list[TEIRank])
+    async def rerank_tei(body: TEIRerankRequest, request: Request) -> Response:
+        """Rerank texts against a query (text-embeddings-inference's shape)."""
+        _, rows, _ = await _score(state, request, body.model, body.query, body.texts,
+                                  "texts", body.instruction, body.truncate)
+        column = 1 if body.raw_scores else 0
+        return JSONResponse([{"index": i, "score": float(rows[i, column]),
+                              **({"text": body.texts[i]} if body.return_text else {})}
+                             for i in _best_first(rows[:, column])])
+
+
+async def _score(state: ServerState, request: Request, model: str | None, query: str,
+                 documents: list[str], param: str, instruction: str | None, truncate: bool
+                 ) -> tuple[ModelState, np.ndarray, list[Prepared]]:
+    """Prepare and queue the pairs on the chosen reranker → its ``[n, 2]`` rows (score, logit).
+
+    Raises:
+        ApiError: 400 no documents; 413 too many documents, or a pair too long without
+            ``truncate``; 500 non-finite scores; and the model's lookup and queue errors.
+    """
+    served, backend, _ = state.require_ready(model, "rerank")
+    limit = served.settings.max_inputs
+    if not documents:
+        raise ApiError(400, f"{param} is an empty list; send at least one document",
+                       param=param, code="invalid_input")
+    if len(documents) > limit:
+        raise ApiError(413, f"{param} has {len(documents)} documents, above this server's "
+                       f"limit of {limit} per request; split it into several requests",
+                       param=param, code="too_many_inputs")
+    prepare = backend.prepare_pairs  # type: ignore[attr-defined]
+    if len(query) + sum(len(d) for d in documents) <= INLINE_PREPARE_CHARS:
+        prepared = prepare(query, documents, instruction=instruction, truncate=truncate,
+                           param=param)
+    else:
+        prepared = await asyncio.to_thread(prepare, query, documents, instruction=instruction,
+                                           truncate=truncate, param=param)
+    rows = await served.run(request, prepared, param=param)
+    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    if bad.size:
+        raise ApiError(500, f"the model produced a non-finite score for {param}[{bad[0]}] at "
+                       f"precision {backend.precision}; serve a wider precision",
+                       code="non_finite_output")
+    state.metrics.tokens.inc(sum(p.tokens for p in prepared))
+    state.metrics.inputs.inc(len(prepared))
+    return served, rows, prepared
+
+
+def _best_first(scores: np.ndarray) -> list[int]:
+    """Indices by descending score; ties keep input order."""
+    return sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
