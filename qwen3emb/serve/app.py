@@ -26,6 +26,7 @@ from qwen3emb.errors import InputError
 from qwen3emb.runtime.common import check_dimensions, truncate_normalize
 from qwen3emb.serve.backend import Backend, Prepared
 from qwen3emb.serve.middleware import GuardMiddleware
+from qwen3emb.serve.openapi import install_openapi
 from qwen3emb.serve.rerank_routes import RERANK_FIELDS, TEI_FIELDS, add_rerank_routes
 from qwen3emb.serve.schemas import (
     ApiError,
@@ -85,6 +86,7 @@ def create_app(settings: ServeSettings | Sequence[ServeSettings],
     app.state.server = state
     app.add_middleware(GuardMiddleware, settings=settings, metrics=state.metrics)
     _add_error_handlers(app)
+    install_openapi(app, state)
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse)
     @app.post("/embeddings", response_model=EmbeddingResponse, include_in_schema=False)
@@ -236,7 +238,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
         return respond(ApiError(exc.status_code, f"{request.method} {request.url.path}: "
-                                f"{exc.detail}", code=codes.get(exc.status_code)))
+                                f"{exc.detail}", code=codes.get(exc.status_code),
+                                headers=dict(exc.headers or {})))  # 405 keeps its Allow
 
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, WithJsonSchema
 
 from qwen3emb.serve.backend import Prepared
-from qwen3emb.serve.schemas import ApiError
+from qwen3emb.serve.schemas import NOT_BLANK, ApiError, JsonInt
 from qwen3emb.serve.state import ModelState, ServerState
 
 INLINE_PREPARE_CHARS = 4096
@@ -42,13 +42,16 @@ class RerankRequest(BaseModel):
 
     query: StrictStr = Field(description="The query (may be empty).")
     documents: list[StrictStr | RerankDocument] = Field(
-        description="The candidates: strings or {text} objects (may be empty strings).")
+        description="The candidates: strings or {text} objects (may be empty strings).",
+        json_schema_extra={"minItems": 1})
     model: StrictStr | None = Field(None, description="A served reranker's name; default the "
                                     "first reranker served.")
-    top_n: StrictInt | None = Field(None, ge=1, description="Return only the best N.")
+    top_n: Annotated[JsonInt, Field(ge=1), WithJsonSchema({"type": "integer", "minimum": 1})
+                     ] | None = Field(None, description="Return only the best N.")
     return_documents: StrictBool = Field(True, description="Echo each document's text.")
     instruction: StrictStr | None = Field(
-        None, description="The task; default the model card's web-search instruction.")
+        None, description="The task; default the model card's web-search instruction.",
+        json_schema_extra=NOT_BLANK)
     truncate: StrictBool = Field(True, description="Cut pairs above the token limit the model "
                                  "card's way (content longest first); false: refuse with 413.")
 
@@ -59,14 +62,14 @@ class TEIRerankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: StrictStr
-    texts: list[StrictStr]
+    texts: list[StrictStr] = Field(json_schema_extra={"minItems": 1})
     raw_scores: StrictBool = Field(False, description="The logit (yes minus no) instead of "
                                    "its sigmoid.")
     return_text: StrictBool = False
     truncate: StrictBool = Field(False, description="As TEI: refuse over-long pairs unless "
                                  "true, which cuts them the model card's way.")
     model: StrictStr | None = None
-    instruction: StrictStr | None = None
+    instruction: StrictStr | None = Field(None, json_schema_extra=NOT_BLANK)
 
 
 class RerankResultDocument(BaseModel):

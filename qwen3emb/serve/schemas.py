@@ -4,10 +4,19 @@ errors in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``)."
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                404: "invalid_request_error", 413: "invalid_request_error",
@@ -55,6 +64,23 @@ class VLItem(BaseModel):
     video: StrictStr | None = None
 
 
+_TEXT = {"type": "string", "minLength": 1}
+_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+_VL_ITEM = {"type": "object", "additionalProperties": False,
+            "properties": {k: {"type": ["string", "null"]} for k in ("text", "image", "video")}}
+INPUT_SCHEMA = {
+    "description": "A string, a list of strings, a token-id list, a list of token-id lists, "
+                   "or (Qwen3-VL) a list of strings and {text, image, video}",
+    "anyOf": [_TEXT, {"type": "array", "minItems": 1, "items": _TEXT}, _IDS,
+              {"type": "array", "minItems": 1, "items": _IDS},
+              {"type": "array", "minItems": 1, "items": {"anyOf": [_TEXT, _VL_ITEM]}}]}
+"""What ``input`` may be, for the OpenAPI document (:func:`parse_input` enforces it, naming
+the offending index, which a generic validator could not)."""
+InputField = Annotated[Any, WithJsonSchema(INPUT_SCHEMA)]
+NOT_BLANK: dict[str, Any] = {"pattern": r"\S"}
+"""An instruction has a non-space character (blank ones are a 400: omit the field instead)."""
+
+
 class EmbeddingRequest(BaseModel):
     """``POST /v1/embeddings``: OpenAI's fields plus ``input_type``, ``instruction``, ``truncate``.
 
@@ -63,17 +89,17 @@ class EmbeddingRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input: Any = Field(description="A string, a list of strings, a token-id list, a list of "
-                       "token-id lists, or (Qwen3-VL) a list of strings and {text, image, video}")
+    input: InputField
     model: StrictStr | None = Field(None, description="Must be the served model name.")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: StrictInt | None = Field(None, description="Matryoshka width: truncated, then "
+    dimensions: JsonInt | None = Field(None, description="Matryoshka width: truncated, then "
                                          "L2-normalized again.")
     user: StrictStr | None = None
     input_type: Literal["query", "document"] | None = Field(
         None, description="query: the instruction template is applied; document (default): none.")
     instruction: StrictStr | None = Field(
-        None, description="The task of a query (text) or the system instruction (Qwen3-VL).")
+        None, description="The task of a query (text) or the system instruction (Qwen3-VL).",
+        json_schema_extra=NOT_BLANK)
     truncate: StrictBool = Field(True, description="Cut inputs longer than the token limit "
                                  "(keeping the end token); false: refuse them with 413.")
 
@@ -83,10 +109,10 @@ class TokenizeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input: Any
+    input: InputField
     model: StrictStr | None = None
     input_type: Literal["query", "document"] | None = None
-    instruction: StrictStr | None = None
+    instruction: StrictStr | None = Field(None, json_schema_extra=NOT_BLANK)
     truncate: StrictBool = True
 
 
@@ -141,12 +167,24 @@ def parse_input(raw: Any, *, max_inputs: int) -> list[Input]:
     if "ids" in kinds and len(kinds) > 1:
         raise ApiError(400, "input mixes token-id lists with strings or objects; send one kind "
                        "per request", param="input", code="invalid_input")
-    return [VLItem.model_validate(x).model_dump(exclude_none=True) if isinstance(x, dict) else x
-            for x in items]
+    return [VLItem.model_validate(x).model_dump(exclude_none=True) if isinstance(x, dict)
+            else [int(t) for t in x] if isinstance(x, list) else x for x in items]
 
 
 def _is_id(x: Any) -> bool:
+    """An integer as JSON Schema counts them: ``7`` and ``7.0``, not ``true``."""
+    if isinstance(x, float):
+        return x.is_integer()
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _integral(value: Any) -> Any:
+    """``7.0`` as ``7`` (JSON Schema's integers include integral floats); the rest as given."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+JsonInt = Annotated[StrictInt, BeforeValidator(_integral), WithJsonSchema({"type": "integer"})]
+"""A strict integer that also takes integral floats (``"7"`` and ``true`` stay refused)."""
 
 
 def _check_item(item: Any, i: int) -> str:

@@ -168,17 +168,17 @@ class ServerState:
         """The model a request names (or the first of ``task``), checked against its route.
 
         Raises:
-            ApiError: 404 for a name not served here; 400 for a model of the other kind, or
-                no ``model`` where no bundle of ``task`` is served.
+            ApiError: 404 for a name not served here, or no ``model`` where no bundle of
+                ``task`` is served; 400 for a model of the other kind.
         """
         if model is None:
             chosen = next((m for m in self.models.values() if m.task == task), None)
-            if chosen is None:
+            if chosen is None:  # as if the route were not there: 404
                 other = "rerankers" if task == "embed" else "embedding models"
-                raise ApiError(400, f"this server serves only {other} "
+                raise ApiError(404, f"this server serves only {other} "
                                f"({', '.join(self.models)}); send them to "
                                f"{ROUTE_OF['rerank' if task == 'embed' else 'embed']}",
-                               param="model", code="wrong_model_kind")
+                               param="model", code="model_not_found")
             return chosen
         found = self.models.get(model)
         if found is None:
