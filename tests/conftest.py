@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,8 @@ import pytest
 # Nothing in the tests may reach the hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The runtime's int8 kernel copies (qwen3emb.runtime.kernels) go to a throwaway cache.
+os.environ.setdefault("QWEN3EMB_CACHE", tempfile.mkdtemp(prefix="qwen3emb-cache-"))
 
 
 TORCH_BLOCKER = textwrap.dedent("""

@@ -212,6 +212,23 @@ def test_runtime_loads_each_precision(outlier_bundle, reference, precision):
     assert _min_cosine(vectors, expected) >= FLOORS[precision]
 
 
+def test_int8_runs_the_same_on_either_integer_kernel(outlier_bundle, reference, monkeypatch):
+    """The runtime's uint8 x int8 copy (VNNI CPUs) gives what the bundle's own uint8 x uint8
+    file gives: the same integer products."""
+    from qwen3emb.runtime import TextEmbedder, kernels
+
+    texts, _ = reference
+    outputs = {}
+    for kernel in kernels.KERNELS:
+        monkeypatch.setenv(kernels.KERNEL_ENV, kernel)
+        embedder = TextEmbedder(outlier_bundle.bundle, precision="int8", threads=2)
+        outputs[kernel] = embedder.encode(texts)
+    if kernels.cpu_has_vnni():
+        np.testing.assert_allclose(outputs["u8s8"], outputs["u8u8"], rtol=0, atol=1e-5)
+    monkeypatch.delenv(kernels.KERNEL_ENV)
+    assert kernels.int8_kernel() == ("u8s8" if kernels.cpu_has_vnni() else "u8u8")
+
+
 @pytest.mark.slow
 def test_fp16_keeps_norms_and_residual_in_fp32(outlier_bundle):
     import onnx

@@ -89,8 +89,14 @@ def open_session(model: Path, providers: Sequence[str] | str | None = None,
         options.intra_op_num_threads = threads
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    loaded = model
+    if resolved[0] == "CPUExecutionProvider":
+        from qwen3emb.runtime.kernels import for_cpu
+
+        loaded = for_cpu(model)  # int8 codes on the fastest exact kernel of this CPU
     try:
-        session = ort.InferenceSession(os.fspath(model), sess_options=options, providers=resolved)
+        session = ort.InferenceSession(os.fspath(loaded), sess_options=options,
+                                       providers=resolved)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
         raise BundleError(
             f"onnxruntime cannot load '{model}': {str(e).strip().splitlines()[0][:200]}",
