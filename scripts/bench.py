@@ -17,6 +17,7 @@ fp32 graph. A peer whose package is missing is reported as skipped.
     python scripts/bench.py --work /tmp/bench --quick --peers
     python scripts/bench.py --work /tmp/bench-tiny --quick --peers --preset tiny   # smoke test
     python scripts/bench.py --work /tmp/bench --cells 8x128 --onnx aimed=OUT/onnx/model_int8.onnx
+    python scripts/bench.py --work /tmp/frontier --frontier      # scripts/bench_frontier.py
 """
 
 from __future__ import annotations
@@ -186,6 +187,11 @@ def main() -> None:
     parser.add_argument("--sweep-engines", nargs="*", default=None,
                         help="sweep engines (default: torch, ours fp32/int8/int4, llama.cpp "
                              "q8_0, OpenVINO fp32)")
+    parser.add_argument("--frontier", action="store_true",
+                        help="speed-fidelity frontier of int8/int4 plans and peers per fixture "
+                             "(scripts/bench_frontier.py)")
+    parser.add_argument("--fixture", nargs="*", default=None,
+                        help="frontier fixtures (default: all of bench_frontier.FIXTURES)")
     parser.add_argument("--rerank", action="store_true",
                         help="the reranker cells instead (scripts/bench_rerank.py)")
     args = parser.parse_args()
@@ -201,6 +207,16 @@ def main() -> None:
     out = args.out or args.work
     out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+
+    if args.frontier:
+        from bench_frontier import CELLS, FIXTURES
+        from bench_frontier import run as frontier
+
+        cells = ([tuple(int(n) for n in c.lower().split("x")) for c in args.cells]
+                 if args.cells else list(CELLS))
+        frontier(args.work, out, args.fixture or list(FIXTURES), cells, args.threads, args.runs,
+                 peers=True)
+        return
 
     if args.rerank:
         from bench_rerank import run as rerank_cells
@@ -223,6 +239,8 @@ def main() -> None:
     import onnxruntime as ort
     import torch
     from transformers import AutoModel
+
+    from qwen3emb.runtime.session import open_session
 
     torch.set_num_threads(args.threads)
     checkpoint, _, files = prepare(args.work, args.preset)
@@ -248,12 +266,8 @@ def main() -> None:
     for name, path in files.items():
         gc.collect()
         before = rss()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        engines[name] = ort.InferenceSession(os.fspath(path), options,
-                                             providers=["CPUExecutionProvider"])
+        # As the runtime loads it: int8 codes on the fastest exact kernel of this CPU.
+        engines[name] = open_session(path, "cpu", args.threads)
         load_rss[name] = rss() - before
     for name, path in peer_files.items():
         from bench_peers import load_peer

@@ -8,6 +8,11 @@
   --extra_options exclude_lm_head=true``), run with plain onnxruntime: right padding, empty
   (zero-length) past key/values, the hidden state at position length-1 of each row, L2.
 - ``openvino-fp32``: OpenVINO compiling our own fp32 graph (``onnx/model.onnx``) for CPU.
+- ``openvino-int8-wo``: that graph with NNCF's weight-only int8 (``compress_weights``,
+  ``INT8_ASYM``, per channel), which OpenVINO's CPU plugin runs with activations quantized
+  dynamically in groups (``DYNAMIC_QUANTIZATION_GROUP_SIZE``, 32 by default).
+- ``openvino-int8-ptq``: NNCF's full int8 post-training quantization of that graph
+  (``nncf.quantize``, ``ModelType.TRANSFORMER``, 64 random-token calibration rows).
 
 Each peer runs with the same thread count as the other engines. A peer whose package is missing
 or whose build fails is skipped with a one-line reason instead of stopping the benchmark.
@@ -27,7 +32,9 @@ from pathlib import Path
 import numpy as np
 
 LLAMA_TYPES = ("q8_0", "q4_k_m")
-PEER_NAMES = (*(f"llama.cpp-{t}" for t in LLAMA_TYPES), "genai-fp32", "openvino-fp32")
+OPENVINO_INT8 = ("openvino-int8-wo", "openvino-int8-ptq")
+PEER_NAMES = (*(f"llama.cpp-{t}" for t in LLAMA_TYPES), "genai-fp32", "openvino-fp32",
+              *OPENVINO_INT8)
 
 Embed = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """(input_ids, attention_mask) int64 [batch, seq], right-padded -> unit rows [batch, dim]."""
@@ -92,7 +99,43 @@ def build_peers(checkpoint: Path, onnx_fp32: Path, work: Path, tag: str
         files["openvino-fp32"] = onnx_fp32
     else:
         skipped["openvino-fp32"] = reason
+    nncf_reason = reason or _missing("nncf", "nncf")
+    for name in OPENVINO_INT8:
+        out = work / f"{name}-{tag}" / "model.xml"
+        if nncf_reason is None and not out.is_file():
+            try:
+                build_openvino_int8(onnx_fp32, out, full=name.endswith("ptq"))
+            except Exception as e:  # noqa: BLE001 - reported as a skipped engine
+                skipped[name] = f"NNCF failed: {_one_line(e)}"
+                continue
+        if nncf_reason is None:
+            files[name] = out
+        else:
+            skipped[name] = nncf_reason
     return files, skipped
+
+
+def build_openvino_int8(onnx_fp32: Path, out: Path, *, full: bool) -> None:
+    """NNCF int8 of our fp32 graph, saved as OpenVINO IR at ``out``: weight-only
+    (``compress_weights``, ``INT8_ASYM``) or full post-training quantization."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(os.fspath(onnx_fp32))
+    if full:
+        rng = np.random.default_rng(0)
+        rows = []
+        for _ in range(64):
+            length = int(rng.integers(8, 128))
+            ids = rng.integers(0, 151643, (1, length), dtype=np.int64)
+            ids[0, -1] = 151643
+            rows.append({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        model = nncf.quantize(model, nncf.Dataset(rows), model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=len(rows))
+    else:
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, os.fspath(out))
 
 
 def build_genai(checkpoint: Path, out: Path, cache: Path) -> str | None:
@@ -122,7 +165,7 @@ def load_peer(name: str, path: Path, threads: int) -> Embed:
         return _load_llama(path, threads)
     if name == "genai-fp32":
         return _load_genai(path, threads)
-    if name == "openvino-fp32":
+    if name == "openvino-fp32" or name in OPENVINO_INT8:
         return _load_openvino(path, threads)
     raise KeyError(f"unknown peer {name!r}; known: {', '.join(PEER_NAMES)}")
 

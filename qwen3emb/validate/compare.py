@@ -46,6 +46,8 @@ class ArtifactResult:
     """Measured and reported, never gated: the report passes whatever its cosines are."""
     note: str | None = None
     """What this artifact measures or leaves out, shown in the report."""
+    checked_on: str | None = None
+    """What ran it: the engine, its provider and, for int8, the integer kernel."""
 
     def add(self, label: str, names: list[str], output: np.ndarray, reference: np.ndarray) -> None:
         """Record per-row cosines of ``output`` vs ``reference`` under ``label:name`` keys."""

@@ -65,15 +65,15 @@ def to_markdown(report: ParityReport) -> str:
         f"{report.probe_count} probe inputs, probe max length {report.probe_max_length} tokens.",
         "",
         "| artifact | precision | floor | min cos | mean cos | p50 cos | max abs diff | NaN/Inf "
-        "| top-1 agreement | result |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| top-1 agreement | checked on | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in report.artifacts:
         agree = "n/a" if a.retrieval_top1_agreement is None else f"{a.retrieval_top1_agreement:.2f}"
         lines.append(
             f"| `{a.artifact}` | {a.precision} | {a.floor} | {a.min_cosine:.7f} | "
             f"{a.mean_cosine:.6f} | {a.p50_cosine:.6f} | {a.max_abs_diff:.2e} | {a.nan_inf} | "
-            f"{agree} | {_verdict(a)} |"
+            f"{agree} | {a.checked_on or 'n/a'} | {_verdict(a)} |"
         )
     for a in report.artifacts:
         lines += ["", f"**{a.artifact}** worst probes: "

@@ -22,3 +22,17 @@ def open_runner(bundle: Any, kind: str, precision: str, limit: int, providers: A
 
     gguf = GGUFTextEmbedder(bundle, gguf_type=precision, max_length=limit)
     return gguf, gguf.dim
+
+
+def checked_on(runner: Any, kind: str, precision: str) -> str:
+    """What ran an artifact, as the report shows it: ``onnxruntime CPUExecutionProvider,
+    int8 kernel u8s8`` (the kernel only matters to integer graphs), or ``llama.cpp``."""
+    if kind != "onnx":
+        return "llama.cpp"
+    from qwen3emb.runtime.kernels import int8_kernel
+
+    providers = getattr(runner, "providers", None) or ["?"]
+    first = providers[0]
+    integer = precision in ("int8", "int4") and first == "CPUExecutionProvider"
+    kernel = f", int8 kernel {int8_kernel()}" if integer else ""
+    return f"onnxruntime {first}{kernel}"

@@ -21,7 +21,7 @@ from qwen3emb.validate.probes import (
     long_probe_text,
 )
 from qwen3emb.validate.reference import ReferenceEmbedder, reference_query
-from qwen3emb.validate.runners import open_runner
+from qwen3emb.validate.runners import checked_on, open_runner
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,7 @@ def _check_one(bundle: Any, kind: str, precision: str, entry: dict[str, Any],
                             floor=FLOORS.get(precision, FLOORS["int4"]))
     try:
         runner, out_dim = open_runner(bundle, kind, precision, limit, providers, manifest)
+        result.checked_on = checked_on(runner, kind, precision)
         check_artifact(runner, ref, probes, result, limit, out_dim, manifest.dim,
                        manifest.mrl_min)
     except Qwen3EmbError as e:

@@ -226,10 +226,18 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
                                  metric=Metric(getattr(spec, "metric", "cosine")),
                                  samples=samples, feeds=feeds, targets=targets)
     order = {p: i for i, p in enumerate(wanted)}
+    speeds: dict[Path, dict[str, Any]] = {}
+    if ranges is not None:
+        from qwen3emb.export.quant.search import scoring_feeds
+        from qwen3emb.export.quant.speed import measure_speed
+
+        speeds = measure_speed(raw_path, [v.path for v in fixed], scoring_feeds(feeds))
     for variant in sorted(fixed, key=lambda v: order[v.precision]):
         check_graph_contract(variant.path, spec, schema_check=False)
+        settings = {**variant.settings, **({"speed": speeds[variant.path]}
+                                           if variant.path in speeds else {})}
         entries.append(file_entry(stage, variant.path, kind="onnx", precision=variant.precision,
-                                  scheme=variant.scheme, settings=variant.settings, **keys))
+                                  scheme=variant.scheme, settings=settings, **keys))
         for extra in variant.files[1:]:
             entries.append(file_entry(stage, extra, kind="onnx", role="external-data",
                                       precision=variant.precision))
