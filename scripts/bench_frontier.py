@@ -51,18 +51,27 @@ def checkpoint_for(work: Path, fixture: str) -> Path:
     return ckpt
 
 
-def bundle_for(work: Path, fixture: str, checkpoint: Path) -> tuple[Path, dict[str, Any]]:
-    """The exported bundle (fp32, searched int8/int4) and its export's figures."""
+def bundle_for(work: Path, fixture: str, checkpoint: Path, precision: str
+               ) -> tuple[Path | None, dict[str, Any]]:
+    """The exported bundle of one searched precision (fp32 beside it), cached, and the
+    export's figures; ``None`` with the export's one-line error where the search refused."""
+    from qwen3emb.errors import Qwen3EmbError
     from qwen3emb.pipeline import export_bundle
 
-    bundle = work / f"bundle-{fixture}"
-    facts = bundle / "frontier-export.json"
+    bundle = work / f"bundle-{fixture}-{precision}"
+    facts = work / f"bundle-{fixture}-{precision}.json"
     if not facts.is_file():
         start = time.perf_counter()
-        export_bundle(checkpoint, bundle, validate=False, force=True,
-                      precisions=["int8", "int4"])
-        facts.write_text(json.dumps({"export_s": round(time.perf_counter() - start, 1)}))
-    return bundle, json.loads(facts.read_text())
+        try:
+            export_bundle(checkpoint, bundle, validate=False, force=True,
+                          precisions=[precision])
+            found: dict[str, Any] = {}
+        except Qwen3EmbError as e:
+            found = {"refused": e.one_line()}
+        facts.write_text(json.dumps({"export_s": round(time.perf_counter() - start, 1),
+                                     **found}))
+    found = json.loads(facts.read_text())
+    return (None if "refused" in found else bundle), found
 
 
 def uniform_graphs(work: Path, fixture: str, source: Path, checkpoint: Path) -> dict[str, Path]:
@@ -155,7 +164,11 @@ def measure(fixture: str, checkpoint: Path, files: dict[str, Path], peers: dict[
 
 
 def chart(rows: list[dict[str, Any]], out: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        logging.warning("matplotlib is not installed: no chart (pip install matplotlib)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -198,21 +211,29 @@ def run(work: Path, out: Path, fixtures: list[str], cells: list[tuple[int, int]]
     meta: dict[str, Any] = {}
     for fixture in fixtures:
         checkpoint = checkpoint_for(work, fixture)
-        bundle, facts = bundle_for(work, fixture, checkpoint)
-        source = bundle / "onnx" / "model.onnx"
-        files = {"onnx-fp32": source, "onnx-int8-searched": bundle / "onnx" / "model_int8.onnx",
-                 "onnx-int4-searched": bundle / "onnx" / "model_int4.onnx"}
+        files: dict[str, Path] = {}
+        for precision in ("int8", "int4"):
+            bundle, facts = bundle_for(work, fixture, checkpoint, precision)
+            meta.setdefault(fixture, {})[f"export_{precision}"] = facts
+            if bundle is not None:
+                files.setdefault("onnx-fp32", bundle / "onnx" / "model.onnx")
+                files[f"onnx-{precision}-searched"] = bundle / "onnx" / f"model_{precision}.onnx"
+                manifest = json.loads((bundle / "manifest.json").read_text())
+                for a in manifest["artifacts"]:
+                    if a.get("role") == "model" and a["precision"] == precision:
+                        facts["scheme"] = a.get("scheme")
+                        facts["speed"] = a.get("settings", {}).get("speed")
+        if "onnx-fp32" not in files:
+            logging.warning("%s: no bundle exported; skipped", fixture)
+            continue
+        source = files["onnx-fp32"]
         files |= {f"onnx-all-{t}": p for t, p in uniform_graphs(work, fixture, source,
                                                                 checkpoint).items()}
         peer_files: dict[str, Path] = {}
         if peers:
-            peer_files, skipped = build_peers(checkpoint, source, work, fixture)
-            peer_files.pop("genai-fp32", None)  # fp32 only: not a point of this chart
-            meta[fixture] = {"skipped": skipped}
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        meta.setdefault(fixture, {})["export"] = facts | {
-            a["precision"]: a.get("settings", {}).get("tiers_summary")
-            or a.get("scheme") for a in manifest["artifacts"] if a.get("role") == "model"}
+            # onnxruntime-genai's graph is fp32 only: not a point of this chart.
+            peer_files, skipped = build_peers(checkpoint, source, work, fixture, genai=False)
+            meta[fixture]["skipped_peers"] = skipped
         rows += measure(fixture, checkpoint, files, peer_files, cells, threads, runs)
         (out / "frontier.json").write_text(json.dumps({"rows": rows, "meta": meta,
                                                        "threads": threads}, indent=1))

@@ -51,8 +51,8 @@ def _one_line(error: BaseException | str) -> str:
     return lines[-1][:200] if lines else type(error).__name__
 
 
-def build_peers(checkpoint: Path, onnx_fp32: Path, work: Path, tag: str
-                ) -> tuple[dict[str, Path], dict[str, str]]:
+def build_peers(checkpoint: Path, onnx_fp32: Path, work: Path, tag: str, *,
+                genai: bool = True) -> tuple[dict[str, Path], dict[str, str]]:
     """Write (or reuse, cached under ``work``) the artifact of every peer engine.
 
     Args:
@@ -60,6 +60,7 @@ def build_peers(checkpoint: Path, onnx_fp32: Path, work: Path, tag: str
         onnx_fp32: the bundle's fp32 graph (OpenVINO compiles it).
         work: cache directory of the benchmark.
         tag: the checkpoint preset, part of the cache directory names.
+        genai: build onnxruntime-genai's graph too.
 
     Returns:
         ``files``: peer name -> artifact path; ``skipped``: peer name -> one-line reason.
@@ -87,11 +88,11 @@ def build_peers(checkpoint: Path, onnx_fp32: Path, work: Path, tag: str
 
     reason = _missing("onnxruntime_genai", "onnxruntime-genai")
     genai_dir = work / f"genai-fp32-{tag}"
-    if reason is None and not (genai_dir / "model.onnx").is_file():
+    if reason is None and genai and not (genai_dir / "model.onnx").is_file():
         reason = build_genai(checkpoint, genai_dir, work / "genai-cache")
-    if reason is None:
+    if reason is None and genai:
         files["genai-fp32"] = genai_dir / "model.onnx"
-    else:
+    elif genai:
         skipped["genai-fp32"] = reason
 
     reason = _missing("openvino", "openvino")

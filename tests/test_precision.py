@@ -155,6 +155,18 @@ def test_manifest_describes_each_precision(outlier_bundle):
     assert not manifest.verify()
     sizes = {p: e["size"] for p, e in models.items()}
     assert sizes["int4"] < sizes["int8"] < sizes["fp16"] < sizes["fp32"]
+    # Each variant's time against the fp32 graph, measured at export as the runtime runs it.
+    from qwen3emb.runtime.kernels import int8_kernel
+
+    for precision in ("fp16", "int8", "int4"):
+        speed = models[precision]["settings"]["speed"]
+        assert speed["ms"] > 0 and speed["fp32_ms"] > 0, precision
+        assert speed["x_fp32"] == pytest.approx(speed["fp32_ms"] / speed["ms"], rel=0.01)
+        assert speed["int8_kernel"] == int8_kernel() and speed["threads"] == 2
+    # The parity report says what ran each artifact.
+    report = (outlier_bundle.bundle / "reports" / "parity.md").read_text()
+    assert "| checked on |" in report
+    assert f"onnxruntime CPUExecutionProvider, int8 kernel {int8_kernel()}" in report
 
 
 @pytest.mark.slow

@@ -72,17 +72,23 @@ point is size). Per-row int8 activations cost no bytes over per-tensor ones. 8-b
 with fp32 activations come before fp32; they come before int8 activations per 32-block too:
 on the outlier fixtures, ``nbits8`` (as q8_0) left the embedding-outlier fixture at 0.9918
 where fp32 activations held."""
-SPEED_LADDER: dict[str, str] = {**SIZE_LADDER, "int8-row": "fp32"}
+SPEED_LADDER: dict[str, str] = {**SIZE_LADDER, "int8-row": "fp32", "nbits8": "fp32"}
 """int8's ladder (its point is speed): per-tensor int8 to per-row int8, then straight to fp32.
-8-bit MatMulNBits with fp32 activations (``nbits8-128``) is as faithful in practice but slower
-than the fp32 MatMul at every measured size on this CPU (it dequantizes its weights on every
-call: the whole 0.6B graph at 0.39x torch at 1 x 16 tokens against fp32's 2.5x;
-``scripts/bench.py``), so it is only the fallback where fp32 would break the size budget
-(:data:`FALLBACK`)."""
+Where fp32 would break the size budget, 8-bit weights with int8 activations per 32-block
+(``nbits8``, as q8_0) are tried instead (:data:`SPEED_FALLBACK`), never ``nbits8-128``: with
+fp32 activations onnxruntime dequantizes the weights on every call, 2x slower than the fp32
+MatMul at 128 rows and 10x at 16 (``scripts/bench_kernels.py``: 8.4 / 4.8 ms against 4.0 /
+0.49 ms), where ``nbits8`` is faster than fp32 at every size (2.65 / 0.34 ms)."""
 LADDERS: dict[str, dict[str, str]] = {"int8": SPEED_LADDER, "int4": SIZE_LADDER}
 FALLBACK: dict[str, str] = {"fp32": "nbits8-128"}
 """Where an escalation to the key would exceed the size budget, the value is tried instead
-(unless the MatMul is already there)."""
+(unless the MatMul is already there): the size ladder's."""
+SPEED_FALLBACK: dict[str, str] = {"fp32": "nbits8"}
+"""The speed ladder's fallback (see :data:`SPEED_LADDER`)."""
+
+
+def fallback_of(ladder: dict[str, str]) -> dict[str, str]:
+    return SPEED_FALLBACK if ladder is SPEED_LADDER else FALLBACK
 
 
 def initial_plan(graph: LazyGraph, precision: str, scheme: str,

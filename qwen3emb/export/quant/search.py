@@ -271,7 +271,7 @@ def _escalate(plan: dict[str, str], ranked: list[str], count: int,
     sizes = measurements.sizes
     for name in ranked[:count]:
         nxt = next_tier(name, new[name], measurements, ladder)
-        for tier in (nxt, planned.FALLBACK.get(nxt)):
+        for tier in (nxt, planned.fallback_of(ladder).get(nxt)):
             if tier is None or tier == new[name]:
                 continue
             trial = {**new, name: tier}
