@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_peers  # noqa: E402
 
 FLOORS = {"llama.cpp-q8_0": 0.99, "llama.cpp-q4_k_m": 0.95, "genai-fp32": 0.99999,
-          "openvino-fp32": 0.99999}
+          "openvino-fp32": 0.99999, "openvino-int8-wo": 0.99, "openvino-int8-ptq": 0.95}
 MODULES = {"llama.cpp-q8_0": "llama_cpp", "llama.cpp-q4_k_m": "llama_cpp",
-           "genai-fp32": "onnxruntime_genai", "openvino-fp32": "openvino"}
+           "genai-fp32": "onnxruntime_genai", "openvino-fp32": "openvino",
+           "openvino-int8-wo": "nncf", "openvino-int8-ptq": "nncf"}
 LENGTHS = (7, 19, 3, 12)
 
 
@@ -65,6 +66,11 @@ def test_peer_right_padded_batch_matches_reference(name: str, peers, batch) -> N
     if importlib.util.find_spec(MODULES[name]) is None:
         pytest.skip(f"{MODULES[name]} is not installed")
     files, skipped = peers
+    if name in bench_peers.OPENVINO_INT8 and name in skipped:
+        # NNCF 3.4 cannot trace our blocked-attention graph ("Could not find a node ... in
+        # NNCFGraph"): the peer is reported as skipped, in one line, and the bench goes on.
+        assert skipped[name].startswith("NNCF failed: ") and "\n" not in skipped[name]
+        pytest.skip(skipped[name])
     assert name not in skipped, skipped[name]
     ids, mask, reference = batch
     out = bench_peers.load_peer(name, files[name], threads=2)(ids, mask)
