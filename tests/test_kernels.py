@@ -125,3 +125,24 @@ def test_unwritable_cache_falls_back_to_the_bundle_file(tmp_path, monkeypatch):
     monkeypatch.setenv(kernels.KERNEL_ENV, "u8s8")
     source, _ = _graph(tmp_path / "model.onnx", per_row=True)
     assert kernels.for_cpu(source) == source
+
+
+def test_copies_of_removed_or_changed_files_are_pruned(tmp_path, monkeypatch):
+    """An export validates its staged files: their copies must not pile up in the cache."""
+    import os
+
+    from qwen3emb.runtime import kernels
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(kernels.CACHE_ENV, str(cache))
+    monkeypatch.setenv(kernels.KERNEL_ENV, "u8s8")
+    staged, _ = _graph(tmp_path / "staged.onnx", per_row=True)
+    kept, _ = _graph(tmp_path / "kept.onnx", per_row=False)
+    first, second = kernels.for_cpu(staged), kernels.for_cpu(kept)
+    staged.unlink()
+    os.utime(kept, ns=(1, 1))  # changed since its copy was made
+    other, _ = _graph(tmp_path / "other.onnx", per_row=True)
+    third = kernels.for_cpu(other)  # writing a copy prunes the stale ones
+    assert not first.exists() and not second.exists() and third.exists()
+    assert kernels.for_cpu(kept).exists()  # a changed file gets a fresh copy
+    assert len(list((cache / "u8s8").iterdir())) == 2

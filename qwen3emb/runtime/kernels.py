@@ -43,6 +43,8 @@ WEIGHT_SLOTS: dict[str, tuple[int, int]] = {
 }
 EXTERNAL_THRESHOLD = 1 << 30
 MARKER = "unchanged"
+SOURCE = "source"
+"""A copy's record of the file it was made from (:func:`prune` drops stale copies)."""
 
 
 @cache
@@ -92,14 +94,17 @@ def _key(model: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-def for_cpu(model: Path) -> Path:
+def for_cpu(model: Path, cache: Path | None = None) -> Path:
     """The file onnxruntime's CPU provider should load for ``model`` (see the module doc).
+
+    Args:
+        cache: where copies go (default :func:`cache_root`).
 
     Never raises for a cache problem: it logs and returns ``model`` (correct, slower).
     """
     if int8_kernel() == "u8u8":
         return model
-    folder = cache_root() / "u8s8" / _key(model)
+    folder = (cache or cache_root()) / "u8s8" / _key(model)
     copy = folder / model.name
     if (folder / MARKER).exists():
         return model
@@ -124,8 +129,10 @@ def _write_copy(model: Path, folder: Path) -> Path:
     proto = onnx.load(os.fspath(model))
     shifted = shift_weight_codes(proto)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    prune(folder.parent)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
     try:
+        (staging / SOURCE).write_text(os.fspath(model.resolve()))
         if not shifted:
             (staging / MARKER).write_text(f"{model}: no uint8 weight codes\n")
         else:
@@ -188,3 +195,18 @@ def shift_weight_codes(proto: Any) -> int:
             inits[name].CopyFrom(numpy_helper.from_array(codes, name))
             done.add(name)
     return sum(1 for w in pairs if w in done)
+
+
+def prune(root: Path) -> int:
+    """Remove the copies under ``root`` whose source file is gone or has changed since (an
+    export's staging files, a re-exported bundle). Returns how many were removed."""
+    removed = 0
+    for entry in root.iterdir() if root.is_dir() else ():
+        record = entry / SOURCE
+        if entry.name.startswith(".") or not record.is_file():
+            continue
+        source = Path(record.read_text().strip())
+        if not source.exists() or _key(source) != entry.name:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed

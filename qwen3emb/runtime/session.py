@@ -69,12 +69,14 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
 
 
 def open_session(model: Path, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None, *, spinning: bool = True) -> Any:
+                 threads: int | None = None, *, spinning: bool = True,
+                 kernel_cache: Path | None = None) -> Any:
     """Create an ``InferenceSession`` for ``model`` with full graph optimizations.
 
     ``spinning=False`` stops onnxruntime's worker threads from spin-waiting between runs:
     slower for back-to-back calls in one loop, but a server's event loop and tokenizers get
     the cores instead (+15-20% requests/s at concurrency 64 on a loaded 2-core machine).
+    ``kernel_cache``: where the int8 kernel copy goes (:func:`qwen3emb.runtime.kernels.for_cpu`).
 
     Raises:
         ProviderError: see :func:`resolve_providers`.
@@ -93,7 +95,7 @@ def open_session(model: Path, providers: Sequence[str] | str | None = None,
     if resolved[0] == "CPUExecutionProvider":
         from qwen3emb.runtime.kernels import for_cpu
 
-        loaded = for_cpu(model)  # int8 codes on the fastest exact kernel of this CPU
+        loaded = for_cpu(model, kernel_cache)  # int8 codes on this CPU's fastest exact kernel
     try:
         session = ort.InferenceSession(os.fspath(loaded), sess_options=options,
                                        providers=resolved)
