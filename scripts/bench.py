@@ -153,6 +153,24 @@ def gemm_time(model: Path, feeds: dict[str, np.ndarray], threads: int, runs: int
     return kernel_us / 1e6 / runs
 
 
+def embed_with(engine: Any, name: str, ids: np.ndarray, mask: np.ndarray, *, peer: bool
+               ) -> np.ndarray:
+    """Unit embeddings of right-padded ``ids`` from one engine: HF torch (``torch-fp32``: the
+    last position, as the grid's rows are unpadded), a peer's embed function, or an
+    onnxruntime session of our graph."""
+    if name == "torch-fp32":
+        import torch
+
+        with torch.inference_mode():
+            hidden = engine(input_ids=torch.from_numpy(ids),
+                            attention_mask=torch.from_numpy(mask)).last_hidden_state
+        vec = hidden[:, -1].float()
+        return (vec / vec.norm(dim=-1, keepdim=True)).numpy()
+    if peer:
+        return engine(ids, mask)
+    return engine.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+
 def size_of(path: Path) -> int:
     """A model file with its external data (``<name>_data``, or ``<name>.data`` before)."""
     data = [path.with_name(path.name + suffix) for suffix in ("_data", ".data")]
@@ -287,16 +305,7 @@ def main() -> None:
     sizes["torch-fp32"] = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
 
     def run(name: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        engine = engines[name]
-        if name == "torch-fp32":
-            with torch.inference_mode():
-                hidden = engine(input_ids=torch.from_numpy(ids),
-                                attention_mask=torch.from_numpy(mask)).last_hidden_state
-            vec = hidden[:, -1].float()
-            return (vec / vec.norm(dim=-1, keepdim=True)).numpy()
-        if name in peer_files:
-            return engine(ids, mask)
-        return engine.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        return embed_with(engines[name], name, ids, mask, peer=name in peer_files)
 
     # Other processes on the machine slow torch more than onnxruntime: record the load.
     load_start = os.getloadavg()[0]

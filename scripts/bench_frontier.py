@@ -104,6 +104,7 @@ def measure(fixture: str, checkpoint: Path, files: dict[str, Path], peers: dict[
             cells: list[tuple[int, int]], threads: int, runs: int) -> list[dict[str, Any]]:
     """Round-robin timing of torch, our graphs and the peers; min cosine to torch."""
     import torch
+    from bench import embed_with
     from bench_peers import load_peer
     from transformers import AutoModel
 
@@ -121,16 +122,7 @@ def measure(fixture: str, checkpoint: Path, files: dict[str, Path], peers: dict[
             logging.warning("%s: could not load %s: %s", fixture, name, e)
 
     def run(name: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        engine = engines[name]
-        if name == "torch-fp32":
-            with torch.inference_mode():
-                hidden = engine(input_ids=torch.from_numpy(ids),
-                                attention_mask=torch.from_numpy(mask)).last_hidden_state
-            vec = hidden[:, -1].float()
-            return (vec / vec.norm(dim=-1, keepdim=True)).numpy()
-        if name in peers:
-            return engine(ids, mask)
-        return engine.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        return embed_with(engines[name], name, ids, mask, peer=name in peers)
 
     rng = np.random.default_rng(1)  # not the calibration texts
     rows = []

@@ -173,19 +173,12 @@ def shift_weight_codes(proto: Any) -> int:
         if not np.all(numpy_helper.to_array(z) == STORED_ZERO_POINT):
             continue
         pairs[weight] = zero
-    users: dict[str, int] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
-    integer_users: dict[str, int] = {}
-    for node in proto.graph.node:
-        if node.op_type in WEIGHT_SLOTS:
-            for name in node.input:
-                integer_users[name] = integer_users.get(name, 0) + 1
+    # A tensor also read by another kind of node keeps its type.
+    other_readers = {name for node in proto.graph.node if node.op_type not in WEIGHT_SLOTS
+                     for name in node.input}
     done: set[str] = set()
     for weight, zero in pairs.items():
-        # A tensor also read by another kind of node keeps its type.
-        if users[weight] != integer_users.get(weight) or users[zero] != integer_users.get(zero):
+        if weight in other_readers or zero in other_readers:
             continue
         for name in (weight, zero):
             if name in done:
