@@ -121,7 +121,8 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")]
 Provider = Annotated[
     list[str] | None,
     typer.Option("--provider", "-p",
-                 help="onnxruntime provider: cpu, cuda, coreml (repeatable; CPU is the fallback)."),
+                 help="onnxruntime provider: cpu, cuda, coreml (repeatable; CPU is the "
+                      "fallback), or openvino (OpenVINO runs the whole graph; openvino:GPU)."),
 ]
 Precision = Annotated[str, typer.Option(
     "--precision", help="Which model of the bundle: fp32 (default) or another ONNX precision, "

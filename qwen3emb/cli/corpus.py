@@ -43,6 +43,9 @@ def embed_corpus(
     threads_per_actor: Annotated[int | None, typer.Option(
         help="onnxruntime threads (and Ray CPUs) per actor (default: up to 4).")] = None,
     batch_size: Annotated[int, typer.Option(help="Rows per onnxruntime call.")] = 32,
+    provider: Annotated[str | None, typer.Option(
+        "--provider", "-p", help="Where actors run the graph: cpu (onnxruntime, default), "
+        "cuda, or openvino.")] = None,
     unit_rows: Annotated[int | None, typer.Option(
         help="Rows per unit of work and commit (default 1024; 64 with --image-column).")
     ] = None,
@@ -87,7 +90,7 @@ def embed_corpus(
     options = CorpusOptions(text_column=text_column, id_column=id_column,
                             image_column=image_column, query=query, instruction=instruction,
                             dimensions=dimensions, precision=precision, float16=float16,
-                            batch_size=batch_size, unit_rows=unit_rows)
+                            batch_size=batch_size, unit_rows=unit_rows, provider=provider)
     ray_options = RayOptions(address=address, actors=actors, threads_per_actor=threads_per_actor,
                              verbose=verbose)
     show = (progress_default() if progress is None else progress) and not quiet

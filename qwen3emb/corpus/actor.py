@@ -36,6 +36,7 @@ class EmbedSettings:
         query: text bundles: format rows as queries with ``instruction`` as the task.
         instruction: the query task (text) or system instruction (Qwen3-VL).
         float16: return float16 vectors.
+        provider: onnxruntime provider or ``openvino`` (default: onnxruntime CPU).
     """
 
     bundle: str
@@ -47,6 +48,7 @@ class EmbedSettings:
     query: bool = False
     instruction: str | None = None
     float16: bool = False
+    provider: str | None = None
 
 
 def result_schema(dim: int, float16: bool) -> Any:
@@ -79,16 +81,18 @@ class EmbedActor:
         self.settings = settings
         manifest = read_manifest(settings.bundle)
         self.vision = "vision" in manifest.data
+        providers = [settings.provider] if settings.provider else None
         # The driver verified every file's hash once; actors only compare the manifest.
         if self.vision:
             from qwen3emb.runtime import VLEmbedder
 
-            self.embedder: Any = VLEmbedder(settings.bundle, precision=settings.precision,
+            self.embedder: Any = VLEmbedder(settings.bundle, providers,
+                                            precision=settings.precision,
                                             threads=settings.threads, verify=False)
         else:
             from qwen3emb.runtime import TextEmbedder
 
-            self.embedder = TextEmbedder(settings.bundle, precision=settings.precision,
+            self.embedder = TextEmbedder(settings.bundle, providers, precision=settings.precision,
                                          threads=settings.threads, verify=False)
         self.dim = settings.dimensions or self.embedder.dim
         self.schema = result_schema(self.dim, settings.float16)

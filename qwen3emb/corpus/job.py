@@ -51,6 +51,20 @@ class JobPlan:
     """What identifies the job in ``_manifest.json`` (compared on ``--resume``)."""
 
 
+def check_provider(provider: str) -> None:
+    """Refuse, before any actor starts, a provider this machine's runtime cannot load.
+
+    Raises:
+        ProviderError / MissingDependencyError: unknown, unavailable or not installed.
+    """
+    from qwen3emb.runtime.openvino import is_openvino, version
+    from qwen3emb.runtime.session import resolve_providers
+
+    resolve_providers([provider])
+    if is_openvino(provider):
+        version()  # raises MissingDependencyError without the openvino package
+
+
 def plan_job(bundle: str | Path, inputs: Sequence[str], options: CorpusOptions) -> JobPlan:
     """Check the bundle and the inputs, and cut the inputs into units.
 
@@ -65,7 +79,12 @@ def plan_job(bundle: str | Path, inputs: Sequence[str], options: CorpusOptions) 
     files = discover_inputs([str(i) for i in inputs])
     details = check_inputs(files, columns)
     unit_rows = options.unit_rows or (IMAGE_UNIT_ROWS if options.image_column else TEXT_UNIT_ROWS)
-    key_options = {**asdict(options), "unit_rows": unit_rows}
+    if options.provider:
+        check_provider(options.provider)
+    # A provider changes the numbers of integer graphs; keys of jobs that name none stay as
+    # they were.
+    key_options = {k: v for k, v in {**asdict(options), "unit_rows": unit_rows}.items()
+                   if not (k == "provider" and v is None)}
     units = plan_units(files, details, unit_rows=unit_rows,
                        salt=job_salt(bundle_sha, key_options))
     root = str(manifest.root.resolve())
@@ -74,7 +93,8 @@ def plan_job(bundle: str | Path, inputs: Sequence[str], options: CorpusOptions) 
            "units": len(units)}
     settings = EmbedSettings(root, bundle_sha, options.precision, batch_size=options.batch_size,
                              dimensions=options.dimensions, query=options.query,
-                             instruction=options.instruction, float16=options.float16)
+                             instruction=options.instruction, float16=options.float16,
+                             provider=options.provider)
     logger.info("%d units planned over %d files", len(units), len(files))
     return JobPlan(manifest, settings, columns, units, job)
 

@@ -27,6 +27,8 @@ class CorpusOptions:
         float16: store float16 vectors.
         batch_size: rows per onnxruntime call.
         unit_rows: rows per unit (default 1024, 64 with an image column).
+        provider: where actors run the graph: an onnxruntime provider (``cpu``, ``cuda``) or
+            ``openvino`` (default: onnxruntime on CPU).
     """
 
     text_column: str = "text"
@@ -39,6 +41,7 @@ class CorpusOptions:
     float16: bool = False
     batch_size: int = 32
     unit_rows: int | None = None
+    provider: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

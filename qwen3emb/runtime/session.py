@@ -18,8 +18,9 @@ PROVIDER_ALIASES: dict[str, str] = {
     "tensorrt": "TensorrtExecutionProvider",
     "coreml": "CoreMLExecutionProvider",
     "directml": "DmlExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
 }
+"""onnxruntime's providers by short name. ``openvino`` is not onnxruntime's: it is OpenVINO
+compiling the graph itself (:mod:`qwen3emb.runtime.openvino`)."""
 
 
 def _ort() -> Any:
@@ -43,18 +44,30 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
 
     CPU is appended as the fallback for nodes another provider does not take.
 
+    ``openvino`` / ``openvino:<device>`` stands alone: OpenVINO runs the whole graph.
+
     Raises:
-        ProviderError: a requested provider is unknown or not in this onnxruntime build.
+        ProviderError: a requested provider is unknown or not in this onnxruntime build, or
+            ``openvino`` is combined with onnxruntime providers.
     """
+    from qwen3emb.runtime.openvino import device_of, is_openvino
+
     if providers is None:
         return ["CPUExecutionProvider"]
     names = [providers] if isinstance(providers, str) else list(providers)
+    if any(is_openvino(n) for n in names):
+        if len(names) > 1:
+            raise ProviderError(
+                f"provider '{next(n for n in names if is_openvino(n))}' runs the whole graph "
+                "on OpenVINO and cannot be combined with other providers",
+                hint="Pass -p openvino alone (or openvino:GPU)")
+        return [f"openvino:{device_of(names[0])}"]
     available = available_providers()
     resolved: list[str] = []
     for name in names:
         full = PROVIDER_ALIASES.get(name.lower(), name)
         if full not in available:
-            short = [k for k, v in PROVIDER_ALIASES.items() if v in available]
+            short = [k for k, v in PROVIDER_ALIASES.items() if v in available] + ["openvino"]
             hint = "Install onnxruntime-gpu for CUDA" if full.startswith("CUDA") else None
             raise ProviderError(
                 f"execution provider '{name}' is not available in this onnxruntime. "
@@ -71,7 +84,8 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
 def open_session(model: Path, providers: Sequence[str] | str | None = None,
                  threads: int | None = None, *, spinning: bool = True,
                  kernel_cache: Path | None = None) -> Any:
-    """Create an ``InferenceSession`` for ``model`` with full graph optimizations.
+    """Create an ``InferenceSession`` for ``model`` with full graph optimizations, or an
+    :class:`~qwen3emb.runtime.openvino.OpenVINOSession` for the ``openvino`` provider.
 
     ``spinning=False`` stops onnxruntime's worker threads from spin-waiting between runs:
     slower for back-to-back calls in one loop, but a server's event loop and tokenizers get
@@ -82,8 +96,14 @@ def open_session(model: Path, providers: Sequence[str] | str | None = None,
         ProviderError: see :func:`resolve_providers`.
         BundleError: onnxruntime rejects the model file.
     """
-    ort = _ort()
     resolved = resolve_providers(providers)
+    from qwen3emb.runtime.openvino import OpenVINOSession, device_of, is_openvino
+
+    if is_openvino(resolved[0]):
+        session: Any = OpenVINOSession(model, device_of(resolved[0]), threads)
+        logger.info("loaded %s on %s", model.name, session.get_providers())
+        return session
+    ort = _ort()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3

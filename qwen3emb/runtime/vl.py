@@ -174,6 +174,11 @@ class VLInputs:
         self.vision = open_session(manifest.root / vision_graph["path"], providers, threads,
                                    spinning=spinning)
 
+    @property
+    def providers(self) -> list[str]:
+        """Where the vision graph runs (onnxruntime providers, or ``openvino:CPU``)."""
+        return list(self.vision.get_providers())
+
     def _load_tokenizer(self) -> Any:
         from tokenizers import Tokenizer
 
@@ -343,6 +348,11 @@ class VLEmbedder(VLInputs):
         self.precision = precision
         self.decoder = open_session(manifest.root / decoder["path"], providers, threads,
                                     spinning=spinning)
+
+    @property
+    def providers(self) -> list[str]:
+        """Where the decoder runs (the vision graph runs on the same)."""
+        return list(self.decoder.get_providers())
 
     def run_decoder(self, batch: list[PreparedItem], features: dict[int, tuple[np.ndarray, ...]]
                     ) -> np.ndarray:

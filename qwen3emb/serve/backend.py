@@ -89,7 +89,8 @@ class Backend:
     @property
     def on_cpu(self) -> bool:
         """Whether inference runs on CPU only (small batches pay there)."""
-        return self.runtime == "llama.cpp" or self.providers == ["CPUExecutionProvider"]
+        return self.runtime == "llama.cpp" or self.providers in (
+            ["CPUExecutionProvider"], ["openvino:CPU"])
 
     def model_file(self) -> dict[str, Any]:
         """The manifest entry of the served model file."""

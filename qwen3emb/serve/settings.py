@@ -34,7 +34,8 @@ class ServeSettings:
         bundle: the bundle directory.
         precision: ONNX precision or GGUF type to serve; ``None``: fp32 ONNX, or the bundle's
             highest-precision GGUF when it has no ONNX model.
-        providers: onnxruntime providers (short or full names); CPU when empty.
+        providers: onnxruntime providers (short or full names), or ``openvino``; CPU when
+            empty.
         model_name: the ``model`` clients must send; default the bundle directory's name.
         api_keys: accepted bearer keys; empty: no authentication.
         max_batch_tokens: padded tokens per inference call; ``None``: ``CPU_BATCH`` on CPU,

@@ -48,6 +48,14 @@ class ArtifactResult:
     """What this artifact measures or leaves out, shown in the report."""
     checked_on: str | None = None
     """What ran it: the engine, its provider and, for int8, the integer kernel."""
+    engine: str | None = None
+    """A row's engine where it is not the default onnxruntime/llama.cpp (``openvino:CPU``):
+    the same artifact checked on several engines has a row for each."""
+
+    @property
+    def name(self) -> str:
+        """The artifact, with its engine where that is not the default."""
+        return f"{self.artifact} @ {self.engine}" if self.engine else self.artifact
 
     def add(self, label: str, names: list[str], output: np.ndarray, reference: np.ndarray) -> None:
         """Record per-row cosines of ``output`` vs ``reference`` under ``label:name`` keys."""

@@ -33,8 +33,8 @@ def _score_markdown(report: ParityReport, verdict: str) -> str:
         "",
         "| artifact | precision | floor (max abs score diff) | max abs score diff | "
         "max abs logit diff | min Kendall tau | top-1 agreement | batch vs single | NaN/Inf "
-        "| result |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| checked on | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in report.artifacts:
         tau = "n/a" if a.min_kendall_tau is None else f"{a.min_kendall_tau:.3f}"
@@ -42,11 +42,11 @@ def _score_markdown(report: ParityReport, verdict: str) -> str:
         single = ("n/a" if a.batch_vs_single_max_diff is None
                   else f"{a.batch_vs_single_max_diff:.2e}")
         lines.append(
-            f"| `{a.artifact}` | {a.precision} | {a.floor} | {a.max_abs_score_diff:.2e} | "
+            f"| `{a.name}` | {a.precision} | {a.floor} | {a.max_abs_score_diff:.2e} | "
             f"{a.max_abs_logit_diff:.2e} | {tau} | {agree} | {single} | {a.nan_inf} | "
-            f"{_verdict(a)} |")
+            f"{a.checked_on or 'n/a'} | {_verdict(a)} |")
     for a in report.artifacts:
-        lines += ["", f"**{a.artifact}** worst probes: "
+        lines += ["", f"**{a.name}** worst probes: "
                   + ", ".join(f"`{k}` {v:.2e}" for k, v in a.worst)]
         for failure in a.failures:
             lines.append(f"- {'measured, not gated' if a.informational else 'FAIL'}: {failure}")
@@ -71,12 +71,12 @@ def to_markdown(report: ParityReport) -> str:
     for a in report.artifacts:
         agree = "n/a" if a.retrieval_top1_agreement is None else f"{a.retrieval_top1_agreement:.2f}"
         lines.append(
-            f"| `{a.artifact}` | {a.precision} | {a.floor} | {a.min_cosine:.7f} | "
+            f"| `{a.name}` | {a.precision} | {a.floor} | {a.min_cosine:.7f} | "
             f"{a.mean_cosine:.6f} | {a.p50_cosine:.6f} | {a.max_abs_diff:.2e} | {a.nan_inf} | "
             f"{agree} | {a.checked_on or 'n/a'} | {_verdict(a)} |"
         )
     for a in report.artifacts:
-        lines += ["", f"**{a.artifact}** worst probes: "
+        lines += ["", f"**{a.name}** worst probes: "
                   + ", ".join(f"`{k}` {v:.6f}" for k, v in a.worst)]
         if a.batch_vs_single_max_diff is not None:
             lines.append(f"batch vs single max abs diff: {a.batch_vs_single_max_diff:.2e}")
@@ -158,7 +158,7 @@ def to_junit(report: ParityReport) -> str:
         for check, (ok, message) in checks.items():
             cases += 1
             case = ET.SubElement(suite, "testcase", classname=f"parity.{a.precision}",
-                                 name=f"{a.artifact}::{check}")
+                                 name=f"{a.name}::{check}")
             ET.SubElement(case, "system-out").text = message
             if not ok:
                 failures += 1

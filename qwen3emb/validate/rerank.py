@@ -14,6 +14,7 @@ import numpy as np
 from qwen3emb.constants import SCORE_FLOORS
 from qwen3emb.errors import InputError, Qwen3EmbError
 from qwen3emb.progress import bar
+from qwen3emb.validate.runners import checked_on, engine_label, engines
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,14 @@ class ScoreResult:
     error: str | None = None
     informational: bool = False
     note: str | None = None
+    checked_on: str | None = None
+    """What ran it (:func:`qwen3emb.validate.runners.checked_on`)."""
+    engine: str | None = None
+    """The row's engine where not the default onnxruntime (``openvino:CPU``)."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.artifact} @ {self.engine}" if self.engine else self.artifact
 
     def add(self, label: str, names: Sequence[str], scores: np.ndarray, logits: np.ndarray,
             ref_scores: np.ndarray, ref_logits: np.ndarray) -> None:
@@ -252,16 +261,19 @@ class RerankSuite:
         results: list[ScoreResult] = []
         with bar(len(models), "validate", progress, unit="artifact") as ticker:
             for kind, precision, entry in models:
-                result = ScoreResult(artifact=entry["path"], kind=kind, precision=precision,
-                                     floor=SCORE_FLOORS[precision])
-                try:
-                    runner = Reranker(self.bundle, self.providers, precision=precision,
-                                      max_length=self.limit, strict=False, verify=False)
-                    check_reranker(runner, ref, result)
-                except Qwen3EmbError as e:
-                    result.error = e.one_line()
-                logger.info("%s: max |score diff| %.2e (floor %s)", entry["path"],
-                            result.max_abs_score_diff, result.floor)
-                results.append(result)
+                for engine in engines(self.providers):
+                    result = ScoreResult(artifact=entry["path"], kind=kind, precision=precision,
+                                         floor=SCORE_FLOORS[precision],
+                                         engine=engine_label(engine))
+                    try:
+                        runner = Reranker(self.bundle, engine, precision=precision,
+                                          max_length=self.limit, strict=False, verify=False)
+                        result.checked_on = checked_on(runner, kind, precision)
+                        check_reranker(runner, ref, result)
+                    except Qwen3EmbError as e:
+                        result.error = e.one_line()
+                    logger.info("%s: max |score diff| %.2e (floor %s)", result.name,
+                                result.max_abs_score_diff, result.floor)
+                    results.append(result)
                 ticker.update(1)
         return results

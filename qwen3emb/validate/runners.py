@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+
+def engines(providers: Sequence[str] | str | None) -> list[list[str] | None]:
+    """The engines each ONNX artifact is checked on, one report row each: the onnxruntime
+    chain (the named providers other than OpenVINO; CPU when none is named) and OpenVINO
+    where named (``-p openvino`` alone checks OpenVINO only; ``-p cpu -p openvino`` both)."""
+    from qwen3emb.runtime.openvino import is_openvino
+
+    if not providers:
+        return [None]
+    names = [providers] if isinstance(providers, str) else list(providers)
+    onnxruntime = [n for n in names if not is_openvino(n)]
+    return ([onnxruntime] if onnxruntime else []) + [[n] for n in names if is_openvino(n)]
+
+
+def engine_label(engine: list[str] | None) -> str | None:
+    """How a row names a non-default engine (``openvino:CPU``); ``None`` for onnxruntime."""
+    from qwen3emb.runtime.openvino import device_of, is_openvino
+
+    if engine and is_openvino(engine[0]):
+        return f"openvino:{device_of(engine[0])}"
+    return None
 
 
 def open_runner(bundle: Any, kind: str, precision: str, limit: int, providers: Any,
@@ -26,13 +49,20 @@ def open_runner(bundle: Any, kind: str, precision: str, limit: int, providers: A
 
 def checked_on(runner: Any, kind: str, precision: str) -> str:
     """What ran an artifact, as the report shows it: ``onnxruntime CPUExecutionProvider,
-    int8 kernel u8s8`` (the kernel only matters to integer graphs), or ``llama.cpp``."""
+    int8 kernel u8s8`` (the kernel only matters to integer graphs), ``OpenVINO 2026.4.1 CPU``,
+    or ``llama.cpp``."""
     if kind != "onnx":
         return "llama.cpp"
     from qwen3emb.runtime.kernels import int8_kernel
 
     providers = getattr(runner, "providers", None) or ["?"]
     first = providers[0]
+    if first.startswith("openvino:"):
+        from qwen3emb.runtime.openvino import DYNAMIC_GROUP, version
+
+        return (f"OpenVINO {version()} {first.split(':', 1)[1]}, int8 activations per "
+                f"{DYNAMIC_GROUP} channels" if precision in ("int8", "int4") else
+                f"OpenVINO {version()} {first.split(':', 1)[1]}")
     integer = precision in ("int8", "int4") and first == "CPUExecutionProvider"
     kernel = f", int8 kernel {int8_kernel()}" if integer else ""
     return f"onnxruntime {first}{kernel}"

@@ -21,7 +21,7 @@ from qwen3emb.validate.probes import (
     long_probe_text,
 )
 from qwen3emb.validate.reference import ReferenceEmbedder, reference_query
-from qwen3emb.validate.runners import checked_on, open_runner
+from qwen3emb.validate.runners import checked_on, engine_label, engines, open_runner
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +169,9 @@ class TextSuite:
         results: list[ArtifactResult] = []
         with bar(len(models), "validate", progress, unit="artifact") as ticker:
             for kind, precision, entry in models:
-                results.append(_check_one(self.bundle, kind, precision, entry, ref,
-                                          self.probes, self.limit, self.providers, manifest))
+                for engine in engines(self.providers) if kind == "onnx" else [None]:
+                    results.append(_check_one(self.bundle, kind, precision, entry, ref,
+                                              self.probes, self.limit, engine, manifest))
                 ticker.update(1)
         return results
 
@@ -180,7 +181,8 @@ def _check_one(bundle: Any, kind: str, precision: str, entry: dict[str, Any],
                manifest: Any) -> ArtifactResult:
     """Validate one artifact; an artifact that cannot even run is recorded as failed."""
     result = ArtifactResult(artifact=entry["path"], kind=kind, precision=precision,
-                            floor=FLOORS.get(precision, FLOORS["int4"]))
+                            floor=FLOORS.get(precision, FLOORS["int4"]),
+                            engine=engine_label(providers))
     try:
         runner, out_dim = open_runner(bundle, kind, precision, limit, providers, manifest)
         result.checked_on = checked_on(runner, kind, precision)

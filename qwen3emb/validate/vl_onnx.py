@@ -18,6 +18,7 @@ import numpy as np
 from qwen3emb.constants import FLOORS
 from qwen3emb.errors import Qwen3EmbError
 from qwen3emb.validate.compare import ArtifactResult
+from qwen3emb.validate.runners import checked_on, engine_label, engines
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +43,12 @@ def validate_vl_onnx(bundle: Any, manifest: Any, ref: Any, probes: list[Any], re
                      ) -> list[ArtifactResult]:
     """One result per decoder precision (whole pipeline), then one per vision precision."""
     decoders, visions = onnx_graphs(manifest, precisions)
-    results = [_check_pipeline(bundle, manifest, entry, probes, refs, providers)
-               for entry in decoders]
+    results = [_check_pipeline(bundle, manifest, entry, probes, refs, engine)
+               for entry in decoders for engine in engines(providers)]
     if visions:
         cases = _vision_cases(ref, probes)
-        results += [_check_vision(manifest, entry, cases, providers) for entry in visions]
+        results += [_check_vision(manifest, entry, cases, engine)
+                    for entry in visions for engine in engines(providers)]
     return results
 
 
@@ -56,12 +58,14 @@ def _check_pipeline(bundle: Any, manifest: Any, entry: dict[str, Any], probes: l
 
     precision = entry["precision"]
     result = ArtifactResult(artifact=entry["path"], kind="onnx", precision=precision,
-                            floor=FLOORS.get(precision, FLOORS["int4"]))
+                            floor=FLOORS.get(precision, FLOORS["int4"]),
+                            engine=engine_label(providers))
     out_dim = int(manifest.embedding["output_dim"])
     try:
         vision = choose_graphs(manifest, precision)[1]
         result.note = f"whole pipeline, with {vision['path']}"
         runner = VLEmbedder(bundle, providers, precision=precision, verify=False, strict=False)
+        result.checked_on = checked_on(runner, "onnx", precision)
         names = [f"{p.kind}:{p.name}" for p in probes]
         for i, probe in enumerate(probes):
             out = runner.encode([probe.item], instruction=probe.instruction)
@@ -76,7 +80,7 @@ def _check_pipeline(bundle: Any, manifest: Any, entry: dict[str, Any], probes: l
                        cut_reference(refs[plain], width))
     except Qwen3EmbError as e:
         result.error = e.one_line()
-    logger.info("%s: min cosine %.6f (floor %s)", entry["path"], result.min_cosine, result.floor)
+    logger.info("%s: min cosine %.6f (floor %s)", result.name, result.min_cosine, result.floor)
     return result
 
 
@@ -106,16 +110,18 @@ def _check_vision(manifest: Any, entry: dict[str, Any],
     result = ArtifactResult(artifact=entry["path"], kind="onnx", precision=precision,
                             floor=FLOORS.get(precision, FLOORS["int4"]),
                             note="vision graph alone: visual embeddings and deepstack maps vs "
-                                 "the HF vision tower, same patches")
+                                 "the HF vision tower, same patches",
+                            engine=engine_label(providers))
     try:
         runner = VLInputs(manifest, entry, providers)
+        result.checked_on = checked_on(runner, "onnx", precision)
         for name, groups, grid, expected in cases:
             embeds, deepstack = runner.run_vision(groups, grid[1], grid[2])
             ours = np.concatenate([embeds.reshape(-1), deepstack.reshape(-1)])
             result.add("vision", [name], ours[None], expected[None])
     except Qwen3EmbError as e:
         result.error = e.one_line()
-    logger.info("%s: min cosine %.6f (floor %s)", entry["path"], result.min_cosine, result.floor)
+    logger.info("%s: min cosine %.6f (floor %s)", result.name, result.min_cosine, result.floor)
     return result
 
 
