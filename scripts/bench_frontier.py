@@ -9,7 +9,8 @@ NNCF weight-only int8 / NNCF full int8 on our fp32 graph, llama.cpp q8_0 / q4_k_
 ``scripts/bench_peers.py``), and times every engine round-robin against HF torch fp32 in one
 process. Fidelity is the min cosine to torch over the timed inputs (random tokens, never the
 calibration texts). Our engines load as the runtime loads them (``open_session``: int8 codes on
-the fastest exact kernel of this CPU).
+the fastest exact kernel of this CPU), and in a second pass on the ``openvino`` provider
+(OpenVINO compiling our integer graphs: ``<graph>@openvino``; torch timed again in that pass).
 
 Writes ``frontier.json``, ``frontier.md`` and ``frontier.png`` (min cosine against x torch) to
 ``--out``.
@@ -101,8 +102,11 @@ def uniform_graphs(work: Path, fixture: str, source: Path, checkpoint: Path) -> 
 
 
 def measure(fixture: str, checkpoint: Path, files: dict[str, Path], peers: dict[str, Path],
-            cells: list[tuple[int, int]], threads: int, runs: int) -> list[dict[str, Any]]:
-    """Round-robin timing of torch, our graphs and the peers; min cosine to torch."""
+            cells: list[tuple[int, int]], threads: int, runs: int, provider: str = "cpu"
+            ) -> list[dict[str, Any]]:
+    """Round-robin timing of torch, our graphs (on ``provider``: onnxruntime's CPU, or
+    ``openvino``, whose engines are named ``<graph>@openvino``) and the peers; min cosine to
+    torch."""
     import torch
     from bench import embed_with
     from bench_peers import load_peer
@@ -113,8 +117,9 @@ def measure(fixture: str, checkpoint: Path, files: dict[str, Path], peers: dict[
     torch.set_num_threads(threads)
     engines: dict[str, Any] = {"torch-fp32": AutoModel.from_pretrained(
         checkpoint, dtype=torch.float32).eval()}
+    suffix = "" if provider == "cpu" else f"@{provider}"
     for name, path in files.items():
-        engines[name] = open_session(path, "cpu", threads)
+        engines[name + suffix] = open_session(path, provider, threads)
     for name, path in peers.items():
         try:
             engines[name] = load_peer(name, path, threads)
@@ -172,8 +177,9 @@ def chart(rows: list[dict[str, Any]], out: Path) -> None:
             if (r["fixture"], r["cell"]) != (fixture, cell) or r["engine"] == "torch-fp32":
                 continue
             ours = r["engine"].startswith("onnx-")
+            on_ov = r["engine"].endswith("@openvino")
             ax.scatter(r["x_torch"], 1 - r["min_cosine"] + 1e-7, marker="o" if ours else "s",
-                       color="tab:blue" if ours else "tab:orange")
+                       color="tab:green" if on_ov else "tab:blue" if ours else "tab:orange")
             ax.annotate(r["engine"].removeprefix("onnx-"), (r["x_torch"],
                                                             1 - r["min_cosine"] + 1e-7),
                         fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -182,7 +188,8 @@ def chart(rows: list[dict[str, Any]], out: Path) -> None:
         ax.invert_yaxis()
         ax.set_xlabel("x torch fp32 (higher is faster)")
         ax.set_ylabel("1 - min cosine to torch (lower is more faithful)")
-        ax.set_title(f"{fixture}, {cell} (ours: circles, peers: squares)", fontsize=9)
+        ax.set_title(f"{fixture}, {cell} (ours: circles, green on -p openvino; peers: "
+                     "squares)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -196,7 +203,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def run(work: Path, out: Path, fixtures: list[str], cells: list[tuple[int, int]], threads: int,
-        runs: int, peers: bool) -> list[dict[str, Any]]:
+        runs: int, peers: bool, openvino: bool = True) -> list[dict[str, Any]]:
     from bench_peers import build_peers
 
     rows: list[dict[str, Any]] = []
@@ -227,6 +234,12 @@ def run(work: Path, out: Path, fixtures: list[str], cells: list[tuple[int, int]]
             peer_files, skipped = build_peers(checkpoint, source, work, fixture, genai=False)
             meta[fixture]["skipped_peers"] = skipped
         rows += measure(fixture, checkpoint, files, peer_files, cells, threads, runs)
+        if openvino:
+            # Our integer graphs compiled by OpenVINO (-p openvino), in a pass of their own:
+            # every graph on both engines at once would not fit this machine's memory.
+            rows += measure(fixture, checkpoint,
+                            {n: p for n, p in files.items() if n != "onnx-fp32"}, {}, cells,
+                            threads, runs, provider="openvino")
         (out / "frontier.json").write_text(json.dumps({"rows": rows, "meta": meta,
                                                        "threads": threads}, indent=1))
     (out / "frontier.md").write_text(table(rows))

@@ -308,3 +308,32 @@ def test_simulated_per_row_int8_matches_onnxruntime(tmp_path):
     measured = relative_error(session.run(["Y1"], {"X": x})[0], x @ w)
     assert simulated["int8-row"] == pytest.approx(measured, rel=0.25)
     assert simulated["int8-row"] < 0.5 * simulated["int8"]
+
+
+def test_choose_plan_takes_the_fastest_safe_plan():
+    """The fastest plan at the target; else the most faithful past halfway that beats fp32;
+    a plan slower than fp32 only where nothing else is safe."""
+    from qwen3emb.export.quant.search import choose_plan
+
+    a, b, c, d = (frozenset({("m", t)}) for t in ("int8-row", "nbits8", "fp32", "nbits8-128"))
+    # Two reach the 0.998 target: the faster wins, though less faithful.
+    assert choose_plan({a: 0.9985, b: 0.9990, c: 0.99}, {a: 1.0, b: 2.0, c: 0.5},
+                       0.998, 0.99, fp32_seconds=3.0) == a
+    # None reaches it: the faithful plan slower than fp32 loses to a safe, fast one ...
+    assert choose_plan({b: 0.9945, d: 0.9951}, {b: 2.0, d: 3.3}, 0.998, 0.99, 3.0) == b
+    # ... but not to one short of halfway (0.994), nor to one slower than fp32 itself.
+    assert choose_plan({a: 0.9935, d: 0.9951}, {a: 1.0, d: 3.3}, 0.998, 0.99, 3.0) == d
+    assert choose_plan({b: 0.9945, d: 0.9951}, {b: 3.1, d: 3.3}, 0.998, 0.99, 3.0) == d
+    # Untimed (an 8B): the most faithful, as before.
+    assert choose_plan({b: 0.9945, d: 0.9951}, {}, 0.998, 0.99, None) == d
+
+
+def test_int8_ladder_goes_through_8bit_blocks_before_fp32():
+    from qwen3emb.export.quant import planned
+
+    ladder = planned.LADDERS["int8"]
+    steps, tier = [], "int8"
+    while tier in ladder:
+        tier = ladder[tier]
+        steps.append(tier)
+    assert steps == ["int8-row", "nbits8", "fp32"]  # never fp32 activations on 8-bit weights

@@ -11,10 +11,13 @@
    calibration; the figure is the minimum cosine over texts.
 4. **Escalate** while the score misses the precision's target: the most sensitive MatMuls
    (largest measured error reduction per added byte) move one step along
-   the precision's ladder (:data:`planned.LADDERS`: int8 straight to fp32, or to 8-bit
-   weight-only where fp32 would not fit; int4 through 8-bit first), 1/8 of the candidates
-   first, then 1/4, 1/2, all; never beyond the precision's size budget. At most
-   ``MAX_BUILDS`` builds, each one pass over the weights.
+   the precision's ladder (:data:`planned.LADDERS`: int8 through 8-bit weights with int8
+   activations per 32-block to fp32; int4 through 8-bit weights with fp32 activations), 1/8
+   of the candidates first, then 1/4, 1/2, all; never beyond the precision's size budget. At
+   most ``MAX_BUILDS`` builds, each one pass over the weights, each timed
+   (:class:`BuildClock`).
+5. **Choose** (:func:`choose_plan`): the fastest plan that reaches the target; where none
+   does, the most faithful that is past halfway from floor to target and faster than fp32.
 
 If the floor itself cannot be reached within the budget, the export stops with one line: the
 best fidelity reached and what keeping the sensitive MatMuls in fp32 would cost.
@@ -281,6 +284,61 @@ def _escalate(plan: dict[str, str], ranked: list[str], count: int,
     return new
 
 
+class BuildClock:
+    """Times each build as the runtime runs it (:mod:`qwen3emb.export.quant.speed`), against
+    the fp32 graph, on the scoring feed nearest 8 x 128 tokens; off (every time ``None``)
+    where the fp32 graph is too large to load beside a build (an 8B)."""
+
+    def __init__(self, source: Path,
+                 feeds: Sequence[tuple[dict[str, np.ndarray], list[int]]]) -> None:
+        from qwen3emb.export.quant import speed
+
+        self.fp32_seconds: float | None = None
+        self.feed = speed.timing_feed(feeds) if feeds else None
+        if self.feed is not None and speed.graph_bytes(source) <= speed.MAX_FP32_BYTES:
+            self.fp32_seconds = speed.best_seconds(source, self.feed)
+
+    def time(self, path: Path) -> float | None:
+        from qwen3emb.export.quant import speed
+
+        if self.fp32_seconds is None or self.feed is None:
+            return None
+        return speed.best_seconds(path, self.feed)
+
+    def describe(self) -> dict[str, Any]:
+        from qwen3emb.export.quant import speed
+
+        shape = "x".join(str(n) for n in next(iter(self.feed.values())).shape) if self.feed \
+            else None
+        return {"input": shape, "threads": speed.THREADS,
+                "fp32_ms": None if self.fp32_seconds is None
+                else round(self.fp32_seconds * 1e3, 1)}
+
+
+Key = frozenset[tuple[str, str]]
+
+
+def choose_plan(scored: dict[Key, float], timed: dict[Key, float], target: float,
+                floor: float, fp32_seconds: float | None) -> Key:
+    """The plan a search returns, from every plan it scored (higher fidelity is better).
+
+    1. Plans that reach the target: the fastest (timed), else the most faithful.
+    2. None does: the most faithful of those past halfway from the floor to the target that
+       run faster than the fp32 graph; a plan slower than fp32 is returned only where no such
+       plan exists (then the most faithful; the export warns that it is slow).
+    """
+    inf = float("inf")
+    reached = [k for k in scored if scored[k] >= target]
+    if reached:
+        return min(reached, key=lambda k: (timed.get(k, inf), -scored[k]))
+    if fp32_seconds is not None:
+        safe = floor + (target - floor) / 2
+        fast = [k for k in scored if scored[k] >= safe and timed.get(k, inf) < fp32_seconds]
+        if fast:
+            return max(fast, key=lambda k: scored[k])
+    return max(scored, key=lambda k: scored[k])
+
+
 def search_variant(source: Path, precision: str, *, scheme: str, calibration: Calibration,
                    measurements: Measurements, smoothing: list[q.Smoothing],
                    feeds: Sequence[dict[str, np.ndarray]], external: bool,
@@ -322,7 +380,7 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
     out_of_line = _out_of_line(plan, measurements)
     target_path = variant_path(source, precision)
     rounds: list[dict[str, Any]] = []
-    best, best_plan = -1.0, dict(plan)
+    best = -1.0
     started = time.perf_counter()
     scoring = scoring_feeds(feeds)
     table_check: dict[str, Any] | None = None
@@ -347,6 +405,8 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
     if ladders[0] is not planned.SIZE_LADDER:
         ladders.append(planned.SIZE_LADDER)
     scored: dict[frozenset[tuple[str, str]], float] = {}
+    timed: dict[frozenset[tuple[str, str]], float] = {}
+    clock = BuildClock(source, scoring) if metric.name == "cosine" else None
     files: list[Path] = []
     on_disk: frozenset[tuple[str, str]] | None = None
     for ladder in ladders:
@@ -364,12 +424,14 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
                                               calibration.ranges, columns, external)
                 on_disk = key
                 scored[key] = score(target_path, scoring, calibration.outputs, metric)
+                if clock is not None and (seconds := clock.time(target_path)) is not None:
+                    timed[key] = seconds
             fidelity = scored[key]
-            if fidelity > best:
-                best, best_plan = fidelity, dict(plan)
+            best = max(best, fidelity)
             rounds.append({metric.key: round(metric.shown(fidelity), 6),
                            "ladder": "size" if ladder is planned.SIZE_LADDER else "speed",
                            **({"score_reused": True} if reused else {}),
+                           **({"ms": round(timed[key] * 1e3, 1)} if key in timed else {}),
                            "tiers": planned.plan_summary(plan),
                            "weight_mb": round((planned.plan_bytes(plan, sizes) + fixed) / 1e6,
                                               3)})
@@ -386,9 +448,10 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
             plan = new
         if best >= target:
             break
-    if best > fidelity:  # escalation is not monotone: keep the best plan seen
-        plan = best_plan
-    fidelity = scored[frozenset(plan.items())]
+    chosen = choose_plan(scored, timed, target, floor,
+                         clock.fp32_seconds if clock is not None else None)
+    plan = dict(chosen)
+    fidelity = scored[chosen]
     if frozenset(plan.items()) != on_disk:  # the kept plan is not the last one written
         for path in files:
             path.unlink(missing_ok=True)
@@ -409,6 +472,10 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
             f"its size budget of "
             f"{budget / 1e6:.1f} MB; fp32 MatMuls would cost {cost:.1f} MB",
             hint="Export fp16 instead, or force a recipe with --int8-scheme")
+    if fidelity < best:
+        logger.info("%s %s: kept calibration %s %.5f over the most faithful plan's %.5f, "
+                    "which runs slower (choose_plan)", source.name, precision, metric.label,
+                    metric.shown(fidelity), metric.shown(best))
     if fidelity < target:
         logger.warning("%s %s: calibration %s %.5f meets the %g floor but not the %g "
                        "target (size budget reached)", source.name, precision, metric.label,
@@ -438,6 +505,7 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
         "size_budget_mb": round(budget / 1e6, 3),
         "rounds": rounds,
         "search_seconds": round(time.perf_counter() - started, 1),
+        **({"timed_on": clock.describe()} if clock is not None and timed else {}),
         "measure_seconds": round(measurements.seconds, 1),
         "tiers": {name: planned.TIERS[name].description for name in planned.plan_summary(plan)},
         "escalated": escalated,
