@@ -326,14 +326,3 @@ def test_choose_plan_takes_the_fastest_safe_plan():
     assert choose_plan({b: 0.9945, d: 0.9951}, {b: 3.1, d: 3.3}, 0.998, 0.99, 3.0) == d
     # Untimed (an 8B): the most faithful, as before.
     assert choose_plan({b: 0.9945, d: 0.9951}, {}, 0.998, 0.99, None) == d
-
-
-def test_int8_ladder_goes_through_8bit_blocks_before_fp32():
-    from qwen3emb.export.quant import planned
-
-    ladder = planned.LADDERS["int8"]
-    steps, tier = [], "int8"
-    while tier in ladder:
-        tier = ladder[tier]
-        steps.append(tier)
-    assert steps == ["int8-row", "nbits8", "fp32"]  # never fp32 activations on 8-bit weights

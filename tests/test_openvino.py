@@ -97,6 +97,7 @@ def test_validate_gives_each_engine_its_own_rows(int_bundle, tiny_checkpoint, tm
         "validate", str(int_bundle), "-r", str(tiny_checkpoint), "-p", "cpu", "-p", "openvino",
         "--long-probe", "0", "--json", str(out), "--markdown", str(out.with_suffix(".md"))])
     assert result.exit_code == 0, result.output
+    assert "onnx/model_int8.onnx @ openvino:CPU" in result.output
     rows = json.loads(out.read_text())["artifacts"]
     onnx = [r for r in rows if r["kind"] == "onnx"]
     assert {(r["precision"], r["engine"]) for r in onnx} == {

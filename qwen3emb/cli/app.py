@@ -52,7 +52,7 @@ def _print_report_summary(report: object, where: str | None = None) -> None:
         verdict = "pass" if a.passed else "measured, not gated" if a.informational else "FAIL"
         figure = (f"max |score diff| {a.max_abs_score_diff:.2e}" if hasattr(a, "score_diffs")
                   else f"min cosine {a.min_cosine:.6f}")
-        typer.echo(f"  {a.artifact:<28} {a.precision:<5} {figure} (floor {a.floor})  {verdict}")
+        typer.echo(f"  {a.name:<28} {a.precision:<5} {figure} (floor {a.floor})  {verdict}")
         for failure in [] if a.informational else a.failures:
             typer.echo(f"      {failure}")
     if where:

@@ -72,16 +72,13 @@ point is size). Per-row int8 activations cost no bytes over per-tensor ones. 8-b
 with fp32 activations come before fp32; they come before int8 activations per 32-block too:
 on the outlier fixtures, ``nbits8`` (as q8_0) left the embedding-outlier fixture at 0.9918
 where fp32 activations held."""
-SPEED_LADDER: dict[str, str] = {**SIZE_LADDER, "int8-row": "nbits8", "nbits8": "fp32"}
-"""int8's ladder (its point is speed): per-tensor int8 to per-row int8, then 8-bit weights with
-int8 activations per 32-block (``nbits8``, as q8_0), then fp32; never ``nbits8-128``. Each step
-costs about the same time (``scripts/bench_kernels.py``, 128 rows of 1024 x 3072: per-row
-uint8 x int8 1.02 ms, ``nbits8`` 2.65 ms, fp32 4.04 ms), but ``nbits8`` adds 1/8 byte a weight
-where fp32 adds 3, so the size budget reaches much further, and it runs the same numbers on
-OpenVINO (``-p openvino``: int8 activations per 32 channels). With fp32 activations
-(``nbits8-128``) onnxruntime dequantizes the weights on every call, 2x slower than the fp32
-MatMul at 128 rows and 10x at 16 (8.4 / 4.8 ms against 4.0 / 0.49 ms), and OpenVINO quantizes
-those activations anyway."""
+SPEED_LADDER: dict[str, str] = {**SIZE_LADDER, "int8-row": "fp32", "nbits8": "fp32"}
+"""int8's ladder (its point is speed): per-tensor int8 to per-row int8, then straight to fp32.
+Where fp32 would break the size budget, 8-bit weights with int8 activations per 32-block
+(``nbits8``, as q8_0) are tried instead (:data:`SPEED_FALLBACK`), never ``nbits8-128``: with
+fp32 activations onnxruntime dequantizes the weights on every call, 2x slower than the fp32
+MatMul at 128 rows and 10x at 16 (``scripts/bench_kernels.py``: 8.4 / 4.8 ms against 4.0 /
+0.49 ms), where ``nbits8`` is faster than fp32 at every size (2.65 / 0.34 ms)."""
 LADDERS: dict[str, dict[str, str]] = {"int8": SPEED_LADDER, "int4": SIZE_LADDER}
 FALLBACK: dict[str, str] = {"fp32": "nbits8-128"}
 """Where an escalation to the key would exceed the size budget, the value is tried instead

@@ -11,10 +11,11 @@
    calibration; the figure is the minimum cosine over texts.
 4. **Escalate** while the score misses the precision's target: the most sensitive MatMuls
    (largest measured error reduction per added byte) move one step along
-   the precision's ladder (:data:`planned.LADDERS`: int8 through 8-bit weights with int8
-   activations per 32-block to fp32; int4 through 8-bit weights with fp32 activations), 1/8
-   of the candidates first, then 1/4, 1/2, all; never beyond the precision's size budget. At
-   most ``MAX_BUILDS`` builds, each one pass over the weights, each timed
+   the precision's ladder (:data:`planned.LADDERS`: int8 straight to fp32, or to 8-bit
+   weights with int8 activations per 32-block where fp32 would not fit; int4 through 8-bit
+   weights with fp32 activations), 1/8 of the candidates first, then 1/4, 1/2, all; never
+   beyond the precision's size budget; where int8's ladder misses the target, the size ladder
+   too. At most ``MAX_BUILDS`` builds a ladder, each one pass over the weights, each timed
    (:class:`BuildClock`).
 5. **Choose** (:func:`choose_plan`): the fastest plan that reaches the target; where none
    does, the most faithful that is past halfway from floor to target and faster than fp32.
@@ -137,6 +138,7 @@ class Measurements:
             q.apply_smoothing(graph, smoothing, calibration.ranges)
         self.errors: dict[str, dict[str, float]] = {}
         self.sizes: dict[str, int] = {}
+
         for node in weight_matmuls(graph):
             k, n = graph.shape(node.input[1])
             self.sizes[node.name] = k * n
@@ -318,6 +320,16 @@ class BuildClock:
 Key = frozenset[tuple[str, str]]
 
 
+_LADDER_NAMES = {id(planned.SPEED_LADDER): "speed", id(planned.SIZE_LADDER): "size"}
+
+
+def fast_and_safe(scored: dict[Key, float], timed: dict[Key, float], target: float,
+                  floor: float, fp32_seconds: float) -> list[Key]:
+    """Plans past halfway from the floor to the target that run faster than fp32."""
+    safe = floor + (target - floor) / 2
+    return [k for k in scored if scored[k] >= safe and timed.get(k, float("inf")) < fp32_seconds]
+
+
 def choose_plan(scored: dict[Key, float], timed: dict[Key, float], target: float,
                 floor: float, fp32_seconds: float | None) -> Key:
     """The plan a search returns, from every plan it scored (higher fidelity is better).
@@ -331,11 +343,9 @@ def choose_plan(scored: dict[Key, float], timed: dict[Key, float], target: float
     reached = [k for k in scored if scored[k] >= target]
     if reached:
         return min(reached, key=lambda k: (timed.get(k, inf), -scored[k]))
-    if fp32_seconds is not None:
-        safe = floor + (target - floor) / 2
-        fast = [k for k in scored if scored[k] >= safe and timed.get(k, inf) < fp32_seconds]
-        if fast:
-            return max(fast, key=lambda k: scored[k])
+    if fp32_seconds is not None and (fast := fast_and_safe(scored, timed, target, floor,
+                                                          fp32_seconds)):
+        return max(fast, key=lambda k: scored[k])
     return max(scored, key=lambda k: scored[k])
 
 
@@ -429,7 +439,7 @@ def search_variant(source: Path, precision: str, *, scheme: str, calibration: Ca
             fidelity = scored[key]
             best = max(best, fidelity)
             rounds.append({metric.key: round(metric.shown(fidelity), 6),
-                           "ladder": "size" if ladder is planned.SIZE_LADDER else "speed",
+                           "ladder": _LADDER_NAMES[id(ladder)],
                            **({"score_reused": True} if reused else {}),
                            **({"ms": round(timed[key] * 1e3, 1)} if key in timed else {}),
                            "tiers": planned.plan_summary(plan),
