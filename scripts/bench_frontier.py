@@ -129,11 +129,16 @@ def measure(fixture: str, checkpoint: Path, files: dict[str, Path], peers: dict[
     def run(name: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return embed_with(engines[name], name, ids, mask, peer=name in peers)
 
+    # The hard fixtures keep the 0.6B's layers with a small vocabulary: draw from the
+    # checkpoint's own, and end with its own end token.
+    config = json.loads((checkpoint / "config.json").read_text())
+    end = int(config.get("eos_token_id") or END_TOKEN)
+    vocab = min(int(config["vocab_size"]), end)
     rng = np.random.default_rng(1)  # not the calibration texts
     rows = []
     for batch, length in cells:
-        ids = rng.integers(0, END_TOKEN, (batch, length), dtype=np.int64)
-        ids[:, -1] = END_TOKEN
+        ids = rng.integers(0, vocab, (batch, length), dtype=np.int64)
+        ids[:, -1] = end
         mask = np.ones_like(ids)
         times: dict[str, list[float]] = {n: [] for n in engines}
         outputs = {n: run(n, ids, mask) for n in engines}  # warm-up, and the outputs

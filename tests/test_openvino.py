@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -60,8 +61,6 @@ def test_one_session_serves_several_threads(tiny_bundle):
 
 
 def test_openvino_stands_alone_and_names_what_is_missing(tiny_bundle, monkeypatch):
-    import builtins
-
     from qwen3emb.errors import MissingDependencyError, ProviderError
     from qwen3emb.runtime import TextEmbedder
     from qwen3emb.runtime.session import resolve_providers
@@ -72,14 +71,7 @@ def test_openvino_stands_alone_and_names_what_is_missing(tiny_bundle, monkeypatc
     assert resolve_providers("OpenVINO:gpu") == ["openvino:GPU"]
     with pytest.raises(Exception, match="OpenVINO has no device 'NOPE'"):
         TextEmbedder(tiny_bundle, "openvino:nope")
-    real = builtins.__import__
-
-    def no_openvino(name, *args, **kwargs):
-        if name == "openvino":
-            raise ImportError(name)
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # makes the import fail
     with pytest.raises(MissingDependencyError, match="openvino package"):
         TextEmbedder(tiny_bundle, "openvino")
 

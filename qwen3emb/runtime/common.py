@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from qwen3emb.constants import DEFAULT_TASK, QUERY_TEMPLATE
-from qwen3emb.errors import BundleError, InputError
+from qwen3emb.errors import BundleError, InputError, MissingDependencyError
+
+
+def optional_module(name: str, needed_for: str, hint: str) -> Any:
+    """Import ``name`` (``PIL.Image``, ``av``, ``openvino``), or say in one line what needs it.
+
+    Raises:
+        MissingDependencyError: the module is not installed.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise MissingDependencyError(needed_for, hint=hint) from e
 
 
 def format_query(query: str, task: str | None = None, template: str = QUERY_TEMPLATE) -> str:

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from qwen3emb.errors import BundleError, MissingDependencyError
+from qwen3emb.errors import BundleError
+from qwen3emb.runtime.common import optional_module
 
 PROVIDER = "openvino"
 DYNAMIC_GROUP = 32
@@ -42,12 +43,8 @@ def device_of(name: str) -> str:
 
 
 def _ov() -> Any:
-    try:
-        import openvino
-    except ImportError as e:
-        raise MissingDependencyError("the openvino provider needs the openvino package",
-                                     hint="pip install openvino") from e
-    return openvino
+    return optional_module("openvino", "the openvino provider needs the openvino package",
+                           "pip install 'qwen3emb-export[openvino]' (or openvino)")
 
 
 def version() -> str:

@@ -30,7 +30,8 @@ from qwen3emb.constants import (
     VL_VIDEO_MIN_PIXELS,
     VL_VIDEO_TOTAL_PIXELS,
 )
-from qwen3emb.errors import InputError, MissingDependencyError
+from qwen3emb.errors import InputError
+from qwen3emb.runtime.common import optional_module
 from qwen3emb.runtime.vl_vision import (
     VisionGeometry,
     VisualInput,
@@ -105,13 +106,9 @@ def timestamps(indices: Sequence[int], video_fps: float, merge: int) -> list[flo
 
 
 def _av() -> Any:
-    try:
-        import av
-    except ImportError as e:
-        raise MissingDependencyError("PyAV is needed to decode video files",
-                                     hint="pip install 'qwen3emb-export[vl]' (or av), or pass "
-                                     "the video as a list of frames") from e
-    return av
+    return optional_module("av", "PyAV is needed to decode video files",
+                           "pip install 'qwen3emb-export[vl]' (or av), or pass the video as a "
+                           "list of frames")
 
 
 def read_video(path: str | os.PathLike[str], options: VideoOptions, name: str

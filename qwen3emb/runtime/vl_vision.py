@@ -30,7 +30,8 @@ from qwen3emb.constants import (
     VL_PATCH_SIZE,
     VL_TEMPORAL_PATCH_SIZE,
 )
-from qwen3emb.errors import InputError, MissingDependencyError
+from qwen3emb.errors import InputError
+from qwen3emb.runtime.common import optional_module
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,8 @@ class VisualInput:
 
 
 def _pil() -> Any:
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise MissingDependencyError("Pillow is needed for images and videos",
-                                     hint="pip install 'qwen3emb-export[vl]' (or Pillow)") from e
-    return Image
+    return optional_module("PIL.Image", "Pillow is needed for images and videos",
+                           "pip install 'qwen3emb-export[vl]' (or Pillow)")
 
 
 def _round(x: float, f: int) -> int:
