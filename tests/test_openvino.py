@@ -171,3 +171,19 @@ def test_server_backend_on_openvino(tiny_bundle):
     assert backend.info()["providers"] == ["openvino:CPU"]
     np.testing.assert_allclose(backend.embedder.encode(["hello"]),
                                TextEmbedder(tiny_bundle).encode(["hello"]), atol=2e-5)
+
+
+def test_integer_models_on_openvino_say_their_parity_was_measured_elsewhere(int_bundle, caplog):
+    """The export's parity ran on onnxruntime; OpenVINO changes int8/int4 numbers, so loading
+    one there says how to check it (the validator itself, strict=False, does not)."""
+    import logging
+
+    from qwen3emb.runtime import TextEmbedder
+
+    with caplog.at_level(logging.WARNING, logger="qwen3emb.runtime.session"):
+        TextEmbedder(int_bundle, "openvino", precision="fp32", strict=False)
+        TextEmbedder(int_bundle, "openvino", precision="int8", strict=False)
+        assert not [r for r in caplog.records if "OpenVINO" in r.getMessage()]
+        TextEmbedder(int_bundle, "openvino", precision="int8")
+    lines = [r.getMessage() for r in caplog.records if "OpenVINO" in r.getMessage()]
+    assert len(lines) == 1 and "validate BUNDLE -r REFERENCE -p openvino" in lines[0]

@@ -170,7 +170,8 @@ class Reranker:
         self.prompt = RerankPrompt.from_manifest(manifest, self.max_length)
         self.pad_id = int(manifest.tokenizer["pad_token_id"])
         self.session = open_session(manifest.root / model["path"], providers,
-                                    threads, spinning=spinning)
+                                    threads, spinning=spinning,
+                                    precision=precision if strict else None)
 
     @property
     def providers(self) -> list[str]:

@@ -115,7 +115,7 @@ class TextEmbedder:
         self.mrl_min = manifest.mrl_min
         self.tokenizer, self.pad_id = load_tokenizer(manifest, self.max_length)
         self.session = open_session(manifest.root / model["path"], providers, threads,
-                                    spinning=spinning)
+                                    spinning=spinning, precision=precision if strict else None)
 
     @property
     def providers(self) -> list[str]:

@@ -347,7 +347,7 @@ class VLEmbedder(VLInputs):
                          max_source_pixels=max_source_pixels)
         self.precision = precision
         self.decoder = open_session(manifest.root / decoder["path"], providers, threads,
-                                    spinning=spinning)
+                                    spinning=spinning, precision=precision if strict else None)
 
     @property
     def providers(self) -> list[str]:
