@@ -60,9 +60,9 @@ def checked_on(runner: Any, kind: str, precision: str) -> str:
     if first.startswith("openvino:"):
         from qwen3emb.runtime.openvino import DYNAMIC_GROUP, version
 
-        return (f"OpenVINO {version()} {first.split(':', 1)[1]}, int8 activations per "
-                f"{DYNAMIC_GROUP} channels" if precision in ("int8", "int4") else
-                f"OpenVINO {version()} {first.split(':', 1)[1]}")
+        where = f"OpenVINO {version()} {first.split(':', 1)[1]}"
+        integer = precision in ("int8", "int4")
+        return f"{where}, int8 activations per {DYNAMIC_GROUP} channels" if integer else where
     integer = precision in ("int8", "int4") and first == "CPUExecutionProvider"
     kernel = f", int8 kernel {int8_kernel()}" if integer else ""
     return f"onnxruntime {first}{kernel}"

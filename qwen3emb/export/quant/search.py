@@ -138,7 +138,6 @@ class Measurements:
             q.apply_smoothing(graph, smoothing, calibration.ranges)
         self.errors: dict[str, dict[str, float]] = {}
         self.sizes: dict[str, int] = {}
-
         for node in weight_matmuls(graph):
             k, n = graph.shape(node.input[1])
             self.sizes[node.name] = k * n
@@ -298,7 +297,7 @@ class BuildClock:
         self.fp32_seconds: float | None = None
         self.feed = speed.timing_feed(feeds) if feeds else None
         if self.feed is not None and speed.graph_bytes(source) <= speed.MAX_FP32_BYTES:
-            self.fp32_seconds = speed.best_seconds(source, self.feed)
+            self.fp32_seconds = speed.fp32_seconds(source, self.feed)
 
     def time(self, path: Path) -> float | None:
         from qwen3emb.export.quant import speed
