@@ -249,7 +249,8 @@ def main() -> None:
         checkpoint, _, files = prepare(args.work, args.preset, fixed_recipes=False)
         wanted = args.sweep_engines or list(ENGINES)
         if any(not e.startswith(("torch-", "onnx-")) for e in wanted):
-            files |= build_peers(checkpoint, files["onnx-fp32"], args.work, args.preset)[0]
+            files |= build_peers(checkpoint, files["onnx-fp32"], args.work, args.preset,
+                                 genai="genai-fp32" in wanted)[0]
         sweep(args.work, out, checkpoint, files, args.lengths or list(LENGTHS), wanted,
               args.threads)
         return

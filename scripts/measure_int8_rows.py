@@ -92,7 +92,8 @@ def main() -> None:
     from qwen3emb.export.quant import quantize as q
     from qwen3emb.export.quant.calibrate import calibrate
     from qwen3emb.export.quant.precisions import calibration_feeds
-    from qwen3emb.export.quant.search import Measurements, score, scoring_feeds
+    from qwen3emb.export.quant.scoring import score, scoring_feeds
+    from qwen3emb.export.quant.search import Measurements
     from qwen3emb.export.quant.sensitivity import ActivationSamples
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -66,7 +66,7 @@ def test_fixed_recipe_collapses_on_hard_fixtures(bundles, kind, workdir):
     from qwen3emb.constants import FLOORS
     from qwen3emb.export.quant.calibrate import calibrate
     from qwen3emb.export.quant.precisions import calibration_feeds
-    from qwen3emb.export.quant.search import score, scoring_feeds
+    from qwen3emb.export.quant.scoring import score, scoring_feeds
     from qwen3emb.export.quant.variants import build_variant
 
     bundle = bundles[kind].bundle
@@ -185,12 +185,12 @@ def _calibrated_copy(bundle: Path, directory: Path):
 def test_unreachable_floor_fails_in_one_line(bundles, workdir, monkeypatch):
     """With no room to escalate, the export refuses to write a failing artifact."""
     from qwen3emb.errors import OutputError
-    from qwen3emb.export.quant import search
+    from qwen3emb.export.quant import scoring, search
 
     source, feeds, samples, calibration = _calibrated_copy(
         bundles["outlier-embeddings"].bundle, workdir / "unreachable")
     monkeypatch.setitem(search.SIZE_BUDGET, "int4", 0.0)  # no byte to spend on escalation
-    monkeypatch.setitem(search.TARGETS, "int4", 1.01)
+    monkeypatch.setitem(scoring.TARGETS, "int4", 1.01)
     monkeypatch.setattr(search, "_out_of_line", lambda plan, measurements: [])
     with pytest.raises(OutputError) as caught:
         search.search_variants(source, ["int4"], scheme="smoothquant", calibration=calibration,
@@ -204,13 +204,13 @@ def test_unreachable_floor_fails_in_one_line(bundles, workdir, monkeypatch):
 def test_a_higher_target_escalates_until_it_holds(bundles, workdir, monkeypatch):
     """``--target``: the same normal checkpoint, asked for half the default int4's error,
     is escalated until the calibration texts reach it, and says so in its settings."""
-    from qwen3emb.export.quant import search
+    from qwen3emb.export.quant import scoring, search
 
     default = _settings(bundles["normal"], "int4")
     source, feeds, samples, calibration = _calibrated_copy(bundles["normal"].bundle,
                                                            workdir / "aimed")
     aim = round(1 - (1 - default["calibration_fidelity"]) / 2, 6)
-    assert aim > search.TARGETS["int4"]
+    assert aim > scoring.TARGETS["int4"]
     build = search.planned.build_planned
     found: list[bool] = []  # was a previous build still on disk when the next one started?
 
@@ -313,7 +313,7 @@ def test_simulated_per_row_int8_matches_onnxruntime(tmp_path):
 def test_choose_plan_takes_the_fastest_safe_plan():
     """The fastest plan at the target; else the most faithful past halfway that beats fp32;
     a plan slower than fp32 only where nothing else is safe."""
-    from qwen3emb.export.quant.search import choose_plan
+    from qwen3emb.export.quant.choice import choose_plan
 
     a, b, c, d = (frozenset({("m", t)}) for t in ("int8-row", "nbits8", "fp32", "nbits8-128"))
     # Two reach the 0.998 target: the faster wins, though less faithful.

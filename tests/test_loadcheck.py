@@ -98,7 +98,7 @@ def test_large_graphs_are_checked_as_skeletons_without_their_weights(
 def test_unique_node_names_renames_only_duplicates() -> None:
     from onnx import helper
 
-    from qwen3emb.export.onnx.optimize import unique_node_names
+    from qwen3emb.export.onnx.graph import unique_node_names
 
     nodes = [helper.make_node("Relu", ["x"], [f"y{i}"], name=name)
              for i, name in enumerate(["a", "a", "b", "", "", "a"])]

@@ -95,7 +95,7 @@ def _seq(rows: dict[str, Any], producer: dict[str, Any], node: str) -> int | str
 def test_last_layer_computes_only_the_pooled_rows(exports: dict[str, Path]) -> None:
     import onnx
 
-    from qwen3emb.export.onnx.optimize import name_projections
+    from qwen3emb.export.onnx.fusions import name_projections
 
     for name in ("shallow", "full"):
         model = onnx.load(str(exports[name]))

@@ -243,7 +243,7 @@ def _true_fp16(model, contrib_ops: bool = True):
     from onnx.reference import ReferenceEvaluator
     from onnx.reference.op_run import OpRun
 
-    from qwen3emb.export.onnx.optimize import _topological
+    from qwen3emb.export.onnx.graph import topological
 
     def rms(x, scale, epsilon):
         return x / np.sqrt(np.mean(np.square(x), -1, keepdims=True) + x.dtype.type(epsilon)) \
@@ -280,7 +280,7 @@ def _true_fp16(model, contrib_ops: bool = True):
             half = x.dtype.type(0.5)
             return ((half * x * (1 + erf(x / x.dtype.type(np.sqrt(2))))).astype(x.dtype),)
 
-    nodes = _topological(model.graph, list(model.graph.node))  # the converter appends Casts
+    nodes = topological(model.graph, list(model.graph.node))  # the converter appends Casts
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     ops = [SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, FastGelu, Gelu]
@@ -417,7 +417,7 @@ def test_int8_vision_graph_is_searched_and_records_its_decisions(vl_precision_bu
 
     import onnx
 
-    from qwen3emb.export.quant.search import TARGETS
+    from qwen3emb.export.quant.scoring import TARGETS
     from qwen3emb.manifest import read_manifest
 
     bundle = vl_precision_bundle.bundle
@@ -459,7 +459,7 @@ def test_vision_search_escalates_what_misses_its_target(vl_precision_bundle, tmp
     vision MatMuls up a tier, scores again against the fp32 vision outputs, and records it."""
     import shutil
 
-    from qwen3emb.export.quant import search
+    from qwen3emb.export.quant import scoring, search
     from qwen3emb.export.quant.calibrate import calibrate
     from qwen3emb.export.quant.sensitivity import ActivationSamples
     from qwen3emb.export.quant.vl_calibration import vision_calibration_feeds
@@ -471,7 +471,7 @@ def test_vision_search_escalates_what_misses_its_target(vl_precision_bundle, tmp
     feeds = vision_calibration_feeds(manifest)
     samples = ActivationSamples()
     calibration = calibrate(source, feeds, observe=samples.observe)
-    monkeypatch.setitem(search.TARGETS, "int8", 0.999999)
+    monkeypatch.setitem(scoring.TARGETS, "int8", 0.999999)
     [variant] = search.search_variants(source, ["int8"], scheme="dynamic",
                                        calibration=calibration, samples=samples, feeds=feeds)
     settings = variant.settings

@@ -26,6 +26,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from qwen3emb.export.onnx.graph import GraphIndex, remove_dead_nodes, replace_nodes
+
 logger = logging.getLogger(__name__)
 
 BLOCK = 256
@@ -248,9 +250,8 @@ def find_sites(model: Any, *, causal: bool) -> list[AttentionSite]:
     ``causal`` must be False). A query whose rows are not the sequence (the pooled last
     layer's single row) is left alone.
     """
-    from qwen3emb.export.onnx.optimize import _Graph
 
-    g = _Graph(model.graph)
+    g = GraphIndex(model.graph)
     shapes = _shapes(model)
     index = {id(n): i for i, n in enumerate(model.graph.node)}
     sites = []
@@ -325,7 +326,6 @@ def block_attention(model: Any, *, causal: bool = True, block: int = BLOCK) -> i
     Returns:
         How many attentions were rewritten.
     """
-    from qwen3emb.export.onnx.optimize import _replace_nodes
 
     sites = find_sites(model, causal=causal)
     if not sites:
@@ -345,41 +345,8 @@ def block_attention(model: Any, *, causal: bool = True, block: int = BLOCK) -> i
         extra += built
     model.graph.initializer.extend(inits)
     model.graph.node.extend(extra)
-    _replace_nodes(model, drop, {})  # drops the sdpa nodes and re-sorts topologically
+    replace_nodes(model, drop, {})  # drops the sdpa nodes and re-sorts topologically
     removed = remove_dead_nodes(model)
     logger.info("blocked %d attentions (%d query rows a block); %d dead nodes removed",
                 len(sites), block, removed)
     return len(sites)
-
-
-def remove_dead_nodes(model: Any) -> int:
-    """Remove nodes none of whose outputs is read (by a node, a subgraph or the graph).
-
-    Returns:
-        How many were removed.
-    """
-    graph = model.graph
-    removed = 0
-    while True:
-        used = {o.name for o in graph.output}
-        for node in graph.node:
-            used.update(node_reads(node))
-        kept = [n for n in graph.node if any(o in used for o in n.output if o)]
-        if len(kept) == len(graph.node):
-            return removed
-        removed += len(graph.node) - len(kept)
-        del graph.node[:]
-        graph.node.extend(kept)
-
-
-def node_reads(node: Any) -> set[str]:
-    """The tensors of the enclosing graph a node reads: its inputs and what its subgraphs
-    (Loop / If / Scan bodies) read from outside themselves."""
-    reads: set[str] = set(node.input)
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            inner = {i.name for i in sub.input} | {t.name for t in sub.initializer}
-            inner |= {name for n in sub.node for name in n.output}
-            for n in sub.node:
-                reads |= node_reads(n) - inner
-    return reads

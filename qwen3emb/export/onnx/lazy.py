@@ -113,7 +113,7 @@ class LazyGraph:
 
     def drop_unused(self) -> None:
         """Remove initializers (and their recipes) that no node reads any more."""
-        from qwen3emb.export.onnx.attention import node_reads
+        from qwen3emb.export.onnx.graph import node_reads
 
         used = {name for node in self.model.graph.node for name in node_reads(node)}
         used |= {o.name for o in self.model.graph.output}

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen3emb.export.onnx.attention import node_reads
+from qwen3emb.export.onnx.graph import node_reads
 
 logger = logging.getLogger(__name__)
 

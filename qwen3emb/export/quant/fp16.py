@@ -18,7 +18,7 @@ from typing import Any
 
 from qwen3emb.errors import MissingDependencyError, OutputError
 from qwen3emb.export.onnx.attention import PREFIX as ATTENTION_PREFIX
-from qwen3emb.export.onnx.optimize import sort_nodes
+from qwen3emb.export.onnx.graph import sort_nodes
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from qwen3emb.constants import INPUT_IDS
+from qwen3emb.export.onnx.graph import MS_DOMAIN, use_ms_domain
 from qwen3emb.export.onnx.lazy import LazyGraph, OneSlot, Recipe
-from qwen3emb.export.onnx.optimize import MS_DOMAIN, use_ms_domain
 
 INT8_LEVELS = 127
 

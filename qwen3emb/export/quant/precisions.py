@@ -50,7 +50,7 @@ def check_targets(targets: Iterable[str] | None, precisions: Sequence[str],
                   int8_scheme: str | None = None) -> dict[str, float]:
     """Parse ``PRECISION=COSINE`` calibration targets for the search (``int8=0.9994``).
 
-    A target replaces the search's default aim (:data:`search.TARGETS`) for that precision:
+    A target replaces the search's default aim (:data:`scoring.TARGETS`) for that precision:
     the search escalates until the minimum cosine on the calibration texts reaches it or the
     size budget stops it. It must lie between the precision's floor and 1.
 
@@ -163,7 +163,7 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
             (:mod:`qwen3emb.export.quant.search`), starting from ``int8_scheme``; without it
             ``int8_scheme`` and the int4 recipe are applied as they are.
         targets: calibration min cosine the search aims for, per precision (from
-            :func:`check_targets`; default :data:`search.TARGETS`).
+            :func:`check_targets`; default :data:`scoring.TARGETS`).
 
     Returns:
         Manifest artifact entries (models and their external data files), fp32 first.
@@ -220,7 +220,7 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
 
         # searched precisions are int8/int4, which always calibrate (above)
         assert ranges is not None and samples is not None
-        from qwen3emb.export.quant.search import Metric
+        from qwen3emb.export.quant.scoring import Metric
 
         fixed += search_variants(raw_path, searched, scheme=int8_scheme, calibration=ranges,
                                  metric=Metric(getattr(spec, "metric", "cosine")),
@@ -228,7 +228,7 @@ def build_precisions(stage: Path, raw_path: Path, spec: Any, precisions: Sequenc
     order = {p: i for i, p in enumerate(wanted)}
     speeds: dict[Path, dict[str, Any]] = {}
     if ranges is not None:
-        from qwen3emb.export.quant.search import scoring_feeds
+        from qwen3emb.export.quant.scoring import scoring_feeds
         from qwen3emb.export.quant.speed import measure_speed
 
         speeds = measure_speed(raw_path, [v.path for v in fixed], scoring_feeds(feeds))

@@ -6,9 +6,9 @@
 2. **Plan**: start from the fixed recipe's choices (:func:`planned.initial_plan`); a MatMul
    whose error is out of line with its peers' (``OUT_OF_LINE`` x the median of its tier) is
    escalated before anything is built; embedding outlier columns go to an fp32 side table.
-3. **Score**: build the variant and run it on the calibration texts (never the validator's
-   probes, which stay an independent check) against the fp32 graph's outputs kept by
-   calibration; the figure is the minimum cosine over texts.
+3. **Score** (:mod:`qwen3emb.export.quant.scoring`): build the variant and run it on the
+   calibration texts (never the validator's probes, which stay an independent check) against
+   the fp32 graph's outputs kept by calibration; the figure is the minimum cosine over texts.
 4. **Escalate** while the score misses the precision's target: the most sensitive MatMuls
    (largest measured error reduction per added byte) move one step along
    the precision's ladder (:data:`planned.LADDERS`: int8 straight to fp32, or to 8-bit
@@ -16,9 +16,10 @@
    weights with fp32 activations), 1/8 of the candidates first, then 1/4, 1/2, all; never
    beyond the precision's size budget; where int8's ladder misses the target, the size ladder
    too. At most ``MAX_BUILDS`` builds a ladder, each one pass over the weights, each timed
-   (:class:`BuildClock`).
-5. **Choose** (:func:`choose_plan`): the fastest plan that reaches the target; where none
-   does, the most faithful that is past halfway from floor to target and faster than fp32.
+   (:class:`qwen3emb.export.quant.choice.BuildClock`).
+5. **Choose** (:func:`qwen3emb.export.quant.choice.choose_plan`): the fastest plan that
+   reaches the target; where none does, the most faithful that is past halfway from floor to
+   target and faster than fp32.
 
 If the floor itself cannot be reached within the budget, the export stops with one line: the
 best fidelity reached and what keeping the sensitive MatMuls in fp32 would cost.
@@ -28,10 +29,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +39,22 @@ import numpy as np
 from qwen3emb.constants import (
     ATTENTION_MASK,
     EXTERNAL_DATA_SUFFIX,
-    FLOORS,
     INPUT_IDS,
-    LAST_HIDDEN_STATE,
-    SCORE,
 )
 from qwen3emb.errors import OutputError
 from qwen3emb.export.onnx.lazy import LazyGraph
 from qwen3emb.export.quant import planned
 from qwen3emb.export.quant import quantize as q
 from qwen3emb.export.quant.calibrate import Calibration
+from qwen3emb.export.quant.choice import _LADDER_NAMES, BuildClock, choose_plan
 from qwen3emb.export.quant.ops import token_embedding, weight_matmuls
+from qwen3emb.export.quant.scoring import (
+    COSINE,
+    SCORE_BATCH,
+    Metric,
+    score,
+    scoring_feeds,
+)
 from qwen3emb.export.quant.sensitivity import (
     ActivationSamples,
     EmbeddingReport,
@@ -61,46 +65,6 @@ from qwen3emb.export.quant.variants import Variant, variant_path
 
 logger = logging.getLogger(__name__)
 
-TARGETS: dict[str, float] = {"int8": 0.998, "int4": 0.96}
-"""Calibration min cosine each precision aims for (its floor plus a margin)."""
-SCORE_TARGETS: dict[str, float] = {"int8": 0.01, "int4": 0.025}
-"""A reranker's aim: largest |score difference| on the calibration pairs, half its floor
-(:data:`qwen3emb.constants.SCORE_FLOORS`)."""
-
-
-@dataclass(frozen=True)
-class Metric:
-    """What the search scores a build on. Internally higher is better: cosine as it is, a
-    reranker's largest |score difference| d as ``1 - d``."""
-
-    name: str
-    """``cosine`` (embedding graphs) or ``score`` (reranker graphs)."""
-
-    @property
-    def label(self) -> str:
-        return "min cosine" if self.name == "cosine" else "max |score diff|"
-
-    @property
-    def key(self) -> str:
-        return ("calibration_min_cosine" if self.name == "cosine"
-                else "calibration_max_score_diff")
-
-    def shown(self, fidelity: float) -> float:
-        """The figure as reported: the cosine, or the score difference."""
-        return fidelity if self.name == "cosine" else round(1.0 - fidelity, 9)
-
-    def target(self, precision: str, override: float | None = None) -> float:
-        if self.name == "cosine":
-            return override or TARGETS[precision]
-        return 1.0 - (SCORE_TARGETS[precision] if override is None else override)
-
-    def floor(self, precision: str) -> float:
-        from qwen3emb.constants import SCORE_FLOORS
-
-        return FLOORS[precision] if self.name == "cosine" else 1.0 - SCORE_FLOORS[precision]
-
-
-COSINE = Metric("cosine")
 SIZE_BUDGET: dict[str, float] = {"int8": 0.40, "int4": 0.32}
 """Largest variant, as a fraction of the fp32 weights (MatMuls and embedding table)."""
 SCORE_SIZE_BUDGET = 1.0
@@ -118,8 +82,6 @@ calibration never saw (probe cosine 0.69 with one such MatMul left at int8, 0.99
 MAX_BUILDS = 5
 ROUND_FRACTIONS = (1 / 8, 1 / 4, 1 / 2, 1.0)
 MEASURED_TIERS = ("int4", "int8", "int8-row", "nbits8", "nbits8-128")
-SCORE_BATCH = 8
-"""Batch of the padded scoring feeds (the validator's and the runtime's default batch)."""
 
 
 class Measurements:
@@ -172,77 +134,6 @@ def _embedding_table(graph: LazyGraph) -> str | None:
     return None if gather is None else gather.input[0]
 
 
-def scoring_feeds(feeds: Sequence[dict[str, np.ndarray]], batch: int = SCORE_BATCH
-                  ) -> list[tuple[dict[str, np.ndarray], list[int]]]:
-    """Each calibration feed alone, and, for token graphs, the feeds in padded batches of
-    ``batch`` (left and right padding), as the runtime and the validator run them: dynamic
-    activation scales are taken per call, so a text's fidelity depends on its batch-mates.
-
-    Returns:
-        ``(feed, indices of the calibration texts in its rows)`` pairs.
-    """
-    out = [(feed, [i]) for i, feed in enumerate(feeds)]
-    if not feeds or set(feeds[0]) != {INPUT_IDS, ATTENTION_MASK}:
-        return out
-    # Each batch mixes short and long texts, so padding takes a large share of some rows.
-    by_length = sorted(range(len(feeds)), key=lambda i: feeds[i][INPUT_IDS].shape[1])
-    count = -(-len(feeds) // batch)
-    groups = [by_length[g::count] for g in range(count)]
-    for side in ("left", "right"):
-        for group in groups:
-            width = max(feeds[i][INPUT_IDS].shape[1] for i in group)
-            ids = np.zeros((len(group), width), np.int64)
-            mask = np.zeros((len(group), width), np.int64)
-            for row, i in enumerate(group):
-                text = feeds[i][INPUT_IDS][0]
-                ids[row] = text[-1]  # the end token, which is also the pad token
-                span = slice(width - len(text), width) if side == "left" else slice(0, len(text))
-                ids[row, span] = text
-                mask[row, span] = 1
-            out.append(({INPUT_IDS: ids, ATTENTION_MASK: mask}, group))
-    return out
-
-
-def score(path: Path, feeds: Sequence[tuple[dict[str, np.ndarray], list[int]]],
-          reference: Sequence[dict[str, np.ndarray]], metric: Metric = COSINE) -> float:
-    """Minimum cosine, over feeds and output rows, of the graph at ``path`` to ``reference``;
-    with the ``score`` metric, 1 minus the largest |score difference| instead.
-
-    Args:
-        path: the graph to score.
-        feeds: from :func:`scoring_feeds`.
-        reference: the fp32 graph's outputs per calibration text.
-        metric: :class:`Metric`.
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = min(4, os.cpu_count() or 1)
-    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-    # last_hidden_state (interop) is the embedding broadcast over the sequence: nothing to add.
-    names = [o.name for o in session.get_outputs()
-             if o.name in reference[0] and o.name != LAST_HIDDEN_STATE]
-    if metric.name == "score":
-        names = [SCORE]
-    worst = 1.0
-    for feed, rows in feeds:
-        wanted = {i.name: feed[i.name] for i in session.get_inputs()}
-        for name, value in zip(names, session.run(names, wanted)):
-            if metric.name == "score":
-                expected = np.concatenate([reference[i][name] for i in rows])
-                gap = np.abs(np.nan_to_num(value.astype(np.float64), nan=np.inf) - expected)
-                worst = min(worst, 1.0 - float(gap.max()))
-                continue
-            expected = np.concatenate([reference[i][name] for i in rows])
-            a = np.nan_to_num(value.reshape(-1, value.shape[-1]).astype(np.float64))
-            b = expected.reshape(-1, value.shape[-1]).astype(np.float64)
-            cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1)
-                                              * np.linalg.norm(b, axis=1), 1e-30)
-            worst = min(worst, float(cos.min()))
-    return worst
-
-
 def next_tier(name: str, tier: str, measurements: Measurements, ladder: dict[str, str]
               ) -> str:
     """The next tier up ``ladder`` from ``tier`` whose measured error for ``name`` is under its
@@ -283,69 +174,6 @@ def _escalate(plan: dict[str, str], ranked: list[str], count: int,
                 new = trial
                 break
     return new
-
-
-class BuildClock:
-    """Times each build as the runtime runs it (:mod:`qwen3emb.export.quant.speed`), against
-    the fp32 graph, on the scoring feed nearest 8 x 128 tokens; off (every time ``None``)
-    where the fp32 graph is too large to load beside a build (an 8B)."""
-
-    def __init__(self, source: Path,
-                 feeds: Sequence[tuple[dict[str, np.ndarray], list[int]]]) -> None:
-        from qwen3emb.export.quant import speed
-
-        self.fp32_seconds: float | None = None
-        self.feed = speed.timing_feed(feeds) if feeds else None
-        if self.feed is not None and speed.graph_bytes(source) <= speed.MAX_FP32_BYTES:
-            self.fp32_seconds = speed.fp32_seconds(source, self.feed)
-
-    def time(self, path: Path) -> float | None:
-        from qwen3emb.export.quant import speed
-
-        if self.fp32_seconds is None or self.feed is None:
-            return None
-        return speed.best_seconds(path, self.feed)
-
-    def describe(self) -> dict[str, Any]:
-        from qwen3emb.export.quant import speed
-
-        shape = "x".join(str(n) for n in next(iter(self.feed.values())).shape) if self.feed \
-            else None
-        return {"input": shape, "threads": speed.THREADS,
-                "fp32_ms": None if self.fp32_seconds is None
-                else round(self.fp32_seconds * 1e3, 1)}
-
-
-Key = frozenset[tuple[str, str]]
-
-
-_LADDER_NAMES = {id(planned.SPEED_LADDER): "speed", id(planned.SIZE_LADDER): "size"}
-
-
-def fast_and_safe(scored: dict[Key, float], timed: dict[Key, float], target: float,
-                  floor: float, fp32_seconds: float) -> list[Key]:
-    """Plans past halfway from the floor to the target that run faster than fp32."""
-    safe = floor + (target - floor) / 2
-    return [k for k in scored if scored[k] >= safe and timed.get(k, float("inf")) < fp32_seconds]
-
-
-def choose_plan(scored: dict[Key, float], timed: dict[Key, float], target: float,
-                floor: float, fp32_seconds: float | None) -> Key:
-    """The plan a search returns, from every plan it scored (higher fidelity is better).
-
-    1. Plans that reach the target: the fastest (timed), else the most faithful.
-    2. None does: the most faithful of those past halfway from the floor to the target that
-       run faster than the fp32 graph; a plan slower than fp32 is returned only where no such
-       plan exists (then the most faithful; the export warns that it is slow).
-    """
-    inf = float("inf")
-    reached = [k for k in scored if scored[k] >= target]
-    if reached:
-        return min(reached, key=lambda k: (timed.get(k, inf), -scored[k]))
-    if fp32_seconds is not None and (fast := fast_and_safe(scored, timed, target, floor,
-                                                          fp32_seconds)):
-        return max(fast, key=lambda k: scored[k])
-    return max(scored, key=lambda k: scored[k])
 
 
 def search_variant(source: Path, precision: str, *, scheme: str, calibration: Calibration,
