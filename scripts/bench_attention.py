@@ -9,12 +9,13 @@ and onnxruntime's GroupQueryAttention contrib kernel. Each cell runs in its own 
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from qwen3emb.progress import peak_rss_bytes
 
 HEADS, KV_HEADS, HEAD_DIM = 16, 8, 128
 
@@ -98,7 +99,7 @@ def cell(form: str, seq: int, block: int) -> None:
     start = time.perf_counter()
     session.run(None, feeds)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    peak = peak_rss_bytes() / 1e9
     label = f"{form}-{block}" if form == "blocked" else form
     print(f"| {label} | {seq} | {seconds:.3f} s | {peak:.2f} GB |")
 

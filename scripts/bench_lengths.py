@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from qwen3emb.progress import peak_rss_bytes
 
 LENGTHS = (128, 512, 2048, 8192, 32768)
 ENGINES = ("torch-fp32", "onnx-fp32", "onnx-int8-searched", "onnx-int4-searched",
@@ -54,7 +55,7 @@ def run_cell(engine: str, path: Path, checkpoint: Path, length: int, threads: in
     vector = embed(ids, mask)
     seconds = time.perf_counter() - start
     np.save(out.with_suffix(".npy"), np.asarray(vector, np.float32).reshape(1, -1))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     out.write_text(json.dumps({"engine": engine, "length": length, "seconds": seconds,
                                "load_s": load_s, "peak_rss_bytes": peak}))
 

@@ -6,13 +6,13 @@ Run each engine in its own process (peak RSS is per process); docs/precisions.md
 """
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from qwen3emb.progress import peak_rss_bytes
 from qwen3emb.runtime.session import open_session
 
 graph, provider, length = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -31,7 +31,7 @@ print(
             "provider": provider,
             "tokens": length,
             "seconds": round(first, 2),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+            "peak_rss_gb": round(peak_rss_bytes() / 1e9, 2),
         }
     )
 )
