@@ -18,6 +18,15 @@ fp32 graph. A peer whose package is missing is reported as skipped.
     python scripts/bench.py --work /tmp/bench-tiny --quick --peers --preset tiny   # smoke test
     python scripts/bench.py --work /tmp/bench --cells 8x128 --onnx aimed=OUT/onnx/model_int8.onnx
     python scripts/bench.py --work /tmp/frontier --frontier      # scripts/bench_frontier.py
+    python scripts/bench.py --work /tmp/bench --sweep            # scripts/bench_lengths.py
+
+Tools that take their own arguments run as ``bench.py TOOL ARGS...`` (see :data:`TOOLS`):
+
+    python scripts/bench.py export-cost CHECKPOINT --modes bundle   # the default export's cost
+    python scripts/bench.py vl-export-cost CHECKPOINT --modes stream eager
+    python scripts/bench.py batch-independence BUNDLE
+    python scripts/bench.py kernels 128 1024 3072                   # one MatMul, every kernel
+    python scripts/bench.py attention 2048 8192 32768               # one attention layer
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import gc
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -35,6 +45,10 @@ from typing import Any
 
 import numpy as np
 
+TOOLS = {"export-cost": "bench_export", "vl-export-cost": "bench_vl_export",
+         "batch-independence": "bench_batch", "kernels": "bench_kernels",
+         "attention": "bench_attention"}
+"""``bench.py TOOL ARGS...``: the script module that runs it, with ``ARGS`` as its argv."""
 GRID_BATCH = (1, 8, 32)
 GRID_LENGTH = (16, 128, 512)
 QUICK_CELLS = ((1, 16), (8, 128), (1, 512))
@@ -177,8 +191,20 @@ def size_of(path: Path) -> int:
     return path.stat().st_size + sum(d.stat().st_size for d in data if d.exists())
 
 
+def run_tool(argv: list[str]) -> int:
+    """``bench.py TOOL ARGS...``: the tool's own ``main`` with ``ARGS`` as its arguments."""
+    import importlib
+
+    module = importlib.import_module(TOOLS[argv[0]])
+    sys.argv = [module.__file__, *argv[1:]]
+    return module.main() or 0
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
+        sys.exit(run_tool(sys.argv[1:]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog=f"tools: {', '.join(TOOLS)} (bench.py TOOL --help)")
     parser.add_argument("--work", type=Path, default=Path("bench-work"))
     parser.add_argument("--out", type=Path, default=None, help="results dir (default: WORK)")
     parser.add_argument("--quick", action="store_true", help=f"only cells {QUICK_CELLS}")

@@ -4,12 +4,14 @@
 (engine, length) cell runs in a fresh process, so its peak RSS (``getrusage``) is its own:
 the engine's load plus its one forward pass. Engines: HF torch fp32 (sdpa, the reference),
 our fp32 / int8 / int4 graphs, llama.cpp on our q8_0 GGUF (flash attention as llama.cpp
-chooses it) and OpenVINO compiling our fp32 graph. The same random ids (the real vocabulary,
+chooses it) and OpenVINO compiling our fp32 graph. ``ENGINE@openvino`` (e.g.
+``onnx-int8-searched@openvino``) runs one of our graphs on the runtime's ``openvino`` provider,
+as ``-p openvino`` serves it. The same random ids (the real vocabulary,
 end token last) feed every engine; cosines are to torch's vector for the same length.
 
     python scripts/bench.py --work /tmp/bench --sweep
     python scripts/bench.py --work /tmp/bench --sweep --lengths 2048 8192 \\
-        --sweep-engines torch-fp32 onnx-fp32 onnx-int8-searched
+        --sweep-engines torch-fp32 onnx-fp32 onnx-int8-searched onnx-int8-searched@openvino
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ def load_engine(engine: str, path: Path, checkpoint: Path, threads: int) -> Any:
             return (vec / vec.norm(dim=-1, keepdim=True)).numpy()
 
         return embed_torch
+    if engine.endswith("@openvino"):
+        from qwen3emb.runtime.session import open_session
+
+        session = open_session(path, "openvino", threads)
+        return lambda ids, mask: session.run(
+            ["sentence_embedding"], {"input_ids": ids, "attention_mask": mask})[0]
     if engine.startswith("onnx-"):
         import onnxruntime as ort
 
@@ -102,6 +110,8 @@ def sweep(work: Path, out: Path, checkpoint: Path, files: dict[str, Path],
     ``out/sweep.json`` and ``out/sweep.md`` as they come."""
     rows: list[dict[str, Any]] = []
     files = {"torch-fp32": checkpoint, **files}
+    files |= {e: files[e.removesuffix("@openvino")] for e in engines
+              if e.endswith("@openvino") and e.removesuffix("@openvino") in files}
     cells = out / "sweep-cells"
     cells.mkdir(parents=True, exist_ok=True)
     for length in lengths:

@@ -150,14 +150,14 @@ class Qwen3VLFamily(Family):
 
     # --- bundle hooks ------------------------------------------------------------------
 
-    # The decoder's int8 / int4 come from the search (the base class's default), starting
-    # from smoothquant with per-row int8 activations. The fixed recipes that share one
-    # activation scale per call fail the floor when a batch mixes texts with images (the
-    # per-item peak of a down_proj input spans 1.0 to 21 across the probes): on the VL outlier
-    # fixture, each probe alone / all in one batch (scripts/measure_vl_int8.py), smoothquant
-    # 0.99665 / 0.98466, dynamic 0.99626 / 0.98750, mixed (norm-fed MatMuls int8, the others
-    # 8-bit weight-only: the default before per-row activations) 0.99957 / 0.99918, per-row
-    # int8 on every MatMul 0.99959 / 0.99959: rows never meet, so batching changes nothing.
+    # The decoder's int8 / int4 come from the search (the base class's default), starting from
+    # smoothquant with per-row int8 activations. The fixed recipes that share one activation scale
+    # per call fail the floor when a batch mixes texts with images (the per-item peak of a down_proj
+    # input spans 1.0 to 21 across the probes): on the VL outlier fixture, each probe alone / all in
+    # one batch (scripts/measure_vl_int8.py at 96508d3), smoothquant 0.99665 / 0.98466, dynamic
+    # 0.99626 / 0.98750, mixed (norm-fed MatMuls int8, the others 8-bit weight-only: the default
+    # before per-row activations) 0.99957 / 0.99918, per-row int8 on every MatMul 0.99959 / 0.99959:
+    # rows never meet, so batching changes nothing.
 
     VISION_INT8_SCHEME = "dynamic"
     """Where the vision graph's int8 search starts: per-channel int8 on every MatMul, per-row

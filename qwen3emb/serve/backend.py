@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 WARMUP_TEXT = "warm-up"
 BATCH_INDEPENDENT_ONNX = ("fp32", "fp16")
 """ONNX precisions whose rows never see each other: batched = single within 1.2e-7 (1 - cosine,
-tiny bundle, 12 texts of 3..486 tokens; scripts/measure_batch_independence.py). int8 and int4
+tiny bundle, 12 texts of 3..486 tokens; scripts/bench.py batch-independence). int8 and int4
 graphs batch when their manifest entry says ``batch_independent`` (the searched ones, whose
 int8 activations are per row). A fixed recipe (``--int8-scheme``) quantizes MatMul inputs with
 one ``DynamicQuantizeLinear`` scale per call over the whole padded batch, so a row moves with

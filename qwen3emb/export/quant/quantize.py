@@ -54,13 +54,12 @@ CALIBRATED_INT8_SCHEMES = ("dynamic", "smoothquant", "mixed")
 """int8 schemes that read activation ranges (nbits8 is weight-only)."""
 DEFAULT_INT8_SCHEME = "smoothquant"
 """Chosen by measurement: every candidate but the naive one clears 0.99 on the outlier fixture
-(smoothquant 0.99927, dynamic 0.99804, nbits8 0.99848; scripts/measure_schemes.py). nbits8
-runs at 0.6-1.2x torch at batch 8 x 128 (its int8-activation mode, accuracy level 4, fails the
-fixture at 0.987), the two dynamic schemes at 1.7-4.3x (scripts/bench.py, two runs on a shared
-2-core machine). Those two build the
-same graph on a checkpoint without outliers and time within noise of each other; on one with
-outliers smoothquant keeps fewer MatMuls in fp32 (3 vs 4 of 21 on the fixture), so it is the
-faster of the two there, and the more faithful."""
+(smoothquant 0.99927, dynamic 0.99804, nbits8 0.99848; scripts/measure_schemes.py at 96508d3).
+nbits8 runs at 0.6-1.2x torch at batch 8 x 128 (its int8-activation mode, accuracy level 4,
+fails the fixture at 0.987), the two dynamic schemes at 1.7-4.3x (scripts/bench.py, two runs on
+a shared 2-core machine). Those two build the same graph on a checkpoint without outliers and
+time within noise of each other; on one with outliers smoothquant keeps fewer MatMuls in fp32 (3
+vs 4 of 21 on the fixture), so it is the faster of the two there, and the more faithful."""
 
 NAIVE_INT8_SCHEME = "naive"
 """Per-tensor dynamic int8 on every MatMul: not offered, kept to prove the fixture is hard."""
@@ -87,10 +86,10 @@ dynamic int8 3.1-4.4x fp32, 4-bit level 4 1.4-2.4x), so the 8-bit MatMuls cost n
 Measured on the random 0.6B-shape checkpoint (min cosine to torch fp32 at the bench cells
 1x16 / 8x128 / 1x512; speed = torch time / ONNX time at 8x128, interleaved in one process on
 a shared 2-core machine under load ~4-5, where every ONNX/torch ratio reads higher than idle;
-compare rows, not absolute values; graphs exported at opset 23, scripts/measure_int4.py):
+compare rows, not absolute values; graphs exported at opset 23, scripts/measure_int4.py at 96508d3):
 
 =================================================  =====================  =====
-recipe (scripts/measure_int4.py): 4-bit block,     min cosine             speed
+recipe (scripts/measure_int4.py at 96508d3): 4-bit block,     min cosine             speed
 8-bit MatMuls
 =================================================  =====================  =====
 all 4-bit, block 32 (first measurement, 8x128)     0.929                  -

@@ -3,9 +3,13 @@
 
 Each mode runs in its own subprocess so its peak RSS is its own:
 
-    python scripts/measure_export.py /tmp/qwen3-0.6b-random --modes stream memory --json out.json
-    python scripts/measure_export.py /tmp/r06 --modes variants --precisions fp16 int8 int4
-    python scripts/measure_export.py /tmp/r06 --modes memory --trace full   # trace every layer
+    python scripts/bench.py export-cost /tmp/qwen3-0.6b-random --modes stream memory --json out.json
+    python scripts/bench.py export-cost /tmp/r06 --modes variants --precisions fp16 int8 int4
+    python scripts/bench.py export-cost /tmp/r06 --modes memory --trace full   # trace every layer
+
+``bundle`` is the export as users run it (``qwen3emb-export export CHECKPOINT`` with
+``--precision fp32 fp16 int8 int4``, no validation): total time, peak RSS and, from the
+export's own log, when each phase ended (seconds from the start).
 
 ``variants`` exports fp32 (streamed) in one process, then optimizes, calibrates and writes the
 requested precisions from it in a second one, and reports that second process alone.
@@ -57,6 +61,52 @@ else:
 """
 
 
+BUNDLE_CHILD = """
+import logging, sys, time
+from pathlib import Path
+start = time.perf_counter()
+class Since(logging.Formatter):
+    def format(self, record):
+        return f"{time.perf_counter() - start:8.1f} {record.getMessage()}"
+handler = logging.StreamHandler()
+handler.setFormatter(Since())
+logging.basicConfig(level=logging.INFO, handlers=[handler])
+from qwen3emb.pipeline import export_bundle
+export_bundle(Path(sys.argv[1]), Path(sys.argv[2]) / "bundle", validate=False, force=True,
+              precisions=sys.argv[3:])
+from qwen3emb.progress import peak_rss_bytes
+print(peak_rss_bytes())
+"""
+PHASES = (("fp32 graph written", "optimized graph"), ("fp16 written", "wrote model_fp16"),
+          ("calibrated", "calibrat"), ("MatMuls measured", "measured "),
+          ("int8 scored", "int8 build"), ("int4 scored", "int4 build"),
+          ("int8/int4 timed", "x the fp32 graph"), ("load check", "load check"))
+"""Milestones of the export's log: the last line containing each needle ends the phase."""
+
+
+def measure_bundle(checkpoint: Path, precisions: list[str]) -> dict[str, object]:
+    """The default export of ``checkpoint`` in its own process: time, peak, phase ends."""
+    with tempfile.TemporaryDirectory(dir=checkpoint.parent) as out:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", BUNDLE_CHILD, str(checkpoint), out,
+                               *precisions], capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"export failed:\n{proc.stderr[-2000:]}")
+    phases: dict[str, float] = {}
+    for line in proc.stderr.splitlines():
+        stamp, _, message = line.strip().partition(" ")
+        for label, needle in PHASES:
+            if needle in message:
+                try:
+                    phases[label] = float(stamp)
+                except ValueError:
+                    pass
+    peak = int(proc.stdout.strip().splitlines()[-1])
+    return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak / 1e9, 2),
+            "precisions": precisions, "phase_ends_s": phases}
+
+
 def measure_variants(checkpoint: Path, precisions: list[str]) -> dict[str, object]:
     """Build ``precisions`` from a streamed fp32 export; time and peak of that step alone."""
     with tempfile.TemporaryDirectory(dir=checkpoint.parent) as out:
@@ -102,7 +152,7 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--modes", nargs="+", default=["stream", "memory"],
-                        choices=["stream", "memory", "variants"])
+                        choices=["stream", "memory", "variants", "bundle"])
     parser.add_argument("--precisions", nargs="+", default=["fp16", "int8", "int4"],
                         choices=["fp16", "int8", "int4"])
     parser.add_argument("--trace", default="shallow", choices=["shallow", "full"],
@@ -111,7 +161,9 @@ def main() -> int:
     parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._one:  # one mode per process, so RUSAGE_CHILDREN is that mode's peak alone
-        if args._one == "variants":
+        if args._one == "bundle":
+            print(json.dumps(measure_bundle(args.checkpoint, args.precisions)))
+        elif args._one == "variants":
             print(json.dumps(measure_variants(args.checkpoint, args.precisions)))
         else:
             print(json.dumps(measure(args.checkpoint, args._one, args.trace)))

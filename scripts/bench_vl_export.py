@@ -3,8 +3,8 @@
 
 Each mode runs in its own subprocess so its peak RSS is its own:
 
-    python scripts/measure_vl_export.py /tmp/vl-2b --build 2B     # write a random 2B shape first
-    python scripts/measure_vl_export.py /tmp/vl-2b --modes stream eager
+    python scripts/bench.py vl-export-cost /tmp/vl-2b --build 2B     # write a random 2B shape first
+    python scripts/bench.py vl-export-cost /tmp/vl-2b --modes stream eager
 
 Modes:
     stream   meta trace, weights streamed from the shards (``export_onnx``, the default path)

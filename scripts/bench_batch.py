@@ -6,7 +6,7 @@ longest one; the figure is the worst 1 - cosine against "alone", after L2 normal
 graphs return norms up to 4.5e-4 off 1, which is not batch dependence). The server's policy
 (``qwen3emb.serve.backend.BATCH_INDEPENDENT_ONNX``) comes from these numbers:
 
-    python scripts/measure_batch_independence.py BUNDLE
+    python scripts/bench.py batch-independence BUNDLE
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def worst(alone: np.ndarray, other: np.ndarray) -> float:
     return float(np.max(1 - np.sum(a * b, axis=1)))
 
 
-def main(bundle: str) -> None:
+def main() -> int:
+    bundle = sys.argv[1]
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, size=n))
              for n in (1, 3, 7, 15, 30, 60, 120, 200, 5, 9, 40, 80)]
@@ -51,7 +52,8 @@ def main(bundle: str) -> None:
         mates = np.concatenate([g.embed_ids([r, longest])[:1] for r in ids])
         print(f"gguf {gguf_type:5s}  {worst(alone, batched):.1e}      {worst(alone, mates):.1e}")
         g.close()
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    sys.exit(main())
