@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,12 +85,17 @@ PHASES = (("fp32 graph written", "optimized graph"), ("fp16 written", "wrote mod
 """Milestones of the export's log: the last line containing each needle ends the phase."""
 
 
-def measure_bundle(checkpoint: Path, precisions: list[str]) -> dict[str, object]:
-    """The default export of ``checkpoint`` in its own process: time, peak, phase ends."""
+def measure_bundle(checkpoint: Path, precisions: list[str], keep: Path | None = None
+                   ) -> dict[str, object]:
+    """The default export of ``checkpoint`` in its own process: time, peak, phase ends; the
+    bundle is kept at ``keep`` (else deleted)."""
     with tempfile.TemporaryDirectory(dir=checkpoint.parent) as out:
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", BUNDLE_CHILD, str(checkpoint), out,
                                *precisions], capture_output=True, text=True)
+        if keep is not None and proc.returncode == 0:
+            shutil.rmtree(keep, ignore_errors=True)
+            shutil.move(Path(out) / "bundle", keep)
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"export failed:\n{proc.stderr[-2000:]}")
@@ -158,11 +164,13 @@ def main() -> int:
     parser.add_argument("--trace", default="shallow", choices=["shallow", "full"],
                         help="shallow: trace 2 layers and replicate (default); full: all layers")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="bundle mode: keep the exported bundle here (replacing it)")
     parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._one:  # one mode per process, so RUSAGE_CHILDREN is that mode's peak alone
         if args._one == "bundle":
-            print(json.dumps(measure_bundle(args.checkpoint, args.precisions)))
+            print(json.dumps(measure_bundle(args.checkpoint, args.precisions, args.keep)))
         elif args._one == "variants":
             print(json.dumps(measure_variants(args.checkpoint, args.precisions)))
         else:
@@ -172,8 +180,9 @@ def main() -> int:
                                   "largest_tensor_gb": round(
                                       largest_tensor_bytes(args.checkpoint) / 1e9, 3)}
     for mode in args.modes:
+        keep = ["--keep", str(args.keep)] if args.keep else []
         out = subprocess.run([sys.executable, __file__, str(args.checkpoint), "--_one", mode,
-                              "--trace", args.trace, "--precisions", *args.precisions],
+                              "--trace", args.trace, "--precisions", *args.precisions, *keep],
                              capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(out.strip().splitlines()[-1])
     largest = float(results["largest_tensor_gb"])  # type: ignore[arg-type]

@@ -157,6 +157,7 @@ def blocked_attention(site: AttentionSite, shared: dict[str, str], *, heads: int
     # fp32 and does not enter their body, finds no outer float constant to convert.
     scale = body("Constant", [], value=_tensor(site.scale))
     neg_inf = body("Constant", [], value=_tensor(-np.inf))
+    zero_f = body("Constant", [], value=_tensor(0.0))
     i, cond = f"{prefix}/i", f"{prefix}/cond"
     start = body("Mul", [i, s["block"]])
     end = body("Min", [body("Add", [start, s["block"]]), s["seq"]])
@@ -178,7 +179,11 @@ def blocked_attention(site: AttentionSite, shared: dict[str, str], *, heads: int
         if site.causal:
             allowed = body("And", [allowed, body("LessOrEqual", [cols, rows])])
         allowed = body("Unsqueeze", [allowed, s["axes12"]])         # [b, 1, 1, rows, keys]
-        scores = body("Where", [allowed, scores, neg_inf])
+        # The mask as an additive bias on the small tensor, then one broadcast Add: exact
+        # (x + 0 is x, x + -inf is -inf), and onnxruntime's broadcast Where over the scores
+        # was the slowest node of the loop (76 of 204 ms at 2048 tokens, one layer).
+        bias = body("Where", [allowed, zero_f, neg_inf])
+        scores = body("Add", [scores, bias])
     probs = body("Softmax", [scores], axis=-1)
     out = body("MatMul", [probs, v])                                # [b, kv, g, rows, d]
     # A short last block is padded to the block length so every iteration's output has one
