@@ -79,7 +79,7 @@ from qwen3emb.progress import peak_rss_bytes
 print(peak_rss_bytes())
 """
 PHASES = (("fp32 graph written", "optimized graph"), ("fp16 written", "wrote model_fp16"),
-          ("calibrated", "calibrat"), ("MatMuls measured", "measured "),
+          ("calibrated", "calibrated "), ("MatMuls measured", "measured "),
           ("int8 scored", "int8 build"), ("int4 scored", "int4 build"),
           ("int8/int4 timed", "x the fp32 graph"), ("load check", "load check"))
 """Milestones of the export's log: the last line containing each needle ends the phase."""
