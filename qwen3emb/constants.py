@@ -129,7 +129,13 @@ SCORE = "score"
 """Reranker output [batch]: sigmoid(logit_yes - logit_no) at the last real token."""
 LOGITS = "logits"
 """Reranker output [batch, 1]: logit_yes - logit_no (for tools that apply their own sigmoid)."""
-SCORE_FLOORS: dict[str, float] = {"fp32": 1e-4, "fp16": 5e-3, "int8": 0.02, "int4": 0.05}
+SCORE_FLOORS: dict[str, float] = {
+    "fp32": 1e-4, "fp16": 5e-3, "int8": 0.02, "int4": 0.05,
+    # GGUF types on llama.cpp: its f32 keeps the KV cache in f16, hence 1e-3; the quantized
+    # types sit with their ONNX counterparts (q6_k/q5_k_m between q8_0 and q4_k_m).
+    "f32": 1e-3, "f16": 5e-3, "bf16": 5e-3, "q8_0": 0.02, "q6_k": 0.02, "q5_k_m": 0.03,
+    "q4_k_m": 0.05,
+}
 """Largest |score - reference score| over the validator's reranker probes, per precision."""
 
 # --- Exit codes of the CLI ---------------------------------------------------------------

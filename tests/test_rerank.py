@@ -203,7 +203,6 @@ def test_inspect_and_validate_read_reranker_bundles(reranker_bundles: dict[str, 
 @pytest.mark.parametrize("args, message", [
     (("--precision", "int8", "--target", "int8=0.999"), "Drop --target for rerankers"),
     (("--dimensions", "32"), "a reranker outputs one score"),
-    (("--format", "gguf"), "GGUF export of rerankers"),
 ])
 def test_reranker_exports_refuse_what_they_cannot_hold_in_one_line(
         reranker_checkpoints: dict[str, Path], tmp_path: Path, args: tuple[str, ...],

@@ -45,9 +45,9 @@ def rerank(
         docs += _read_documents(documents_file)
     if not docs:
         raise fail("no documents given. Pass DOCUMENT arguments or --documents FILE", EXIT_USAGE)
-    from qwen3emb.runtime.rerank import Reranker
+    from qwen3emb.runtime import open_reranker
 
-    reranker = Reranker(bundle, provider, precision=precision)
+    reranker = open_reranker(bundle, precision, provider)
     for index, score in reranker.rerank(query, docs, top_n=top_n, instruction=instruction,
                                         batch_size=batch_size):
         typer.echo(json.dumps({"index": index, "score": round(score, 7),

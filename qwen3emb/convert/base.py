@@ -202,6 +202,11 @@ class Family:
     """Tools whose loaders read this family's bundles with no code of ours (keys of
     ``qwen3emb.export.bundle.interop.TOOLS``); the writer lays out their files."""
 
+    def gguf_options(self) -> dict[str, Any]:
+        """Keyword arguments of the family's GGUF writer beyond the common ones (a reranker's
+        head); empty for embedders."""
+        return {}
+
     def loader_config(self) -> dict[str, Any]:
         """``config.json`` for other loaders: the checkpoint's own configuration."""
         return dict(self.config)

@@ -209,5 +209,25 @@ class Qwen3RerankerFamily(Qwen3Family):
     def prompts(self) -> dict[str, str]:
         return {}
 
+    def gguf_options(self) -> dict[str, Any]:
+        """The GGUF's rank head and llama.cpp's ``rerank`` template: the card's prompt with the
+        default instruction, whatever the post-processor puts around the content included (as
+        token text, which llama-server parses as special tokens)."""
+        from tokenizers import Tokenizer
+
+        from qwen3emb.export.gguf.text import RankHead
+
+        tokenizer = Tokenizer.from_file(str(self.checkpoint.path / "tokenizer.json"))
+        info = self.check_tokenizer(tokenizer)
+
+        def text(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=False)
+
+        content = RERANK_TEMPLATE.format(instruction=RERANK_INSTRUCTION, query="{query}",
+                                         document="{document}")
+        template = (RERANK_PREFIX + text(info["content_prepended_ids"]) + content
+                    + text(info["content_appended_ids"]) + RERANK_SUFFIX)
+        return {"rank_head": RankHead(info["yes_token_id"], info["no_token_id"], template)}
+
 
 register("qwen3", task="rerank")(Qwen3RerankerFamily)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from qwen3emb.runtime.common import format_query
 from qwen3emb.runtime.gguf import GGUFTextEmbedder
+from qwen3emb.runtime.gguf_rerank import GGUFReranker, open_reranker
 from qwen3emb.runtime.rerank import Reranker
 from qwen3emb.runtime.session import available_providers
 from qwen3emb.runtime.text import TextEmbedder
 from qwen3emb.runtime.vl import ItemErrors, VLEmbedder
 
 __all__ = [
+    "GGUFReranker",
     "GGUFTextEmbedder",
     "ItemErrors",
     "Reranker",
@@ -22,4 +24,5 @@ __all__ = [
     "VLEmbedder",
     "available_providers",
     "format_query",
+    "open_reranker",
 ]

@@ -131,9 +131,10 @@ class NativeHandle:
 
 
 def embedding_context(lib: Any, model: Any, size: int, n_seqs: int, n_threads: int,
-                      hint: str) -> Any:
-    """A llama.cpp context for last-token-pooled embeddings whose physical batch equals its
-    context (``size`` tokens), so no input is split across micro-batches.
+                      hint: str, pooling: int | None = None) -> Any:
+    """A llama.cpp context for pooled outputs (last token unless ``pooling`` says otherwise:
+    a reranker's rank pooling) whose physical batch equals its context (``size`` tokens), so
+    no input is split across micro-batches.
 
     Raises:
         Qwen3EmbError: llama.cpp could not allocate it (its own reason quoted).
@@ -145,7 +146,7 @@ def embedding_context(lib: Any, model: Any, size: int, n_seqs: int, n_threads: i
     params.n_seq_max = n_seqs
     params.kv_unified = True  # sequences share the cells, so any one of them can be long
     params.embeddings = True
-    params.pooling_type = lib.LLAMA_POOLING_TYPE_LAST
+    params.pooling_type = lib.LLAMA_POOLING_TYPE_LAST if pooling is None else pooling
     params.n_threads = params.n_threads_batch = n_threads
     ctx = lib.llama_init_from_model(model, params)
     if not ctx:

@@ -84,7 +84,111 @@ def resolve_gguf(path_or_bundle: str | os.PathLike[str],
     return path / models[gguf_type]["path"], manifest
 
 
-class GGUFTextEmbedder(NativeHandle):
+class LlamaPooled(NativeHandle):
+    """A GGUF loaded in llama.cpp, run in embedding mode with ``pooling`` over each sequence:
+    the plumbing the embedder and the reranker share.
+
+    One llama.cpp context per instance, so an instance is not thread-safe.
+
+    Raises:
+        MissingDependencyError: llama-cpp-python is not installed (``gguf`` extra).
+        BundleError: the file does not load.
+    """
+
+    pooling = "LLAMA_POOLING_TYPE_LAST"
+    """The ``llama_pooling_type`` of the contexts, by name in llama-cpp-python."""
+
+    def __init__(self, path: Path, n_threads: int | None) -> None:
+        self.path = path
+        self._lib = lib = llama_library()
+        self._ctx: Any = None
+        self._ctx_shape = (0, 0)
+        self.n_threads = int(n_threads or os.cpu_count() or 1)
+        params = lib.llama_model_default_params()
+        self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise BundleError(f"llama.cpp could not load '{self.path}': "
+                              f"{last_llama_errors() or 'no message'}",
+                              hint="Re-export the GGUF with this version of qwen3emb-export")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the model accepts."""
+        return int(self._lib.llama_vocab_n_tokens(self._vocab))
+
+    def close(self) -> None:
+        """Free the llama.cpp context and model (also done on garbage collection)."""
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        if getattr(self, "_ctx", None):
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def _meta(self, key: bytes) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = self._lib.llama_model_meta_val_str(self._model, key, buf, len(buf))
+        return buf.value.decode("utf-8") if n >= 0 else None
+
+    def _context(self, n_tokens: int, n_seqs: int) -> Any:
+        """A context whose n_ctx = n_batch = n_ubatch holds the whole batch in one pass."""
+        lib = self._lib
+        want_tokens = max(n_tokens, self._ctx_shape[0])
+        want_seqs = max(n_seqs, self._ctx_shape[1])
+        if self._ctx and (want_tokens, want_seqs) == self._ctx_shape:
+            return self._ctx
+        if self._ctx:
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        size = -(-want_tokens // 256) * 256
+        self._ctx = embedding_context(lib, self._model, size, want_seqs, self.n_threads,
+                                      hint="Lower batch_size or max_length, or free memory",
+                                      pooling=getattr(lib, self.pooling))
+        self._ctx_shape = (want_tokens, want_seqs)
+        return self._ctx
+
+    def _pooled(self, seqs: list[list[int]], width: int) -> np.ndarray:
+        """Run one llama_decode over several sequences; return their ``width`` pooled
+        outputs each (the hidden state, or a reranker's classifier outputs)."""
+        lib = self._lib
+        total = sum(len(s) for s in seqs)
+        ctx = self._context(total, min(len(seqs), int(lib.llama_max_parallel_sequences())))
+        batch = lib.llama_batch_init(total, 0, 1)
+        try:
+            i = 0
+            for seq_id, tokens in enumerate(seqs):
+                for pos, token in enumerate(tokens):
+                    batch.token[i] = token
+                    batch.pos[i] = pos
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = seq_id
+                    batch.logits[i] = 1  # pooling reads every token's output
+                    i += 1
+            batch.n_tokens = total
+            lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+            status = lib.llama_decode(ctx, batch)
+            if status != 0:
+                raise Qwen3EmbError(f"llama.cpp failed on a batch of {len(seqs)} inputs "
+                                    f"(llama_decode returned {status}): "
+                                    f"{last_llama_errors() or 'no message'}",
+                                    hint="Lower batch_size")
+            out = np.empty((len(seqs), width), dtype=np.float32)
+            for seq_id in range(len(seqs)):
+                pooled = lib.llama_get_embeddings_seq(ctx, seq_id)
+                if not pooled:
+                    raise Qwen3EmbError("llama.cpp returned no pooled output",
+                                        hint=f"Check the GGUF's pooling_type ({self.pooling})")
+                out[seq_id] = np.ctypeslib.as_array(pooled, shape=(width,))
+            return out
+        finally:
+            lib.llama_batch_free(batch)
+
+
+class GGUFTextEmbedder(LlamaPooled):
     """Qwen3-Embedding on llama.cpp: unit-norm float32 vectors, last-token pooled.
 
     One llama.cpp context per instance, so an instance is not thread-safe.
@@ -104,18 +208,9 @@ class GGUFTextEmbedder(NativeHandle):
 
     def __init__(self, path_or_bundle: str | os.PathLike[str], *, gguf_type: str | None = None,
                  n_threads: int | None = None, max_length: int | None = None) -> None:
-        self.path, manifest = resolve_gguf(path_or_bundle, gguf_type)
-        self._lib = lib = llama_library()
-        self._ctx: Any = None
-        self._ctx_shape = (0, 0)
-        self.n_threads = int(n_threads or os.cpu_count() or 1)
-        params = lib.llama_model_default_params()
-        self._model = lib.llama_model_load_from_file(str(self.path).encode(), params)
-        if not self._model:
-            raise BundleError(f"llama.cpp could not load '{self.path}': "
-                              f"{last_llama_errors() or 'no message'}",
-                              hint="Re-export the GGUF with this version of qwen3emb-export")
-        self._vocab = lib.llama_model_get_vocab(self._model)
+        path, manifest = resolve_gguf(path_or_bundle, gguf_type)
+        super().__init__(path, n_threads)
+        lib = self._lib
         self.dim = int(lib.llama_model_n_embd(self._model))
         self.end_id = int(lib.llama_vocab_eos(self._vocab))
         end_text = lib.llama_vocab_get_text(self._vocab, self.end_id).decode("utf-8", "replace")
@@ -198,11 +293,6 @@ class GGUFTextEmbedder(NativeHandle):
             out[chunk] = self._embed([list(seqs[i]) for i in chunk])
         return truncate_normalize(out, self.dim)
 
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids the model accepts."""
-        return int(self._lib.llama_vocab_n_tokens(self._vocab))
-
     def tokenize(self, text: str, *, truncate: bool = True) -> list[int]:
         """Token ids as llama.cpp will see them: end token last, at most ``max_length``
         (``truncate=False``: every token, to count them)."""
@@ -224,74 +314,9 @@ class GGUFTextEmbedder(NativeHandle):
             tokens = tokens[:self.max_length - 1] + tokens[-1:]
         return tokens
 
-    def close(self) -> None:
-        """Free the llama.cpp context and model (also done on garbage collection)."""
-        lib = getattr(self, "_lib", None)
-        if lib is None:
-            return
-        if getattr(self, "_ctx", None):
-            lib.llama_free(self._ctx)
-            self._ctx = None
-        if getattr(self, "_model", None):
-            lib.llama_model_free(self._model)
-            self._model = None
-
-    # --- llama.cpp plumbing ------------------------------------------------------------------
-    def _meta(self, key: bytes) -> str | None:
-        buf = ctypes.create_string_buffer(256)
-        n = self._lib.llama_model_meta_val_str(self._model, key, buf, len(buf))
-        return buf.value.decode("utf-8") if n >= 0 else None
-
-    def _context(self, n_tokens: int, n_seqs: int) -> Any:
-        """A context whose n_ctx = n_batch = n_ubatch holds the whole batch in one pass."""
-        lib = self._lib
-        want_tokens = max(n_tokens, self._ctx_shape[0])
-        want_seqs = max(n_seqs, self._ctx_shape[1])
-        if self._ctx and (want_tokens, want_seqs) == self._ctx_shape:
-            return self._ctx
-        if self._ctx:
-            lib.llama_free(self._ctx)
-            self._ctx = None
-        size = -(-want_tokens // 256) * 256
-        self._ctx = embedding_context(lib, self._model, size, want_seqs, self.n_threads,
-                                      hint="Lower batch_size or max_length, or free memory")
-        self._ctx_shape = (want_tokens, want_seqs)
-        return self._ctx
-
     def _embed(self, seqs: list[list[int]]) -> np.ndarray:
         """Run one llama_decode over several sequences; return their pooled hidden states."""
-        lib = self._lib
-        total = sum(len(s) for s in seqs)
-        ctx = self._context(total, min(len(seqs), int(lib.llama_max_parallel_sequences())))
-        batch = lib.llama_batch_init(total, 0, 1)
-        try:
-            i = 0
-            for seq_id, tokens in enumerate(seqs):
-                for pos, token in enumerate(tokens):
-                    batch.token[i] = token
-                    batch.pos[i] = pos
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = seq_id
-                    batch.logits[i] = 1  # pooling reads every token's output
-                    i += 1
-            batch.n_tokens = total
-            lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
-            status = lib.llama_decode(ctx, batch)
-            if status != 0:
-                raise Qwen3EmbError(f"llama.cpp failed on a batch of {len(seqs)} texts "
-                                    f"(llama_decode returned {status}): "
-                                    f"{last_llama_errors() or 'no message'}",
-                                    hint="Lower batch_size")
-            out = np.empty((len(seqs), self.dim), dtype=np.float32)
-            for seq_id in range(len(seqs)):
-                pooled = lib.llama_get_embeddings_seq(ctx, seq_id)
-                if not pooled:
-                    raise Qwen3EmbError("llama.cpp returned no pooled embedding",
-                                        hint="Check that the GGUF has qwen3.pooling_type = 3")
-                out[seq_id] = np.ctypeslib.as_array(pooled, shape=(self.dim,))
-            return out
-        finally:
-            lib.llama_batch_free(batch)
+        return self._pooled(seqs, self.dim)
 
 
 def _split_by_tokens(batch: list[int], lengths: Sequence[int], budget: int) -> list[list[int]]:

@@ -128,7 +128,52 @@ def check_pairs(query: Any, documents: Any, instruction: Any) -> list[str]:
     return items
 
 
-class Reranker:
+class PairScorer:
+    """``score`` and ``rerank`` over a :class:`RerankPrompt` and ``score_ids``: what the ONNX and
+    the llama.cpp rerankers share."""
+
+    prompt: RerankPrompt
+
+    def score_ids(self, ids: Sequence[Sequence[int]], *, batch_size: int = 16,
+                  logits: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def score(self, query: str, documents: Sequence[str], instruction: str | None = None, *,
+              batch_size: int = 16) -> np.ndarray:
+        """How well each document meets the query, in (0, 1), one float32 per document in order.
+
+        Args:
+            query: the query (a string; may be empty).
+            documents: the candidates (strings; may be empty).
+            instruction: the task (default: the model card's web-search instruction).
+            batch_size: pairs per engine call (a pair's score never depends on it).
+
+        Raises:
+            InputError: non-string inputs, a bare string for ``documents``, bad batch_size.
+        """
+        items = check_pairs(query, documents, instruction)
+        if not items:
+            return np.empty(0, dtype=np.float32)
+        ids, _ = self.prompt.pair_ids(query, items, instruction)
+        return self.score_ids(ids, batch_size=batch_size)
+
+    def rerank(self, query: str, documents: Sequence[str], *, top_n: int | None = None,
+               instruction: str | None = None, batch_size: int = 16) -> list[tuple[int, float]]:
+        """``(index, score)`` of the documents, best first (ties keep input order).
+
+        Raises:
+            InputError: as :meth:`score`, or ``top_n`` below 1.
+        """
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)
+                                  or top_n < 1):
+            raise InputError(f"top_n must be a positive integer, got {top_n!r}",
+                             hint="Omit it to rank every document")
+        scores = self.score(query, documents, instruction, batch_size=batch_size)
+        order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+        return [(i, float(scores[i])) for i in order[:top_n]]
+
+
+class Reranker(PairScorer):
     """Score documents against a query with a reranker bundle (``export --task rerank``).
 
     Args:
@@ -202,37 +247,3 @@ class Reranker:
             score, logit = self.run_ids(input_ids, mask)
             out[batch] = logit if logits else score
         return out
-
-    def score(self, query: str, documents: Sequence[str], instruction: str | None = None, *,
-              batch_size: int = 16) -> np.ndarray:
-        """How well each document meets the query, in (0, 1), one float32 per document in order.
-
-        Args:
-            query: the query (a string; may be empty).
-            documents: the candidates (strings; may be empty).
-            instruction: the task (default: the model card's web-search instruction).
-            batch_size: pairs per onnxruntime call (a pair's score never depends on it).
-
-        Raises:
-            InputError: non-string inputs, a bare string for ``documents``, bad batch_size.
-        """
-        items = check_pairs(query, documents, instruction)
-        if not items:
-            return np.empty(0, dtype=np.float32)
-        ids, _ = self.prompt.pair_ids(query, items, instruction)
-        return self.score_ids(ids, batch_size=batch_size)
-
-    def rerank(self, query: str, documents: Sequence[str], *, top_n: int | None = None,
-               instruction: str | None = None, batch_size: int = 16) -> list[tuple[int, float]]:
-        """``(index, score)`` of the documents, best first (ties keep input order).
-
-        Raises:
-            InputError: as :meth:`score`, or ``top_n`` below 1.
-        """
-        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)
-                                  or top_n < 1):
-            raise InputError(f"top_n must be a positive integer, got {top_n!r}",
-                             hint="Omit it to rank every document")
-        scores = self.score(query, documents, instruction, batch_size=batch_size)
-        order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
-        return [(i, float(scores[i])) for i in order[:top_n]]

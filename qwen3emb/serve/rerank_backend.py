@@ -37,7 +37,8 @@ class RerankBackend(Backend):
         return len(ROW), len(ROW)
 
     def model_file(self) -> dict[str, Any]:
-        return self.manifest.models("onnx")[self.precision]
+        return self.manifest.models("gguf" if self.runtime == "llama.cpp" else "onnx")[
+            self.precision]
 
     def info(self) -> dict[str, Any]:
         entry = self.model_file()
@@ -85,6 +86,8 @@ class RerankBackend(Backend):
     def run(self, batch: Sequence[Prepared]) -> np.ndarray:
         """Score ``batch`` in one call → float32 ``[len(batch), 2]``: score, logit."""
         seqs = [p.payload for p in batch]
+        if self.runtime == "llama.cpp":
+            return np.stack(self.embedder.run_ids(seqs), axis=1)
         width = max(len(s) for s in seqs)
         input_ids = np.full((len(seqs), width), self.embedder.pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
@@ -95,16 +98,32 @@ class RerankBackend(Backend):
         return np.stack([score, logit], axis=1)
 
 
+class GGUFRerankBackend(RerankBackend):
+    """Qwen3-Reranker GGUF through llama.cpp's rank pooling (``GGUFReranker``)."""
+
+    runtime = "llama.cpp"
+
+    @property
+    def providers(self) -> list[str]:
+        return ["llama.cpp CPU"]
+
+    def default_single_sequence(self) -> bool:
+        # llama.cpp quantizes activations per row block (q8_0/k-quants), never per batch.
+        return False
+
+
 def load_reranker(settings: ServeSettings, manifest: Manifest) -> RerankBackend:
-    """Open a reranker bundle (``export --task rerank``) for serving.
+    """Open a reranker bundle (``export --task rerank``) for serving: an ONNX precision on
+    onnxruntime, or a GGUF type on llama.cpp.
 
     Raises:
         BundleError, InputError, ProviderError: from the runtime.
     """
-    from qwen3emb.runtime import Reranker
+    from qwen3emb.runtime import GGUFReranker, open_reranker
 
-    precision = settings.precision or "fp32"
-    reranker = Reranker(settings.bundle, list(settings.providers) or None, precision=precision,
-                        threads=settings.threads, max_length=settings.max_tokens,
-                        spinning=False)
-    return RerankBackend(reranker, manifest, settings, precision)
+    reranker = open_reranker(settings.bundle, settings.precision,
+                             list(settings.providers) or None, threads=settings.threads,
+                             max_length=settings.max_tokens, spinning=False)
+    if isinstance(reranker, GGUFReranker):
+        return GGUFRerankBackend(reranker, manifest, settings, reranker.gguf_type)
+    return RerankBackend(reranker, manifest, settings, reranker.precision)

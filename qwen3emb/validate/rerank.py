@@ -224,7 +224,8 @@ def check_reranker(runner: Any, ref: ReferenceReranker, result: ScoreResult) -> 
 
 
 class RerankSuite:
-    """The reranker probes through every ONNX model of a reranker bundle.
+    """The reranker probes through every model of a reranker bundle: ONNX on each requested
+    engine, GGUF on llama.cpp's rank pooling.
 
     Same interface as :class:`qwen3emb.validate.text.TextSuite`.
     """
@@ -246,14 +247,16 @@ class RerankSuite:
 
     def _models(self) -> list[tuple[str, str, dict[str, Any]]]:
         order = list(SCORE_FLOORS)
-        return [("onnx", p, e) for p, e in sorted(self.manifest.models("onnx").items(),
-                                                   key=lambda kv: order.index(kv[0]))]
+        return [(kind, p, e) for kind in ("onnx", "gguf")
+                for p, e in sorted(self.manifest.models(kind).items(),
+                                   key=lambda kv: order.index(kv[0]))]
 
     def held_precisions(self) -> list[str]:
         return [m[1] for m in self._models()]
 
     def run(self, precisions: Sequence[str] | None, progress: bool = False
             ) -> list[ScoreResult]:
+        from qwen3emb.runtime.gguf_rerank import GGUFReranker
         from qwen3emb.runtime.rerank import Reranker
 
         ref = ReferenceReranker(self.checkpoint.path, self.limit)
@@ -261,13 +264,16 @@ class RerankSuite:
         results: list[ScoreResult] = []
         with bar(len(models), "validate", progress, unit="artifact") as ticker:
             for kind, precision, entry in models:
-                for engine in engines(self.providers):
+                for engine in engines(self.providers) if kind == "onnx" else [None]:
                     result = ScoreResult(artifact=entry["path"], kind=kind, precision=precision,
                                          floor=SCORE_FLOORS[precision],
                                          engine=engine_label(engine))
                     try:
-                        runner = Reranker(self.bundle, engine, precision=precision,
-                                          max_length=self.limit, strict=False, verify=False)
+                        runner = (Reranker(self.bundle, engine, precision=precision,
+                                           max_length=self.limit, strict=False, verify=False)
+                                  if kind == "onnx" else
+                                  GGUFReranker(self.bundle, gguf_type=precision,
+                                               max_length=self.limit))
                         result.checked_on = checked_on(runner, kind, precision)
                         check_reranker(runner, ref, result)
                     except Qwen3EmbError as e:

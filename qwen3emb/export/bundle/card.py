@@ -205,7 +205,29 @@ def _render_reranker_card(manifest: dict[str, Any]) -> str:
     lines += ["", "## Use it", "", "```python", RERANK_SNIPPET.rstrip(), "```", "",
               "```sh", f"qwen3emb-export rerank {PLACEHOLDER} \"{QUERY}\" \"{DOCUMENT}\" "
               "\"The capital of France is Paris.\"", "```", ""]
+    ggufs = [a for a in models if a["kind"] == "gguf"]
+    if ggufs:
+        lines += _llama_rerank_lines(ggufs[0]["path"])
     return "\n".join(lines)
+
+
+def _llama_rerank_lines(path: str) -> list[str]:
+    """How llama.cpp reads a reranker GGUF: rank pooling and the ``rerank`` template are in
+    its metadata, so no flag but ``--reranking`` is needed."""
+    return [
+        "## llama.cpp", "",
+        f"`{path}` pools by rank (`qwen3.pooling_type` 4) through a two-output head whose first "
+        "output, after llama.cpp's softmax, is the score above; the model card's prompt, with "
+        "the default instruction, is its `rerank` chat template.", "",
+        "```sh", f"llama-server -m {PLACEHOLDER}/{path} --reranking", "",
+        "curl localhost:8080/v1/rerank -d '{\"query\": \"" + QUERY + "\", "
+        "\"documents\": [\"" + DOCUMENT + "\"]}'", "```", "",
+        "```python",
+        "from qwen3emb.runtime import GGUFReranker  # llama-cpp-python's library, no torch",
+        "", f"reranker = GGUFReranker(\"{PLACEHOLDER}\")  # gguf_type=\"q8_0\" for another file",
+        f"print(reranker.score(\"{QUERY}\", [\"{DOCUMENT}\"]))", "```", "",
+        "llama-cpp-python's `Llama.embed()` is not a way to call it: it tokenizes without "
+        "special tokens and reads `n_embd` floats of a two-float output.", ""]
 
 
 def _parity_lines(manifest: dict[str, Any]) -> list[str]:

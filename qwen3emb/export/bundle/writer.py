@@ -119,7 +119,7 @@ def write_bundle(
     checkpoint = load_checkpoint(source, revision=revision)
     family = family_for(checkpoint, chosen)
     if chosen == "rerank":
-        _check_reranker_options(dimensions, gguf_list, aims)
+        _check_reranker_options(dimensions, aims)
     limit = max_length or family.default_max_length
     if not 8 <= limit <= family.max_positions:
         raise InputError(f"--max-length {limit} is outside 8..{family.max_positions}",
@@ -185,15 +185,11 @@ def write_bundle(
     return ExportResult(bundle=out_path, manifest=manifest, report=report)
 
 
-def _check_reranker_options(dimensions: int | None, gguf_types: Sequence[str],
-                            targets: dict[str, float]) -> None:
-    """What reranker bundles do not hold (yet), refused before any work."""
+def _check_reranker_options(dimensions: int | None, targets: dict[str, float]) -> None:
+    """What reranker bundles do not hold, refused before any work."""
     if dimensions is not None:
         raise InputError("--dimensions cuts embeddings; a reranker outputs one score",
                          hint="Drop --dimensions, or pass --task embed")
-    if gguf_types:
-        raise InputError("GGUF export of rerankers is not built yet",
-                         hint="Export the reranker with --format onnx")
     if targets:
         raise InputError("--target aims the embedders' calibration cosine; a reranker's search "
                          "aims at half its score floor", hint="Drop --target for rerankers")
@@ -248,7 +244,8 @@ def _write_gguf(family: Family, stage: Path, types: list[str], max_length: int,
 
     artifacts = []
     for entry in gguf_writer(family)(family.checkpoint.path, stage / GGUF_DIR, types,
-                                     max_length=max_length, progress=progress):
+                                     max_length=max_length, progress=progress,
+                                     **family.gguf_options()):
         path = stage / GGUF_DIR / entry.pop("path")
         if "mmproj" in entry:
             entry["mmproj"] = f"{GGUF_DIR}/{entry['mmproj']}"

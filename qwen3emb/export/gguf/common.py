@@ -266,8 +266,10 @@ def write_tensors(path: Path, writer: GGUFWriter, tensors: list[_Tensor],
 
 
 def add_decoder_metadata(writer: GGUFWriter, gtype: GGUFType, config: DecoderConfig,
-                         vocab: GGUFVocab, max_length: int) -> None:
-    """Hyperparameters, pooling and the BPE vocabulary shared by the qwen3 and qwen3vl GGUFs.
+                         vocab: GGUFVocab, max_length: int,
+                         pooling: PoolingType = PoolingType.LAST) -> None:
+    """Hyperparameters, pooling (last token; rank for rerankers) and the BPE vocabulary shared
+    by the qwen3 and qwen3vl GGUFs.
 
     The special-token ids and flags are left to the caller: they differ between the families.
     """
@@ -285,7 +287,7 @@ def add_decoder_metadata(writer: GGUFWriter, gtype: GGUFType, config: DecoderCon
     writer.add_value_length(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_pooling_type(PoolingType.LAST)
+    writer.add_pooling_type(pooling)
     writer.add_uint32(MAX_LENGTH_KEY, max_length)
     if vocab.normalizer:
         writer.add_string(NORMALIZER_KEY, vocab.normalizer)
