@@ -10,8 +10,10 @@ are exactly the sizes they name:
 Engines: ``torch-card`` (``AutoModelForCausalLM`` forward as the model card calls it: the logits
 of every position over the whole vocabulary, then the last position's yes/no), ``torch-last``
 (the same model with ``logits_to_keep=1``, what a careful user would write), and ours
-(``Reranker.score_ids``) in each precision of the bundle. Columns: seconds per cell, pairs/s,
-x torch-card, max |score - torch-card score|. Run as ``python scripts/bench.py --rerank``.
+(``Reranker.score_ids``) in each precision of the bundle, and ``llama.cpp-q8_0``: llama.cpp's
+rank pooling on our q8_0 GGUF (``GGUFReranker.score_ids``, the same ids). Columns: seconds per
+cell, pairs/s, x torch-card, max |score - torch-card score|.
+Run as ``python scripts/bench.py --rerank``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ CELLS = ((32, 200), (8, 1000))
 """(documents, content tokens per document), one query each."""
 
 
-def prepare(work: Path, preset: str = "0.6B") -> tuple[Path, Path]:
-    """The random reranker checkpoint and its fp32/int8/int4 bundle (cached under ``work``)."""
+def prepare(work: Path, preset: str = "0.6B") -> tuple[Path, Path, Path]:
+    """The random reranker checkpoint, its fp32/int8/int4 bundle and its q8_0 GGUF bundle
+    (cached under ``work``)."""
     from qwen3emb.convert.random_checkpoint import REAL_VOCAB_SIZE, build_random_reranker
     from qwen3emb.pipeline import export_bundle
 
@@ -42,7 +45,12 @@ def prepare(work: Path, preset: str = "0.6B") -> tuple[Path, Path]:
         logging.info("exporting the reranker fp32/int8/int4 (searched; several minutes)")
         export_bundle(checkpoint, bundle, task="rerank", validate=False, force=True,
                       precisions=["int8", "int4"])
-    return checkpoint, bundle
+    gguf = work / f"reranker-gguf-{preset}"
+    if not (gguf / "manifest.json").is_file():
+        logging.info("writing the reranker's q8_0 GGUF")
+        export_bundle(checkpoint, gguf, task="rerank", validate=False, force=True,
+                      formats=["gguf"], gguf_types=["q8_0"])
+    return checkpoint, bundle, gguf
 
 
 def cell_ids(prompt: Any, documents: int, tokens: int, vocab: int, seed: int = 0
@@ -58,10 +66,10 @@ def run(work: Path, out: Path, threads: int, runs: int, preset: str = "0.6B") ->
     from transformers import AutoModelForCausalLM
 
     from qwen3emb.manifest import read_manifest
-    from qwen3emb.runtime import Reranker
+    from qwen3emb.runtime import GGUFReranker, Reranker
 
     torch.set_num_threads(threads)
-    checkpoint, bundle = prepare(work, preset)
+    checkpoint, bundle, gguf = prepare(work, preset)
     manifest = read_manifest(bundle)
     precisions = sorted(manifest.models("onnx"), key=["fp32", "fp16", "int8", "int4"].index)
     ours = {p: Reranker(bundle, precision=p, threads=threads) for p in precisions}
@@ -85,6 +93,8 @@ def run(work: Path, out: Path, threads: int, runs: int, preset: str = "0.6B") ->
                "torch-last": lambda ids: torch_scores(ids, 1)}
     engines |= {f"ours-{p}": (lambda ids, r=r: r.score_ids(ids, batch_size=len(ids)))
                 for p, r in ours.items()}
+    llama = GGUFReranker(gguf, gguf_type="q8_0", n_threads=threads)
+    engines["llama.cpp-q8_0"] = lambda ids: llama.score_ids(ids, batch_size=len(ids))
     rows = []
     for documents, tokens in CELLS:
         ids = cell_ids(ours[precisions[0]].prompt, documents, tokens, vocab)
