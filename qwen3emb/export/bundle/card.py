@@ -174,10 +174,12 @@ def _render_reranker_card(manifest: dict[str, Any]) -> str:
     front = ["---", "library_name: onnx", "pipeline_tag: text-ranking"]
     if HUB_ID.match(source):
         front.append(f"base_model: {source}")
-    front += ["tags:", "- qwen3emb-export", f"- {manifest['family']}", "- reranker", "- onnx",
-              "---"]
+    kinds = [k for k in ("onnx", "gguf") if any(a["kind"] == k for a in models)]
+    front += ["tags:", "- qwen3emb-export", f"- {manifest['family']}", "- reranker",
+              *(f"- {k}" for k in kinds), "---"]
     rerank = manifest.get("rerank", {})
-    lines = [*front, "", f"# {Path(source).name or source} (ONNX reranker bundle)", "",
+    what = " and ".join(k.upper() for k in kinds)
+    lines = [*front, "", f"# {Path(source).name or source} ({what} reranker bundle)", "",
              f"Exported by qwen3emb-export {version} from `{source}`. The graph takes the model "
              "card's prompt for a (query, document) pair and outputs `score` "
              "= sigmoid(logit(\"yes\") - logit(\"no\")) at the last real token (any padding "
