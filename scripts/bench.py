@@ -209,7 +209,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="results dir (default: WORK)")
     parser.add_argument("--quick", action="store_true", help=f"only cells {QUICK_CELLS}")
     parser.add_argument("--cells", nargs="*", default=None, metavar="BxS",
-                        help="only these cells, e.g. 8x128 (overrides --quick)")
+                        help="only these cells, e.g. 8x128 (overrides --quick); with --rerank "
+                             "DOCUMENTSxTOKENS, e.g. 32x200")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per cell and engine")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--engines", nargs="*", default=None, help="subset of engine names")
@@ -265,7 +266,9 @@ def main() -> None:
     if args.rerank:
         from bench_rerank import run as rerank_cells
 
-        rerank_cells(args.work, out, args.threads, args.runs, args.preset)
+        cells = ([tuple(int(n) for n in c.lower().split("x")) for c in args.cells]
+                 if args.cells else None)
+        rerank_cells(args.work, out, args.threads, args.runs, args.preset, cells=cells)
         return
 
     if args.sweep:

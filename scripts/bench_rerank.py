@@ -61,7 +61,9 @@ def cell_ids(prompt: Any, documents: int, tokens: int, vocab: int, seed: int = 0
             for _ in range(documents)]
 
 
-def run(work: Path, out: Path, threads: int, runs: int, preset: str = "0.6B") -> list[dict]:
+def run(work: Path, out: Path, threads: int, runs: int, preset: str = "0.6B",
+        cells: list[tuple[int, int]] | None = None) -> list[dict]:
+    """Time every engine on each (documents, content tokens) cell (default :data:`CELLS`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -96,7 +98,7 @@ def run(work: Path, out: Path, threads: int, runs: int, preset: str = "0.6B") ->
     llama = GGUFReranker(gguf, gguf_type="q8_0", n_threads=threads)
     engines["llama.cpp-q8_0"] = lambda ids: llama.score_ids(ids, batch_size=len(ids))
     rows = []
-    for documents, tokens in CELLS:
+    for documents, tokens in cells or CELLS:
         ids = cell_ids(ours[precisions[0]].prompt, documents, tokens, vocab)
         reference = None
         for name, engine in engines.items():
