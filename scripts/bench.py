@@ -239,6 +239,9 @@ def main() -> None:
                         help="frontier fixtures (default: all of bench_frontier.FIXTURES)")
     parser.add_argument("--rerank", action="store_true",
                         help="the reranker cells instead (scripts/bench_rerank.py)")
+    parser.add_argument("--rerank-engines", nargs="*", default=None,
+                        help="only these reranker engines (torch-card, torch-last, ours-PRECISION, "
+                             "llama.cpp-q8_0); the first is the score reference")
     args = parser.parse_args()
     extra = {}
     for item in args.onnx:
@@ -268,7 +271,8 @@ def main() -> None:
 
         cells = ([tuple(int(n) for n in c.lower().split("x")) for c in args.cells]
                  if args.cells else None)
-        rerank_cells(args.work, out, args.threads, args.runs, args.preset, cells=cells)
+        rerank_cells(args.work, out, args.threads, args.runs, args.preset, cells=cells,
+                     only=args.rerank_engines)
         return
 
     if args.sweep:

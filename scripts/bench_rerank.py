@@ -62,8 +62,9 @@ def cell_ids(prompt: Any, documents: int, tokens: int, vocab: int, seed: int = 0
 
 
 def run(work: Path, out: Path, threads: int, runs: int, preset: str = "0.6B",
-        cells: list[tuple[int, int]] | None = None) -> list[dict]:
-    """Time every engine on each (documents, content tokens) cell (default :data:`CELLS`)."""
+        cells: list[tuple[int, int]] | None = None, only: list[str] | None = None) -> list[dict]:
+    """Time the engines (``only``: these, the first one the score reference; default all) on
+    each (documents, content tokens) cell (default :data:`CELLS`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -97,6 +98,11 @@ def run(work: Path, out: Path, threads: int, runs: int, preset: str = "0.6B",
                 for p, r in ours.items()}
     llama = GGUFReranker(gguf, gguf_type="q8_0", n_threads=threads)
     engines["llama.cpp-q8_0"] = lambda ids: llama.score_ids(ids, batch_size=len(ids))
+    if only:
+        unknown = sorted(set(only) - set(engines))
+        if unknown:
+            raise SystemExit(f"unknown reranker engines {unknown}; choose from {list(engines)}")
+        engines = {name: engines[name] for name in only}
     rows = []
     for documents, tokens in cells or CELLS:
         ids = cell_ids(ours[precisions[0]].prompt, documents, tokens, vocab)
@@ -119,8 +125,9 @@ def run(work: Path, out: Path, threads: int, runs: int, preset: str = "0.6B",
         cell = [r for r in rows if r["cell"] == rows[-1]["cell"]]
         base = {r["engine"]: r["seconds"] for r in cell}
         for r in cell:
-            r["x_torch_card"] = round(base["torch-card"] / r["seconds"], 2)
-            r["x_torch_last"] = round(base["torch-last"] / r["seconds"], 2)
+            for key in ("torch-card", "torch-last"):
+                r[f"x_{key.replace('-', '_')}"] = (round(base[key] / r["seconds"], 2)
+                                                   if key in base else None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "rerank.json").write_text(json.dumps({"threads": threads, "runs": runs,
                                                  "preset": preset, "rows": rows}, indent=2))
