@@ -232,7 +232,9 @@ class TextBackend(Backend):
         return self.embedder.run_ids(*self.embedder.pad(seqs))
 
 
-class GGUFTextBackend(TextBackend):
+class LlamaCppRuntime:
+    """What a backend on llama.cpp reports and how it batches (mixed into a backend class)."""
+
     runtime = "llama.cpp"
 
     @property
@@ -242,6 +244,10 @@ class GGUFTextBackend(TextBackend):
     def default_single_sequence(self) -> bool:
         # llama.cpp quantizes activations per row block (q8_0/k-quants), never per batch.
         return False
+
+
+class GGUFTextBackend(LlamaCppRuntime, TextBackend):
+    """Qwen3-Embedding GGUF through llama.cpp (``GGUFTextEmbedder``)."""
 
 
 class VLBackend(Backend):

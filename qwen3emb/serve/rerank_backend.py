@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from qwen3emb.manifest import Manifest, sha256_file
-from qwen3emb.serve.backend import WARMUP_TEXT, Backend, Prepared
+from qwen3emb.serve.backend import WARMUP_TEXT, Backend, LlamaCppRuntime, Prepared
 from qwen3emb.serve.schemas import ApiError
 from qwen3emb.serve.settings import ServeSettings
 
@@ -98,18 +98,8 @@ class RerankBackend(Backend):
         return np.stack([score, logit], axis=1)
 
 
-class GGUFRerankBackend(RerankBackend):
+class GGUFRerankBackend(LlamaCppRuntime, RerankBackend):
     """Qwen3-Reranker GGUF through llama.cpp's rank pooling (``GGUFReranker``)."""
-
-    runtime = "llama.cpp"
-
-    @property
-    def providers(self) -> list[str]:
-        return ["llama.cpp CPU"]
-
-    def default_single_sequence(self) -> bool:
-        # llama.cpp quantizes activations per row block (q8_0/k-quants), never per batch.
-        return False
 
 
 def load_reranker(settings: ServeSettings, manifest: Manifest) -> RerankBackend:
