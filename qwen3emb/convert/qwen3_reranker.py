@@ -85,7 +85,7 @@ class Qwen3RerankerFamily(Qwen3Family):
     """Qwen3-Reranker 0.6B / 4B / 8B (``model_type: qwen3``, exported with ``task: rerank``)."""
 
     task = "rerank"
-    interop_tools = ()
+    interop_tools = ("cross-encoder", "transformers.js")
 
     @property
     def default_max_length(self) -> int:
@@ -194,13 +194,62 @@ class Qwen3RerankerFamily(Qwen3Family):
                                   hint="Use 'left' or 'right'")
         return side
 
+    def pair_templates(self) -> tuple[str, str]:
+        """The card's prompt as one string pair, for tools that tokenize ``(query, document)``
+        pairs themselves: ``(query_template, document_template)``.
+
+        ``query_template`` (``{instruction}``, ``{query}``) is the prefix and the content up to
+        the document; ``document_template`` (``{document}``) the rest and the suffix. Whatever
+        the tokenizer's post-processor puts around the content is written in as token text, so
+        the pair tokenized *without* special tokens gives the card's ids exactly.
+        """
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(self.checkpoint.path / "tokenizer.json"))
+        info = self.check_tokenizer(tokenizer)
+
+        def text(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=False)
+
+        split = RERANK_TEMPLATE.index("<Document>")
+        return (RERANK_PREFIX + text(info["content_prepended_ids"]) + RERANK_TEMPLATE[:split],
+                RERANK_TEMPLATE[split:] + text(info["content_appended_ids"]) + RERANK_SUFFIX)
+
+    def loader_config(self) -> dict[str, Any]:
+        """``config.json`` as a one-label sequence classifier whose ``logits`` is the graph's
+        (sentence-transformers' CrossEncoder applies the sigmoid; transformers.js does for
+        ``multi_label_classification``)."""
+        from qwen3emb.constants import END_TOKEN
+
+        config = dict(self.config)
+        config.update({
+            "architectures": ["Qwen3ForSequenceClassification"],
+            "num_labels": 1, "id2label": {"0": "relevance"}, "label2id": {"relevance": 0},
+            "problem_type": "multi_label_classification",
+            "pad_token_id": int(config.get("pad_token_id") or self._token_id(END_TOKEN)),
+            "sentence_transformers": {"activation_fn": "torch.nn.modules.activation.Sigmoid"},
+        })
+        return config
+
+    def _token_id(self, token: str) -> int:
+        from tokenizers import Tokenizer
+
+        found = Tokenizer.from_file(str(self.checkpoint.path / "tokenizer.json")
+                                    ).token_to_id(token)
+        if found is None:
+            raise CheckpointError(f"tokenizer.json has no {token} token",
+                                  hint="This is not a Qwen3 tokenizer")
+        return int(found)
+
     def manifest_sections(self, out_dim: int, *, onnx: bool, gguf: bool) -> dict[str, Any]:
         yes, no = self.token_ids()
+        query_template, document_template = self.pair_templates()
         return {
             "rerank": {
                 "prefix": RERANK_PREFIX, "suffix": RERANK_SUFFIX, "template": RERANK_TEMPLATE,
                 "default_instruction": RERANK_INSTRUCTION, "yes_token_id": yes,
                 "no_token_id": no, "pooling": "last_token",
+                "query_template": query_template, "document_template": document_template,
                 "score": "sigmoid(logit_yes - logit_no) at the last real token",
                 "outputs": {"score": "[batch] in (0, 1)", "logits": "[batch, 1], pre-sigmoid"},
             },
@@ -213,21 +262,13 @@ class Qwen3RerankerFamily(Qwen3Family):
         """The GGUF's rank head and llama.cpp's ``rerank`` template: the card's prompt with the
         default instruction, whatever the post-processor puts around the content included (as
         token text, which llama-server parses as special tokens)."""
-        from tokenizers import Tokenizer
-
         from qwen3emb.export.gguf.text import RankHead
 
-        tokenizer = Tokenizer.from_file(str(self.checkpoint.path / "tokenizer.json"))
-        info = self.check_tokenizer(tokenizer)
-
-        def text(ids: list[int]) -> str:
-            return tokenizer.decode(ids, skip_special_tokens=False)
-
-        content = RERANK_TEMPLATE.format(instruction=RERANK_INSTRUCTION, query="{query}",
-                                         document="{document}")
-        template = (RERANK_PREFIX + text(info["content_prepended_ids"]) + content
-                    + text(info["content_appended_ids"]) + RERANK_SUFFIX)
-        return {"rank_head": RankHead(info["yes_token_id"], info["no_token_id"], template)}
+        yes, no = self.token_ids()
+        query_template, document_template = self.pair_templates()
+        template = (query_template.format(instruction=RERANK_INSTRUCTION, query="{query}")
+                    + document_template)
+        return {"rank_head": RankHead(yes, no, template)}
 
 
 register("qwen3", task="rerank")(Qwen3RerankerFamily)

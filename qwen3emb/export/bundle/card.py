@@ -105,6 +105,60 @@ print(reranker.rerank("{QUERY}", documents, top_n=1))  # [(index, score)], best 
 '''
 
 
+RERANK_TOOL_SNIPPETS: dict[str, tuple[str, str]] = {
+    "cross-encoder": ("python", f'''\
+from sentence_transformers import CrossEncoder
+
+# int8: add model_kwargs={{"file_name": "onnx/model_int8.onnx"}} (fp16: model_fp16.onnx)
+model = CrossEncoder("{PLACEHOLDER}", backend="onnx")
+query_template = QUERY_TEMPLATE
+document_template = DOCUMENT_TEMPLATE
+instruction = INSTRUCTION
+query, documents = "{QUERY}", ["{DOCUMENT}", "The capital of France is Paris."]
+pairs = [(query_template.replace("{{instruction}}", instruction).replace("{{query}}", query),
+          document_template.replace("{{document}}", document)) for document in documents]
+# The templates hold every special token of the prompt: add none.
+scores = model.predict(pairs, processing_kwargs={{"text": {{"add_special_tokens": False}}}})
+print(scores)  # sigmoid of the graph's logits: the score of our Reranker
+'''),
+    "transformers.js": ("js", f'''\
+import {{ AutoTokenizer, PreTrainedModel }} from '@huggingface/transformers';
+
+// transformers.js maps no Qwen3 model to text classification: load the graph as is.
+const tokenizer = await AutoTokenizer.from_pretrained('{PLACEHOLDER}');
+const model = await PreTrainedModel.from_pretrained('{PLACEHOLDER}', {{ dtype: 'fp32' }});  // or 'int8'
+const queryTemplate = QUERY_TEMPLATE;
+const documentTemplate = DOCUMENT_TEMPLATE;
+const instruction = INSTRUCTION;
+const query = '{QUERY}';
+const documents = ['{DOCUMENT}', 'The capital of France is Paris.'];
+const prompt = queryTemplate.replace('{{instruction}}', () => instruction).replace('{{query}}', () => query);
+// The templates hold every special token of the prompt: add none.
+const inputs = tokenizer(documents.map(() => prompt), {{
+  text_pair: documents.map((d) => documentTemplate.replace('{{document}}', () => d)),
+  padding: true, truncation: true, add_special_tokens: false }});
+const {{ logits }} = await model(inputs);
+console.log(logits.sigmoid().tolist());  // the score of our Reranker
+'''),
+}
+"""How sentence-transformers and transformers.js score pairs with a reranker bundle; the
+templates come from the manifest (tests/test_interop_rerank.py runs both)."""
+
+
+def rerank_tool_snippet(tool: str, manifest: dict[str, Any]) -> tuple[str, str]:
+    """The language and code of ``tool``'s reranker snippet, templates filled in from
+    ``manifest["rerank"]``."""
+    import json
+
+    rerank = manifest["rerank"]
+    language, code = RERANK_TOOL_SNIPPETS[tool]
+    for key, value in (("QUERY_TEMPLATE", rerank["query_template"]),
+                       ("DOCUMENT_TEMPLATE", rerank["document_template"]),
+                       ("INSTRUCTION", rerank["default_instruction"])):
+        code = code.replace(key, json.dumps(value, ensure_ascii=False))
+    return language, code
+
+
 def render_model_card(manifest: dict[str, Any]) -> str:
     """The model card's Markdown, YAML front matter first."""
     if manifest.get("task") == "rerank":
@@ -207,6 +261,19 @@ def _render_reranker_card(manifest: dict[str, Any]) -> str:
     lines += ["", "## Use it", "", "```python", RERANK_SNIPPET.rstrip(), "```", "",
               "```sh", f"qwen3emb-export rerank {PLACEHOLDER} \"{QUERY}\" \"{DOCUMENT}\" "
               "\"The capital of France is Paris.\"", "```", ""]
+    tools = manifest.get("interop", {}).get("tools", [])
+    if "onnx" in kinds and "query_template" in rerank:
+        for tool in (t for t in RERANK_TOOL_SNIPPETS if t in tools):
+            language, code = rerank_tool_snippet(tool, manifest)
+            lines += [f"## {TOOLS[tool]}", "", f"```{language}", code.rstrip(), "```", ""]
+        if not manifest.get("tokenizer", {}).get("content_appended_ids"):
+            lines += ["transformers.js' text-classification pipeline gives the same scores on the "
+                      "whole prompt as one string, as this tokenizer adds nothing to it "
+                      "(`pipeline()` has no Qwen3 classifier: `new TextClassificationPipeline("
+                      "{ task: 'text-classification', model, tokenizer })`).", ""]
+        lines += ["Both give our scores for pairs within the bundle's max_length; a longer pair "
+                  "is cut at its end (the suffix with it) by these tools, not in the content "
+                  "as the model card does: keep pairs under it there, or use `Reranker`.", ""]
     ggufs = [a for a in models if a["kind"] == "gguf"]
     if ggufs:
         lines += _llama_rerank_lines(ggufs[0]["path"])

@@ -14,6 +14,10 @@ What each reads, from their loaders:
   ``max_position_embeddings``), ``1_Pooling/config.json``, ``onnx/model.onnx``'s
   ``sentence_embedding``.
 - Ollama: ``gguf/Modelfile``.
+- Rerankers, sentence-transformers' CrossEncoder (ONNX backend) and transformers.js:
+  ``config.json`` as a one-label sequence classifier (``num_labels``, ``problem_type``
+  ``multi_label_classification`` for transformers.js' sigmoid, ``sentence_transformers``'
+  activation) and ``onnx/model.onnx``'s ``logits``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ TOOLS: dict[str, str] = {
     "tei": "Text Embeddings Inference (ONNX backend)",
     "llama.cpp": "llama.cpp (llama-server, llama-cpp-python)",
     "ollama": "Ollama",
+    "cross-encoder": "sentence-transformers CrossEncoder (ONNX backend)",
 }
 """Keys of :attr:`Family.interop_tools` and how the model card names them."""
 
@@ -54,6 +59,10 @@ MODELFILE_PREFERENCE = ("f16", "bf16", "q8_0", "f32")
 """Which GGUF ``gguf/Modelfile`` points at when the bundle has several."""
 
 POOLING_FILE = "1_Pooling/config.json"
+
+CONFIG_TOOLS = frozenset({"sentence-transformers", "transformers.js", "tei", "fastembed",
+                          "cross-encoder"})
+"""Tools that read ``config.json``."""
 
 
 def write_interop_files(family: Family, stage: Path, manifest: dict[str, Any],
@@ -74,7 +83,7 @@ def write_interop_files(family: Family, stage: Path, manifest: dict[str, Any],
                    if a.get("kind") == "onnx" and a.get("role") == "model"}
     ggufs = [a for a in artifacts if a.get("kind") == "gguf" and a.get("role") == "model"]
     files: dict[str, Any] = {}
-    if onnx_models and tools & {"sentence-transformers", "transformers.js", "tei", "fastembed"}:
+    if onnx_models and tools & CONFIG_TOOLS:
         files["config.json"] = loader_config(family, onnx_models, artifacts)
     if onnx_models and tools & {"sentence-transformers", "tei"}:
         files.update(sentence_transformers_files(family, manifest))
@@ -194,7 +203,7 @@ def check_interop_files(bundle: Path) -> list[str]:
             return None
         return json.loads(path.read_text(encoding="utf-8"))
 
-    if tools & {"sentence-transformers", "transformers.js", "tei", "fastembed"}:
+    if tools & CONFIG_TOOLS:
         config = read("config.json") or {}
         for key in ("architectures", "model_type", "hidden_size", "num_hidden_layers",
                     "max_position_embeddings", "transformers.js_config"):
@@ -203,7 +212,14 @@ def check_interop_files(bundle: Path) -> list[str]:
         if not (bundle / ONNX_DIR / "model.onnx").is_file():
             problems.append(f"{ONNX_DIR}/model.onnx is missing")
         outputs = [o["name"] for o in manifest.get("onnx", {}).get("outputs", [])]
-        if outputs[:1] != [SENTENCE_EMBEDDING]:
+        if manifest.get("task") == "rerank":
+            if "logits" not in outputs:
+                problems.append(f"the graph has no logits output ({outputs})")
+            if (config.get("num_labels"), config.get("problem_type")) != (
+                    1, "multi_label_classification"):
+                problems.append("config.json is not a one-label multi_label_classification "
+                                "classifier")
+        elif outputs[:1] != [SENTENCE_EMBEDDING]:
             problems.append(f"the first graph output is {outputs[:1]}, not {SENTENCE_EMBEDDING}")
     if tools & {"sentence-transformers", "tei"}:
         pooling = read(POOLING_FILE) or {}
