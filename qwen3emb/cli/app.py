@@ -27,6 +27,8 @@ from qwen3emb.cli._common import (
 from qwen3emb.cli.corpus import embed_corpus
 from qwen3emb.cli.embed import embed
 from qwen3emb.cli.eval_options import (
+    EvalCandidatesOpt,
+    EvalDepthOpt,
     EvalMaxDropOpt,
     EvalMaxLengthOpt,
     EvalSetOpt,
@@ -166,6 +168,8 @@ def validate(
     eval_task: EvalTaskOpt = None,
     eval_max_length: EvalMaxLengthOpt = None,
     eval_max_drop: EvalMaxDropOpt = None,
+    candidates: EvalCandidatesOpt = None,
+    candidates_depth: EvalDepthOpt = 100,
     long_probe: LongProbeOpt = None,
     progress: ProgressOpt = None,
     verbose: Verbose = False,
@@ -180,6 +184,9 @@ def validate(
         qwen3emb-export validate qwen3-0.6b -r Qwen/Qwen3-Embedding-0.6B --junit parity.xml
 
         qwen3emb-export validate qwen3-0.6b -r Qwen/Qwen3-Embedding-0.6B --eval-set ./scifact
+
+        qwen3emb-export validate reranker -r Qwen/Qwen3-Reranker-0.6B --eval-set ./scifact
+        --candidates bm25.run
     """
     configure_logging(verbose, quiet)
     from qwen3emb.validate import validate_bundle
@@ -195,7 +202,8 @@ def validate(
         raise fail(f"--reference-dtype {reference_dtype!r} is not one of auto, float32, "
                    "layerwise, bfloat16", EXIT_USAGE)
     show = (progress if progress is not None else progress_default()) and not quiet
-    request = eval_request(eval_set, eval_split, eval_task, eval_max_length, eval_max_drop)
+    request = eval_request(eval_set, eval_split, eval_task, eval_max_length, eval_max_drop,
+                           candidates, candidates_depth)
     report = validate_bundle(bundle, reference, texts=extra, precisions=precision,
                              providers=provider, reference_dtype=reference_dtype, progress=show,
                              eval_set=request, long_probes=long_probes(long_probe))

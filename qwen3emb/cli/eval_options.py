@@ -18,23 +18,37 @@ EvalTaskOpt = Annotated[str | None, typer.Option(
 EvalMaxLengthOpt = Annotated[int | None, typer.Option(
     "--eval-max-length", help="Truncation of eval queries and documents in tokens "
     "(default: min(512, the bundle's max_length)).")]
+EvalCandidatesOpt = Annotated[Path | None, typer.Option(
+    "--candidates", help="Reranker bundles: a first stage's TREC run file (qid Q0 docid rank "
+    "score tag) whose candidates per query are reranked (default: the whole corpus of a "
+    "small set).")]
+EvalDepthOpt = Annotated[int, typer.Option(
+    "--candidates-depth", help="Reranker bundles: how many of each query's best candidates "
+    "are reranked.")]
 EvalMaxDropOpt = Annotated[float | None, typer.Option(
     "--eval-max-drop", help="Gate: fail an artifact whose nDCG@10 is more than this below the "
     "reference's (absolute, e.g. 0.01). Default: reported, not gated.")]
 
 
 def eval_request(path: Path | None, split: str, task: str | None, max_length: int | None,
-                 max_drop: float | None) -> Any:
+                 max_drop: float | None, candidates: Path | None = None, depth: int = 100
+                 ) -> Any:
     """The :class:`~qwen3emb.validate.retrieval.EvalRequest` of the options, or None.
 
     Raises:
         InputError: an option out of range (see ``EvalRequest``).
     """
     if path is None:
+        if candidates is not None:
+            from qwen3emb.errors import InputError
+
+            raise InputError("--candidates needs --eval-set (the queries, corpus and qrels "
+                             "it is judged on)", hint="Add --eval-set DIR")
         return None
     from qwen3emb.validate.retrieval import EvalRequest
 
-    return EvalRequest(path, split=split, task=task, max_length=max_length, max_drop=max_drop)
+    return EvalRequest(path, split=split, task=task, max_length=max_length, max_drop=max_drop,
+                       candidates=candidates, candidates_depth=depth)
 
 
 def print_retrieval_summary(report: Any) -> None:
@@ -46,6 +60,9 @@ def print_retrieval_summary(report: Any) -> None:
     typer.echo(f"  retrieval on {section.eval_set} ({section.split}: {section.queries} queries, "
                f"{section.documents} documents): reference nDCG@10 {ref['ndcg_at_10']:.4f}, "
                f"recall@10 {ref['recall_at_10']:.4f}")
+    if first := ref.get("first_stage"):
+        typer.echo(f"  first stage ({section.candidates}): nDCG@10 {first['ndcg_at_10']:.4f}, "
+                   f"recall@10 {first['recall_at_10']:.4f}")
     for row in section.rows:
         if row.error:
             typer.echo(f"  {row.artifact:<28} {row.precision:<5} retrieval error: {row.error}")

@@ -59,7 +59,8 @@ def validate_bundle(
         progress: a bar over the artifacts on stderr.
         eval_set: a BEIR-format directory (or an :class:`EvalRequest` naming split, task,
             truncation and gate): nDCG@10 and recall@10 of the reference and of every
-            artifact go in ``report.retrieval`` (text bundles only).
+            artifact go in ``report.retrieval`` (text bundles only; reranker bundles rerank
+            the request's ``candidates`` run, or the whole corpus of a small set).
         long_probes: token lengths of the long-document probes, each capped at the bundle's
             max_length (default 2048, 8192, 32768; ``()`` for none; text bundles).
 
@@ -89,7 +90,8 @@ def validate_bundle(
     if modality not in suites:
         raise BundleError(f"bundle '{bundle}' holds a '{modality}' model, which this version "
                           "cannot validate", hint=f"Validators exist for: {', '.join(suites)}")
-    request, beir = _eval_set(eval_set, suites[modality], modality, manifest.max_length)
+    request, beir = _eval_set(eval_set, suites[modality], modality, manifest.max_length,
+                              manifest.task)
     checkpoint = load_checkpoint(reference)
     extra = {} if long_probes is None else {"long_lengths": tuple(long_probes)}
     suite = suites[modality](bundle, manifest, checkpoint, texts=texts,
@@ -104,9 +106,12 @@ def validate_bundle(
     results = suite.run(precisions, progress)
     retrieval = None
     if request is not None and beir is not None:
-        from qwen3emb.validate.retrieval import evaluate_text_bundle
+        if manifest.task == "rerank":
+            from qwen3emb.validate.rerank_retrieval import evaluate_reranker_bundle as evaluate
+        else:
+            from qwen3emb.validate.retrieval import evaluate_text_bundle as evaluate
 
-        retrieval = evaluate_text_bundle(suite, beir, request, precisions, progress)
+        retrieval = evaluate(suite, beir, request, precisions, progress)
     import transformers
 
     return ParityReport(
@@ -123,7 +128,8 @@ def validate_bundle(
     )
 
 
-def _eval_set(eval_set: Any, suite: Any, modality: str, max_length: int) -> tuple[Any, Any]:
+def _eval_set(eval_set: Any, suite: Any, modality: str, max_length: int, task: str
+              ) -> tuple[Any, Any]:
     """The request and the loaded set, checked before any model is loaded."""
     if eval_set is None:
         return None, None
@@ -136,10 +142,19 @@ def _eval_set(eval_set: Any, suite: Any, modality: str, max_length: int) -> tupl
                          hint="Validate it without --eval-set (see docs/eval-set.md)")
     require("ir_measures", "eval")
     request = eval_set if isinstance(eval_set, EvalRequest) else EvalRequest(eval_set)
+    if request.candidates is not None and task != "rerank":
+        raise InputError("--candidates names a first stage's run for a reranker to rerank; "
+                         "this bundle is an embedder", hint="Drop --candidates (an embedder "
+                         "ranks the whole corpus itself)")
     if request.max_length is not None and request.max_length > max_length:
         raise InputError(f"eval max length {request.max_length} exceeds the bundle's "
                          f"max_length {max_length}", hint=f"Choose at most {max_length}")
-    return request, load_eval_set(request.path, request.split)
+    beir = load_eval_set(request.path, request.split)
+    if task == "rerank":
+        from qwen3emb.validate.rerank_retrieval import candidates_for
+
+        candidates_for(request, beir)  # a bad run file fails before any model loads
+    return request, beir
 
 
 __all__ = ["EvalRequest", "ParityReport", "validate_bundle"]

@@ -50,6 +50,8 @@ def _score_markdown(report: ParityReport, verdict: str) -> str:
                   + ", ".join(f"`{k}` {v:.2e}" for k, v in a.worst)]
         for failure in a.failures:
             lines.append(f"- {'measured, not gated' if a.informational else 'FAIL'}: {failure}")
+    if report.retrieval is not None:
+        lines += retrieval_markdown(report.retrieval)
     return "\n".join(lines) + "\n"
 
 
@@ -104,9 +106,12 @@ def retrieval_markdown(section: RetrievalReport) -> list[str]:
         "", "### Retrieval quality", "",
         f"Eval set `{section.eval_set}` (split `{section.split}`): {section.queries} queries, "
         f"{section.documents} documents, {section.judgments} judgments; max length "
-        f"{section.max_length} tokens; queries with the instruction (task: {section.task}), "
-        f"documents without; metrics by {section.library}; Δ = artifact minus reference; "
-        f"{gate}.",
+        f"{section.max_length} tokens; "
+        + (f"each query's candidates ({section.candidates}, {ref.get('pairs')} pairs) "
+           f"reranked with the instruction '{section.task}'"
+           if section.candidates else
+           f"queries with the instruction (task: {section.task}), documents without")
+        + f"; metrics by {section.library}; Δ = artifact minus reference; {gate}.",
         "",
         "| model | precision | dims | nDCG@10 | Δ nDCG@10 | recall@10 | Δ recall@10 "
         "| top-10 overlap with reference | result |",
@@ -114,6 +119,10 @@ def retrieval_markdown(section: RetrievalReport) -> list[str]:
         f"| reference ({ref.get('precision')}) | - | {ref.get('dimensions')} | "
         f"{_num(ref.get('ndcg_at_10'))} | - | {_num(ref.get('recall_at_10'))} | - | - | - |",
     ]
+    if first := ref.get("first_stage"):
+        lines.append(f"| first stage (the run's own order) | - | - | "
+                     f"{_num(first.get('ndcg_at_10'))} | - | {_num(first.get('recall_at_10'))} "
+                     "| - | - | - |")
     for row in section.rows:
         failures = row.failures(section.max_drop)
         result = ("FAIL" if failures else "pass") if section.gated else "reported"

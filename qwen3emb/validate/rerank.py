@@ -231,7 +231,7 @@ class RerankSuite:
     """
 
     implementation = "transformers AutoModelForCausalLM (model card recipe)"
-    supports_eval_set = False
+    supports_eval_set = True
 
     def __init__(self, bundle: Any, manifest: Any, checkpoint: Any, *,
                  providers: Any = None, probe_max_length: int | None = None, **_: Any) -> None:
@@ -254,11 +254,18 @@ class RerankSuite:
     def held_precisions(self) -> list[str]:
         return [m[1] for m in self._models()]
 
-    def run(self, precisions: Sequence[str] | None, progress: bool = False
-            ) -> list[ScoreResult]:
+    def open(self, kind: str, precision: str, engine: Any, limit: int) -> Any:
+        """The runtime of one artifact: ONNX on ``engine``'s providers, GGUF on llama.cpp."""
         from qwen3emb.runtime.gguf_rerank import GGUFReranker
         from qwen3emb.runtime.rerank import Reranker
 
+        if kind == "onnx":
+            return Reranker(self.bundle, engine, precision=precision, max_length=limit,
+                            strict=False, verify=False)
+        return GGUFReranker(self.bundle, gguf_type=precision, max_length=limit)
+
+    def run(self, precisions: Sequence[str] | None, progress: bool = False
+            ) -> list[ScoreResult]:
         ref = ReferenceReranker(self.checkpoint.path, self.limit)
         models = [m for m in self._models() if not precisions or m[1] in precisions]
         results: list[ScoreResult] = []
@@ -269,11 +276,7 @@ class RerankSuite:
                                          floor=SCORE_FLOORS[precision],
                                          engine=engine_label(engine))
                     try:
-                        runner = (Reranker(self.bundle, engine, precision=precision,
-                                           max_length=self.limit, strict=False, verify=False)
-                                  if kind == "onnx" else
-                                  GGUFReranker(self.bundle, gguf_type=precision,
-                                               max_length=self.limit))
+                        runner = self.open(kind, precision, engine, self.limit)
                         result.checked_on = checked_on(runner, kind, precision)
                         check_reranker(runner, ref, result)
                     except Qwen3EmbError as e:

@@ -47,9 +47,13 @@ class EvalRequest:
             min(512, the bundle's max_length)).
         max_drop: gate: fail an artifact whose nDCG@10 is more than this below the
             reference's (absolute, 0..1). ``None`` (default): reported, not gated.
+        candidates: rerankers: a TREC run file of a first stage whose candidates are reranked
+            (default: the whole corpus, for small sets).
+        candidates_depth: rerankers: how many of each query's best candidates are reranked.
 
     Raises:
-        InputError: a blank task or split, max_length < 8, or max_drop outside 0..1.
+        InputError: a blank task or split, max_length < 8, max_drop outside 0..1, or a
+            candidates depth below 1.
     """
 
     path: str | os.PathLike[str]
@@ -57,8 +61,13 @@ class EvalRequest:
     task: str | None = None
     max_length: int | None = None
     max_drop: float | None = None
+    candidates: str | os.PathLike[str] | None = None
+    candidates_depth: int = 100
 
     def __post_init__(self) -> None:
+        if self.candidates_depth < 1:
+            raise InputError(f"candidates depth {self.candidates_depth} is below 1",
+                             hint="Rerank at least one candidate per query (default 100)")
         if not self.split.strip():
             raise InputError("eval split is empty", hint=f"Omit it to use '{DEFAULT_SPLIT}'")
         if self.task is not None and not self.task.strip():
@@ -131,6 +140,8 @@ class RetrievalReport:
     library: str = LIBRARY
     seconds: float = 0.0
     metrics: tuple[str, ...] = field(default=(f"nDCG@{K}", f"R@{K}"))
+    candidates: str | None = None
+    """Rerankers: what was reranked (a run file, or the whole corpus); None for embedders."""
 
     @property
     def gated(self) -> bool:
