@@ -110,6 +110,25 @@ class Manifest:
             if a.get("kind") == kind and a.get("role") == "model"
         }
 
+    def runs_on_llama_cpp(self, precision: str | None, providers: Any = None, *,
+                          default: str | None = None) -> bool:
+        """Whether ``precision`` is served by llama.cpp: it names only a GGUF of the bundle,
+        or none is named (``None``, or the caller's ``default``) and the bundle has GGUF files
+        only.
+
+        Raises:
+            InputError: onnxruntime ``providers`` with a GGUF precision.
+        """
+        onnx, gguf = self.models("onnx"), self.models("gguf")
+        chosen = (precision in gguf and precision not in onnx) or (
+            precision in (None, default) and not onnx and bool(gguf))
+        if chosen and providers:
+            from qwen3emb.errors import InputError
+
+            raise InputError("--provider applies to ONNX models, not GGUF",
+                             hint="Drop --provider, or choose an ONNX --precision")
+        return chosen
+
     def verify(self) -> list[str]:
         """Check every listed file exists with the recorded size and sha256.
 

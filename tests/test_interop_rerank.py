@@ -9,20 +9,19 @@ Environments as in tests/test_interop.py (scripts/consumer_envs.sh).
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_interop import NODE_DIR, ST_PYTHON, _needs, _run
 
 from qwen3emb.constants import SCORE_FLOORS
 from qwen3emb.export.bundle.card import PLACEHOLDER, rerank_tool_snippet
 
-from test_interop import CONSUMERS, NODE_DIR, ST_PYTHON, TIMEOUT, _needs, _run
-
 QUERY = "capital of France?"
-DOCUMENTS = ["Paris is the capital of France.", "Bananas are a yellow fruit, rich in potassium. " * 4,
-             "", "<|im_end|> is not an end here"]
+DOCUMENTS = ["Paris is the capital of France.",
+             "Bananas are a yellow fruit, rich in potassium. " * 4, "",
+             "<|im_end|> is not an end here"]
 """Mixed lengths (each tool pads its own way), an empty document, special-token-looking text."""
 
 
@@ -73,7 +72,8 @@ def test_the_bundle_declares_a_one_label_classifier(interop_rerankers: dict[str,
         assert (config["num_labels"], config["problem_type"]) == (1, "multi_label_classification")
         rerank = _manifest(bundle)["rerank"]
         appended = "<|endoftext|>" if name == "tied" else ""
-        assert rerank["document_template"].startswith("<Document>: {document}" + appended + "<|im_end|>")
+        assert rerank["document_template"].startswith(
+            "<Document>: {document}" + appended + "<|im_end|>")
         card = (bundle / "README.md").read_text()
         assert "CrossEncoder" in card and "PreTrainedModel.from_pretrained" in card
 
@@ -91,8 +91,9 @@ out = {{}}
 for precision, kwargs in (("fp32", {{}}),
                           ("int8", {{"model_kwargs": {{"file_name": "onnx/model_int8.onnx"}}}})):
     model = CrossEncoder({str(bundle)!r}, backend="onnx", **kwargs)
-    pairs = [(query_template.replace("{{instruction}}", instruction).replace("{{query}}", {QUERY!r}),
-              document_template.replace("{{document}}", d)) for d in {DOCUMENTS!r}]
+    prompt = query_template.replace("{{instruction}}", instruction)
+    pairs = [(prompt.replace("{{query}}", {QUERY!r}), document_template.replace("{{document}}", d))
+             for d in {DOCUMENTS!r}]
     out[precision] = model.predict(
         pairs, batch_size=3, processing_kwargs={{"text": {{"add_special_tokens": False}}}}).tolist()
 out["snippet"] = scores.tolist()
@@ -126,7 +127,8 @@ for (const dtype of ['fp32', 'int8']) {{
     padding: true, truncation: true, add_special_tokens: false }});
   out[dtype] = (await m(batch)).logits.sigmoid().tolist().map((row) => row[0]);
   // The text-classification pipeline on the whole prompt as one string.
-  const classify = new TextClassificationPipeline({{ task: 'text-classification', model: m, tokenizer }});
+  const classify = new TextClassificationPipeline({{
+    task: 'text-classification', model: m, tokenizer }});
   const whole = docs.map((d) => pairPrompt + documentTemplate.replace('{{document}}', () => d));
   out[dtype + '-pipeline'] = (await classify(whole)).map((r) => r.score);
 }}

@@ -109,14 +109,10 @@ def _text_embedder(bundle: Path, precision: str, provider: list[str] | None) -> 
     from qwen3emb.runtime import GGUFTextEmbedder, TextEmbedder
 
     manifest = read_manifest(bundle)
-    onnx_models, gguf_models = manifest.models("onnx"), manifest.models("gguf")
-    if precision in gguf_models and precision not in onnx_models:
-        if provider:
-            raise InputError("--provider applies to ONNX models, not GGUF",
-                             hint="Drop --provider, or choose an ONNX --precision")
-        return GGUFTextEmbedder(bundle, gguf_type=precision)
-    if precision == "fp32" and not onnx_models and gguf_models:
-        return GGUFTextEmbedder(bundle)
+    if manifest.runs_on_llama_cpp(precision, provider, default="fp32"):
+        # fp32, the option's default, of a GGUF-only bundle: its best GGUF.
+        gguf_type = precision if precision in manifest.models("gguf") else None
+        return GGUFTextEmbedder(bundle, gguf_type=gguf_type)
     return TextEmbedder(bundle, provider, precision=precision)
 
 

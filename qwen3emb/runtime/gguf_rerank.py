@@ -119,13 +119,7 @@ def open_reranker(bundle: str | os.PathLike[str], precision: str | None = None,
         InputError: ``providers`` with a GGUF precision.
         BundleError, ProviderError: from the runtime.
     """
-    manifest = read_manifest(bundle)
-    onnx_models, gguf_models = manifest.models("onnx"), manifest.models("gguf")
-    if (precision in gguf_models and precision not in onnx_models) or (
-            precision is None and not onnx_models and gguf_models):
-        if providers:
-            raise InputError("--provider applies to ONNX models, not GGUF",
-                             hint="Drop --provider, or choose an ONNX --precision")
+    if read_manifest(bundle).runs_on_llama_cpp(precision, providers):
         return GGUFReranker(bundle, gguf_type=precision, n_threads=threads,
                             max_length=max_length)
     return Reranker(bundle, providers, precision=precision or "fp32", threads=threads,

@@ -396,15 +396,11 @@ def load_backend(settings: ServeSettings) -> Backend:
                         threads=settings.threads, max_tokens=settings.max_tokens,
                         spinning=False)
         return VLBackend(vl, manifest, settings, vl_precision)
-    onnx_models, gguf_models = manifest.models("onnx"), manifest.models("gguf")
+    gguf_models = manifest.models("gguf")
     precision = settings.precision
-    if (precision in gguf_models and precision not in onnx_models) or (
-            precision is None and not onnx_models and gguf_models):
+    if manifest.runs_on_llama_cpp(precision, providers):
         from qwen3emb.runtime import GGUFTextEmbedder
 
-        if providers:
-            raise InputError("--provider applies to ONNX models, not GGUF",
-                             hint="Drop --provider, or choose an ONNX --precision")
         gguf = GGUFTextEmbedder(settings.bundle, gguf_type=precision,
                                 n_threads=settings.threads, max_length=settings.max_tokens)
         chosen = next(k for k, v in gguf_models.items()

@@ -141,6 +141,11 @@ def _pad(rows: list[list[Any]], fill: Any) -> np.ndarray:
     return np.array([r + [fill] * (width - len(r)) for r in rows])
 
 
+def runner_scores(runner: Any, instruction: str) -> Any:
+    """``(query, documents) -> scores`` of one artifact's runtime."""
+    return lambda query, documents: runner.score(query, documents, instruction)
+
+
 def _overlap(mine: list[list[int]], theirs: list[list[int]], k: int = 10) -> float:
     """Mean share of the reference's top k (or all its candidates, if fewer) in ``mine``'s."""
     shares = [len(set(a[:k]) & set(b[:k])) / min(k, len(b)) for a, b in zip(mine, theirs) if b]
@@ -213,7 +218,7 @@ def evaluate_reranker_bundle(suite: Any, eval_set: EvalSet, request: EvalRequest
             try:
                 runner = suite.open(kind, precision, None, limit)
                 try:
-                    got = score_all(lambda q, d: runner.score(q, d, instruction), entry["path"])
+                    got = score_all(runner_scores(runner, instruction), entry["path"])
                 finally:
                     getattr(runner, "close", lambda: None)()
                 top_i, top_s = _ranked(candidates, got, eval_set)

@@ -126,13 +126,15 @@ import {{ AutoTokenizer, PreTrainedModel }} from '@huggingface/transformers';
 
 // transformers.js maps no Qwen3 model to text classification: load the graph as is.
 const tokenizer = await AutoTokenizer.from_pretrained('{PLACEHOLDER}');
-const model = await PreTrainedModel.from_pretrained('{PLACEHOLDER}', {{ dtype: 'fp32' }});  // or 'int8'
+// dtype: 'fp32', 'fp16' or 'int8' (model_fp16.onnx, model_int8.onnx)
+const model = await PreTrainedModel.from_pretrained('{PLACEHOLDER}', {{ dtype: 'fp32' }});
 const queryTemplate = QUERY_TEMPLATE;
 const documentTemplate = DOCUMENT_TEMPLATE;
 const instruction = INSTRUCTION;
 const query = '{QUERY}';
 const documents = ['{DOCUMENT}', 'The capital of France is Paris.'];
-const prompt = queryTemplate.replace('{{instruction}}', () => instruction).replace('{{query}}', () => query);
+const prompt = queryTemplate.replace('{{instruction}}', () => instruction)
+  .replace('{{query}}', () => query);
 // The templates hold every special token of the prompt: add none.
 const inputs = tokenizer(documents.map(() => prompt), {{
   text_pair: documents.map((d) => documentTemplate.replace('{{document}}', () => d)),
