@@ -222,11 +222,8 @@ def evaluate_reranker_bundle(suite: Any, eval_set: EvalSet, request: EvalRequest
                 finally:
                     getattr(runner, "close", lambda: None)()
                 top_i, top_s = _ranked(candidates, got, eval_set)
-                scores = _metrics(top_i, top_s, eval_set)
-                row.ndcg_at_10, row.recall_at_10 = scores["ndcg_at_10"], scores["recall_at_10"]
-                row.reference_ndcg_at_10 = reference["ndcg_at_10"]
-                row.reference_recall_at_10 = reference["recall_at_10"]
-                row.overlap_at_10 = _overlap(top_i, ref_top)
+                row.record(_metrics(top_i, top_s, eval_set), reference,
+                           _overlap(top_i, ref_top))
             except Qwen3EmbError as e:
                 row.error = e.one_line()
             logger.info("%s: nDCG@10 %s (reference %s)", row.artifact, row.ndcg_at_10,

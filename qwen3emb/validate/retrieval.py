@@ -96,6 +96,14 @@ class RetrievalRow:
     """Mean share of the reference's top 10 that the artifact also ranks in its top 10."""
     error: str | None = None
 
+    def record(self, scores: dict[str, float], reference: dict[str, Any],
+               overlap: float) -> None:
+        """Fill in the artifact's metrics, the reference's beside them, and the overlap."""
+        self.ndcg_at_10, self.recall_at_10 = scores["ndcg_at_10"], scores["recall_at_10"]
+        self.reference_ndcg_at_10 = reference["ndcg_at_10"]
+        self.reference_recall_at_10 = reference["recall_at_10"]
+        self.overlap_at_10 = overlap
+
     @property
     def ndcg_drop(self) -> float | None:
         """Reference nDCG@10 minus the artifact's (positive: the artifact retrieves worse)."""
@@ -300,10 +308,7 @@ def _score_artifact(suite: Any, row: RetrievalRow, eval_set: EvalSet, request: E
         top_i, top_s = rank(q_out, d_out, eval_set)
         scores = score_run(top_i, top_s, eval_set)
         row.dimensions = width
-        row.ndcg_at_10, row.recall_at_10 = scores["ndcg_at_10"], scores["recall_at_10"]
-        row.reference_ndcg_at_10 = ref_scores["ndcg_at_10"]
-        row.reference_recall_at_10 = ref_scores["recall_at_10"]
-        row.overlap_at_10 = overlap_at_k(top_i, ref_top)
+        row.record(scores, ref_scores, overlap_at_k(top_i, ref_top))
     except Qwen3EmbError as e:
         row.error = e.one_line()
     logger.info("%s: nDCG@10 %s (reference %s)", row.artifact, row.ndcg_at_10,
