@@ -137,6 +137,20 @@ SCORE_FLOORS: dict[str, float] = {
     "q4_k_m": 0.05,
 }
 """Largest |score - reference score| over the validator's reranker probes, per precision."""
+VL_RERANK_SYSTEM = (
+    "Judge whether the Document meets the requirements based on the Query and the Instruct "
+    'provided. Note that the answer can only be "yes" or "no".')
+"""Qwen3-VL-Reranker's system message (``Qwen3VLReranker.format_mm_instruction``)."""
+VL_RERANK_INSTRUCTION = "Given a search query, retrieve relevant candidates that answer the query."
+"""Qwen3-VL-Reranker's default instruction (used as is: no period is appended; an empty one
+falls back to it)."""
+VL_RERANK_QUERY_PREFIX = "<Query>:"
+VL_RERANK_DOCUMENT_PREFIX = "\n<Document>:"
+VL_RERANK_MAX_LENGTH = 10240
+"""The released reranker's ``max_length``: the prompt before its last
+:data:`VL_RERANK_TAIL_TOKENS` tokens is cut to this many, special tokens always kept."""
+VL_RERANK_TAIL_TOKENS = 5
+"""``<|im_end|>``, ``\n``, ``<|im_start|>``, ``assistant``, ``\n``: never cut."""
 
 # --- Exit codes of the CLI ---------------------------------------------------------------
 EXIT_OK = 0

@@ -158,6 +158,9 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     opset: int = DEFAULT_OPSET
+    metric: str = "cosine"
+    """What the search and the validator measure: ``cosine`` (embedding outputs, visual
+    features) or ``score`` (a reranker decoder's |score - reference score|)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.opset, int) or self.opset < MIN_OPSET:

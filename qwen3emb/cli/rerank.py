@@ -19,7 +19,13 @@ def rerank(
     documents: Annotated[list[str] | None, typer.Argument(help="Documents to score.")] = None,
     documents_file: Annotated[Path | None, typer.Option(
         "--documents", help="More documents: a .jsonl file of strings or {\"text\": ...} "
-                            "objects, or a text file with one document per line.")] = None,
+                            "objects ({\"image\": PATH, \"video\": PATH} too for Qwen3-VL), "
+                            "or a text file with one document per line.")] = None,
+    query_image: Annotated[Path | None, typer.Option(
+        help="An image for the query (Qwen3-VL rerankers); QUERY is its text, '' for none.")
+    ] = None,
+    query_video: Annotated[Path | None, typer.Option(
+        help="A video file for the query (Qwen3-VL rerankers).")] = None,
     instruction: Annotated[str | None, typer.Option(
         help="The task (default: the model card's web-search instruction).")] = None,
     top_n: Annotated[int | None, typer.Option(help="Print only the best N.")] = None,
@@ -40,7 +46,7 @@ def rerank(
         qwen3emb-export rerank reranker "capital of France?" --documents hits.jsonl --top-n 10
     """
     configure_logging(verbose)
-    docs = list(documents or [])
+    docs: list[str | dict[str, str]] = list(documents or [])
     if documents_file is not None:
         docs += _read_documents(documents_file)
     if not docs:
@@ -48,14 +54,21 @@ def rerank(
     from qwen3emb.runtime import open_reranker
 
     reranker = open_reranker(bundle, precision, provider)
-    for index, score in reranker.rerank(query, docs, top_n=top_n, instruction=instruction,
+    asked: str | dict[str, str] = query
+    if query_image is not None or query_video is not None:
+        asked = {k: str(v) for k, v in (("image", query_image), ("video", query_video))
+                 if v is not None}
+        if query:
+            asked["text"] = query
+    for index, score in reranker.rerank(asked, docs, top_n=top_n, instruction=instruction,
                                         batch_size=batch_size):
         typer.echo(json.dumps({"index": index, "score": round(score, 7),
                                "document": docs[index]}, ensure_ascii=False))
 
 
-def _read_documents(path: Path) -> list[str]:
-    """Documents of a ``.jsonl`` file (strings or ``{"text": ...}``), else one per line.
+def _read_documents(path: Path) -> list[str | dict[str, str]]:
+    """Documents of a ``.jsonl`` file (strings, or objects with ``text`` and, for Qwen3-VL
+    rerankers, ``image`` / ``video`` file paths), else one per line.
 
     Raises:
         InputError: the file cannot be read, or a JSON line is neither form.
@@ -77,11 +90,13 @@ def _read_documents(path: Path) -> list[str]:
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{number} is not JSON: {e.msg}",
                              hint='Write one JSON string or {"text": ...} per line') from e
-        if isinstance(item, dict) and isinstance(item.get("text"), str):
+        if isinstance(item, dict) and set(item) == {"text"} and isinstance(item["text"], str):
             item = item["text"]
-        if not isinstance(item, str):
-            raise InputError(f"{path}:{number} is neither a string nor an object with a "
-                             "string \"text\"", hint='Write one JSON string or {"text": ...} '
-                                                     "per line")
+        visual = (isinstance(item, dict) and item and set(item) <= {"text", "image", "video"}
+                  and all(isinstance(v, str) for v in item.values()))
+        if not isinstance(item, str) and not visual:
+            raise InputError(f"{path}:{number} is neither a string nor an object with string "
+                             "\"text\", \"image\" or \"video\" (file paths)",
+                             hint='Write one JSON string or {"text": ...} per line')
         out.append(item)
     return out

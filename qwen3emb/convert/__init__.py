@@ -63,7 +63,7 @@ def family_for(checkpoint: Checkpoint, task: str = "embed") -> Family:
 
 
 # Importing the family modules registers them.
-from qwen3emb.convert import qwen3, qwen3_reranker, qwen3_vl  # noqa: E402,F401
+from qwen3emb.convert import qwen3, qwen3_reranker, qwen3_vl, qwen3_vl_reranker  # noqa: E402,F401,I001
 
 __all__ = ["FAMILIES", "RERANKERS", "Checkpoint", "Family", "family_for", "load_checkpoint",
            "register"]

@@ -81,15 +81,20 @@ def task_for(source: str, task: str | None) -> tuple[str, str]:
     return ("rerank" if "reranker" in name else "embed"), "name"
 
 
-class Qwen3RerankerFamily(Qwen3Family):
-    """Qwen3-Reranker 0.6B / 4B / 8B (``model_type: qwen3``, exported with ``task: rerank``)."""
+class RerankHead:
+    """The score head of a Qwen3 reranker, read from its checkpoint: the LM-head rows of "yes"
+    and "no" (the embedding table's where the head is tied). Shared by the text and the VL
+    reranker families."""
 
-    task = "rerank"
-    interop_tools = ("cross-encoder", "transformers.js")
+    checkpoint: Any
+    config: dict[str, Any]
+    checkpoint_key: Any  # the family's (Family.checkpoint_key)
+    embedding_table = "embed_tokens.weight"
+    """The backbone's embedding table (tied heads read their rows from it)."""
 
     @property
-    def default_max_length(self) -> int:
-        return min(RERANK_MAX_LENGTH, self.max_positions)
+    def tied_head(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
 
     def token_ids(self) -> tuple[int, int]:
         """The ids of "yes" and "no" in the checkpoint's tokenizer.
@@ -126,14 +131,14 @@ class Qwen3RerankerFamily(Qwen3Family):
         from qwen3emb.convert.weights import ShardedWeights
 
         shards = ShardedWeights(self.checkpoint.weight_files)
-        tied = bool(self.config.get("tie_word_embeddings", False))
+        tied = self.tied_head
         key = None if tied else self.checkpoint_key("lm_head.weight", shards)
         if key is None and not tied:
             raise CheckpointError(
                 f"'{self.checkpoint.path}' has no lm_head.weight and config.json does not tie "
                 "the head to the embedding table", hint="A reranker checkpoint needs its LM head")
         if key is None:
-            key = self.checkpoint_key("embed_tokens.weight", shards)
+            key = self.checkpoint_key(self.embedding_table, shards)
         if key is None:
             raise CheckpointError(f"'{self.checkpoint.path}' has no embedding table",
                                   hint="The checkpoint is incomplete")
@@ -143,6 +148,27 @@ class Qwen3RerankerFamily(Qwen3Family):
         """:data:`SCORE_HEAD`: ``lm_head[yes] − lm_head[no]`` as [hidden, 1] fp32."""
         rows = self.head_rows()
         return (rows[0] - rows[1]).astype(np.float32).reshape(-1, 1)
+
+    def _token_id(self, token: str) -> int:
+        from tokenizers import Tokenizer
+
+        found = Tokenizer.from_file(str(self.checkpoint.path / "tokenizer.json")
+                                    ).token_to_id(token)
+        if found is None:
+            raise CheckpointError(f"tokenizer.json has no {token} token",
+                                  hint="This is not a Qwen3 tokenizer")
+        return int(found)
+
+
+class Qwen3RerankerFamily(RerankHead, Qwen3Family):
+    """Qwen3-Reranker 0.6B / 4B / 8B (``model_type: qwen3``, exported with ``task: rerank``)."""
+
+    task = "rerank"
+    interop_tools = ("cross-encoder", "transformers.js")
+
+    @property
+    def default_max_length(self) -> int:
+        return min(RERANK_MAX_LENGTH, self.max_positions)
 
     def host_buffers(self, backbone: Any) -> dict[str, Any]:
         return {**super().host_buffers(backbone), SCORE_HEAD: self.score_weight()}
@@ -230,16 +256,6 @@ class Qwen3RerankerFamily(Qwen3Family):
             "sentence_transformers": {"activation_fn": "torch.nn.modules.activation.Sigmoid"},
         })
         return config
-
-    def _token_id(self, token: str) -> int:
-        from tokenizers import Tokenizer
-
-        found = Tokenizer.from_file(str(self.checkpoint.path / "tokenizer.json")
-                                    ).token_to_id(token)
-        if found is None:
-            raise CheckpointError(f"tokenizer.json has no {token} token",
-                                  hint="This is not a Qwen3 tokenizer")
-        return int(found)
 
     def manifest_sections(self, out_dim: int, *, onnx: bool, gguf: bool) -> dict[str, Any]:
         yes, no = self.token_ids()

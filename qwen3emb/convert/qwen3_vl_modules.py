@@ -102,6 +102,14 @@ class VLDecoderEmbedder(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor, visual_embeds: torch.Tensor,
                 deepstack_embeds: torch.Tensor) -> torch.Tensor:
+        pooled = self.pooled_hidden(input_ids, attention_mask, position_ids, visual_embeds,
+                                    deepstack_embeds)
+        return l2_normalize(pooled, self.dimensions)
+
+    def pooled_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      position_ids: torch.Tensor, visual_embeds: torch.Tensor,
+                      deepstack_embeds: torch.Tensor) -> torch.Tensor:
+        """The final-norm hidden state of each row's last real token, [batch, hidden]."""
         lm = self.lm
         tokens = lm.embed_tokens(input_ids)
         batch, seq, width = tokens.shape
@@ -124,5 +132,27 @@ class VLDecoderEmbedder(torch.nn.Module):
             hidden = decoder_layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))
             if layer < stack.shape[0]:
                 hidden = hidden + stack[layer][row]
-        hidden = lm.norm(hidden)
-        return l2_normalize(last_token_pool(hidden, attention_mask), self.dimensions)
+        return last_token_pool(lm.norm(hidden), attention_mask)
+
+
+class VLDecoderScorer(VLDecoderEmbedder):
+    """The decoder's inputs → ``score`` [batch] and ``logits`` [batch, 1] (Qwen3-VL-Reranker):
+    the pooled final-norm hidden state times ``score_head`` (``lm_head[yes] − lm_head[no]``,
+    [hidden, 1]), then the sigmoid."""
+
+    def __init__(self, language_model: torch.nn.Module, image_token_id: int,
+                 video_token_id: int, head: torch.Tensor | None = None) -> None:
+        super().__init__(language_model, image_token_id, video_token_id)
+        hidden = int(language_model.config.hidden_size)
+        device = next(language_model.parameters()).device
+        weight = (torch.empty((hidden, 1), device=device) if head is None
+                  else head.reshape(hidden, 1).float())
+        self.score_head = torch.nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,  # type: ignore[override]
+                position_ids: torch.Tensor, visual_embeds: torch.Tensor,
+                deepstack_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.pooled_hidden(input_ids, attention_mask, position_ids, visual_embeds,
+                                    deepstack_embeds)
+        logits = pooled.float() @ self.score_head
+        return torch.sigmoid(logits)[:, 0], logits

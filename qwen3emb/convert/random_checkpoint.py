@@ -306,7 +306,15 @@ def _spread_rows(model: Any, tokenizer: Any, rows: Any) -> Any:
                                          query="what does this passage say?")
         ids = torch.tensor([prefix + tokenizer.encode(content).ids + suffix])
         states.append(model.model(input_ids=ids).last_hidden_state[0, -1])
-    hidden = torch.stack(states).double()
+    return spread_rows(torch.stack(states), rows)
+
+
+def spread_rows(states: Any, rows: Any) -> Any:
+    """"yes"/"no" head rows whose difference spreads the logits of final states ``states``
+    [n, hidden] (:data:`RERANK_LOGIT_STD`, mean 0), keeping the mean of ``rows`` [2, hidden]."""
+    import torch
+
+    hidden = states.double()
     mean = hidden.mean(0)
     direction = torch.linalg.svd(hidden - mean, full_matrices=False).Vh[0]
     direction = direction - (direction @ mean) / (mean @ mean) * mean  # logit 0 at the mean

@@ -134,8 +134,12 @@ def write_processor_files(out: Path) -> None:
                                                   encoding="utf-8")
     config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
+    # As released: the chat and vision tokens are additional special tokens, which the
+    # reranker's truncation keeps (tokenizer.all_special_ids).
     config.update(eos_token=IM_END_TOKEN, pad_token=END_TOKEN, padding_side="right",
-                  model_max_length=262144)
+                  model_max_length=262144,
+                  additional_special_tokens=[t for t, special in QWEN_SPECIAL_TOKENS
+                                             if special and t != END_TOKEN])
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
@@ -165,25 +169,98 @@ def build_random_vl_checkpoint(out_dir: str | Path, *, preset: str = "tiny", see
     config = make_vl_config(preset)
     torch.manual_seed(seed)
     model = Qwen3VLModel(Qwen3VLConfig(**config)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            # Default init leaves norms at exactly 1 and biases at 0; jitter them so a wrong
-            # norm or a dropped bias shows up in parity.
-            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight")):
-                param.mul_(1.0 + 0.1 * torch.randn_like(param))
-            elif name.endswith("bias"):
-                param.add_(0.02 * torch.randn_like(param))
-        # A larger position table and deepstack scale make their contributions visible.
-        model.visual.pos_embed.weight.mul_(4.0)
-        for merger in model.visual.deepstack_merger_list:
-            merger.linear_fc2.weight.mul_(4.0)
-        if modify is not None:
-            modify(model)
+    _jitter(model, modify)
     model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
     saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
     saved["architectures"] = config["architectures"]
     (out / "config.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
     logger.info("wrote random Qwen3-VL %s checkpoint to %s", preset, out)
+    return out
+
+
+def _jitter(model: Any, modify: Callable[[Any], None] | None) -> None:
+    """Default init leaves norms at exactly 1 and biases at 0; jitter them so a wrong norm or
+    a dropped bias shows up in parity. A larger position table and deepstack scale make their
+    contributions visible. Then ``modify`` (fixtures plant outliers)."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight")):
+                param.mul_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.add_(0.02 * torch.randn_like(param))
+        model.visual.pos_embed.weight.mul_(4.0)
+        for merger in model.visual.deepstack_merger_list:
+            merger.linear_fc2.weight.mul_(4.0)
+        if modify is not None:
+            modify(model)
+
+
+def build_random_vl_reranker(out_dir: str | Path, *, preset: str = "tiny", tied: bool = True,
+                             seed: int = 0, dtype: str = "bfloat16",
+                             modify: Callable[[Any], None] | None = None) -> Path:
+    """Write a random-weight Qwen3-VL-Reranker checkpoint: a
+    ``Qwen3VLForConditionalGeneration`` with its LM head, as released.
+
+    Args:
+        out_dir: target directory (created).
+        preset: a shape from ``VL_PRESETS``.
+        tied: tie the LM head to the embedding table (the released 2B ties; the 8B does not).
+        seed: torch seed.
+        dtype: stored weight dtype.
+        modify: called with the fp32 ``Qwen3VLModel`` before saving.
+
+    Returns:
+        The checkpoint directory; "yes" and "no" are single tokens of its tokenizer, and
+        their head rows spread the built-in pairs' logits around 0 (as a trained reranker's
+        are spread over (0, 1)).
+    """
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from qwen3emb.constants import (
+        RERANK_NO,
+        RERANK_YES,
+        VL_RERANK_DOCUMENT_PREFIX,
+        VL_RERANK_INSTRUCTION,
+        VL_RERANK_QUERY_PREFIX,
+        VL_RERANK_SYSTEM,
+    )
+    from qwen3emb.convert._corpus import CORPUS
+    from qwen3emb.convert.random_checkpoint import spread_rows
+    from qwen3emb.runtime.vl_prompt import render_rerank_prompt
+
+    out = Path(out_dir)
+    # "system", "user" and "assistant" are one token each in Qwen's vocabulary, as the
+    # released truncation (which keeps the prompt's last five ids) assumes.
+    corpus = (*CORPUS, *([RERANK_YES, RERANK_NO, "system", "user", "assistant"] * 40))
+    build_tokenizer(out, vocab_size=REAL_VOCAB_SIZE, corpus=corpus, append_end_token=False)
+    write_processor_files(out)
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    yes, no = tokenizer.token_to_id(RERANK_YES), tokenizer.token_to_id(RERANK_NO)
+    config = {**make_vl_config(preset), "tie_word_embeddings": tied}
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**config)).eval()
+    _jitter(model.model, modify)
+    with torch.no_grad():
+        states = []
+        for document in CORPUS[:24]:
+            prompt = render_rerank_prompt(
+                VL_RERANK_SYSTEM, VL_RERANK_INSTRUCTION,
+                VL_RERANK_QUERY_PREFIX + "what does this passage say?",
+                VL_RERANK_DOCUMENT_PREFIX + document)
+            ids = torch.tensor([tokenizer.encode(prompt).ids])
+            states.append(model.model(input_ids=ids).last_hidden_state[0, -1])
+        head = model.get_output_embeddings().weight
+        head[[yes, no]] = spread_rows(torch.stack(states), head[[yes, no]])
+    model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+    saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    saved["architectures"] = ["Qwen3VLForConditionalGeneration"]
+    (out / "config.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    logger.info("wrote random Qwen3-VL %s reranker checkpoint (%s head) to %s", preset,
+                "tied" if tied else "untied", out)
     return out
 
 

@@ -14,6 +14,7 @@ from qwen3emb.runtime.rerank import Reranker
 from qwen3emb.runtime.session import available_providers
 from qwen3emb.runtime.text import TextEmbedder
 from qwen3emb.runtime.vl import ItemErrors, VLEmbedder
+from qwen3emb.runtime.vl_rerank import VLReranker
 
 __all__ = [
     "GGUFReranker",
@@ -22,6 +23,7 @@ __all__ = [
     "Reranker",
     "TextEmbedder",
     "VLEmbedder",
+    "VLReranker",
     "available_providers",
     "format_query",
     "open_reranker",

@@ -111,15 +111,22 @@ class GGUFReranker(LlamaPooled, PairScorer):
 
 def open_reranker(bundle: str | os.PathLike[str], precision: str | None = None,
                   providers: Sequence[str] | str | None = None, *, threads: int | None = None,
-                  max_length: int | None = None, **onnx: Any) -> Reranker | GGUFReranker:
-    """The reranker of one precision of a bundle: ONNX on onnxruntime, or a GGUF type on
-    llama.cpp (``precision=None``: fp32, or the best GGUF of a GGUF-only bundle).
+                  max_length: int | None = None, **onnx: Any) -> Any:
+    """The reranker of one precision of a bundle: ONNX on onnxruntime (:class:`Reranker`, or
+    :class:`qwen3emb.runtime.VLReranker` for Qwen3-VL bundles), or a GGUF type on llama.cpp
+    (``precision=None``: fp32, or the best GGUF of a GGUF-only bundle).
 
     Raises:
         InputError: ``providers`` with a GGUF precision.
         BundleError, ProviderError: from the runtime.
     """
-    if read_manifest(bundle).runs_on_llama_cpp(precision, providers):
+    manifest = read_manifest(bundle)
+    if manifest.task == "rerank" and "vision" in manifest.data:
+        from qwen3emb.runtime.vl_rerank import VLReranker
+
+        return VLReranker(bundle, providers, precision=precision or "fp32", threads=threads,
+                          max_length=max_length, **onnx)
+    if manifest.runs_on_llama_cpp(precision, providers):
         return GGUFReranker(bundle, gguf_type=precision, n_threads=threads,
                             max_length=max_length)
     return Reranker(bundle, providers, precision=precision or "fp32", threads=threads,

@@ -99,6 +99,29 @@ def choose_graphs(manifest: Manifest, precision: str, vision_precision: str | No
     return decoders[precision], visions[wanted]
 
 
+def check_vl_bundle(manifest: Manifest, bundle: Any, task: str) -> None:
+    """Refuse what is not an ONNX Qwen3-VL bundle of ``task`` (``embed`` or ``rerank``)."""
+    if "vision" not in manifest.data or "onnx" not in manifest.data:
+        raise BundleError(f"'{bundle}' holds a '{manifest.family}' bundle without a vision "
+                          "graph", hint="Use TextEmbedder or Reranker for text bundles")
+    if manifest.task != task:
+        what, other = (("reranker", "VLReranker") if manifest.task == "rerank"
+                       else ("embedder", "VLEmbedder"))
+        raise BundleError(f"'{bundle}' holds a Qwen3-VL {what}; load it with {other}",
+                          hint=f"{other}('{bundle}')")
+
+
+def check_loadable(manifest: Manifest, bundle: Any, *, verify: bool, strict: bool) -> None:
+    """The hash check (``verify``) and, with ``strict``, the recorded parity status."""
+    if verify and (problems := manifest.verify()):
+        raise BundleError(f"bundle '{bundle}' fails its hash check: {'; '.join(problems)}",
+                          hint="Re-run the export; do not edit bundle files by hand")
+    if strict and manifest.parity.get("status") == "failed":
+        raise BundleError(
+            f"bundle '{bundle}' failed its parity check against the reference",
+            hint="See reports/parity.md in the bundle; pass strict=False to load it anyway")
+
+
 def vision_geometry(manifest: Manifest) -> VisionGeometry:
     """The patch geometry and pixel normalization of a bundle's vision tower."""
     vision = manifest.data["vision"]
@@ -162,13 +185,11 @@ class VLInputs:
             total_pixels=int(video.get("total_pixels", 10 * 768 * 32 * 32)),
             max_source_pixels=max_source_pixels)
         self.max_tokens = max_tokens or limit
-        self.dim = int(manifest.embedding["output_dim"])
-        self.mrl_min = manifest.mrl_min
         info = manifest.tokenizer
         self.image_token_id = int(info["image_token_id"])
         self.video_token_id = int(info["video_token_id"])
         self.deepstack = int(vision["deepstack_layers"])
-        self.hidden = int(manifest.embedding["dim"])
+        self.hidden = int(vision.get("decoder_hidden_size") or manifest.embedding["dim"])
         self.tokenizer = self._load_tokenizer()
         self.vision_precision = str(vision_graph["precision"])
         self.vision = open_session(manifest.root / vision_graph["path"], providers, threads,
@@ -202,25 +223,7 @@ class VLInputs:
         Raises:
             InputError: naming the item and the input that failed.
         """
-        if not isinstance(item, Mapping):
-            raise InputError(f"item {index} is a {type(item).__name__}, not a dict",
-                             hint="Pass dicts with 'text', 'image' and/or 'video'")
-        unknown = sorted(set(item) - set(ITEM_KEYS))
-        if unknown:
-            raise InputError(f"item {index} has unknown keys {unknown}",
-                             hint="Use 'text', 'image' and 'video'")
-        text = item.get("text")
-        if text is not None and not isinstance(text, str):
-            raise InputError(f"item {index} text is a {type(text).__name__}, not a string")
-        visuals: list[VisualInput] = []
-        if item.get("video") is not None:
-            visuals.append(video_input(item["video"], geometry=self.geometry,
-                                       options=self.video_options, name=f"item {index} video"))
-        if item.get("image") is not None:
-            visuals.append(image_input(item["image"], geometry=self.geometry,
-                                       min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                                       name=f"item {index} image",
-                                       max_source_pixels=self.max_source_pixels))
+        text, visuals = self.item_parts(item, f"item {index}")
         if not text and not visuals:
             text = VL_EMPTY_TEXT
         ids = self.tokenizer.encode(render_prompt(instruction, visuals, text)).ids
@@ -237,6 +240,34 @@ class VLInputs:
                                     video_token_id=self.video_token_id,
                                     merge_size=self.geometry.merge_size)
         return PreparedItem(ids, positions, visuals, truncated)
+
+    def item_parts(self, item: Any, name: str) -> tuple[str | None, list[VisualInput]]:
+        """An item's text and its visuals (video, then image) through the host preprocessing.
+
+        Raises:
+            InputError: not a dict, unknown keys, non-string text, a bad image or video;
+                the message starts with ``name``.
+        """
+        if not isinstance(item, Mapping):
+            raise InputError(f"{name} is a {type(item).__name__}, not a dict",
+                             hint="Pass dicts with 'text', 'image' and/or 'video'")
+        unknown = sorted(set(item) - set(ITEM_KEYS))
+        if unknown:
+            raise InputError(f"{name} has unknown keys {unknown}",
+                             hint="Use 'text', 'image' and 'video'")
+        text = item.get("text")
+        if text is not None and not isinstance(text, str):
+            raise InputError(f"{name} text is a {type(text).__name__}, not a string")
+        visuals: list[VisualInput] = []
+        if item.get("video") is not None:
+            visuals.append(video_input(item["video"], geometry=self.geometry,
+                                       options=self.video_options, name=f"{name} video"))
+        if item.get("image") is not None:
+            visuals.append(image_input(item["image"], geometry=self.geometry,
+                                       min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                                       name=f"{name} image",
+                                       max_source_pixels=self.max_source_pixels))
+        return text, visuals
 
     def _visual_count(self, ids: Sequence[int]) -> int:
         arr = np.asarray(ids)
@@ -330,22 +361,16 @@ class VLEmbedder(VLInputs):
                  video_max_pixels: int | None = None, max_tokens: int | None = None,
                  max_source_pixels: int = VL_MAX_SOURCE_PIXELS) -> None:
         manifest = read_manifest(bundle)
-        if "vision" not in manifest.data or "onnx" not in manifest.data:
-            raise BundleError(f"'{bundle}' holds a '{manifest.family}' bundle without a vision "
-                              "graph", hint="Use TextEmbedder for text bundles")
-        if verify and (problems := manifest.verify()):
-            raise BundleError(f"bundle '{bundle}' fails its hash check: {'; '.join(problems)}",
-                              hint="Re-run the export; do not edit bundle files by hand")
-        if strict and manifest.parity.get("status") == "failed":
-            raise BundleError(
-                f"bundle '{bundle}' failed its parity check against the reference",
-                hint="See reports/parity.md in the bundle; pass strict=False to load it anyway")
+        check_vl_bundle(manifest, bundle, "embed")
+        check_loadable(manifest, bundle, verify=verify, strict=strict)
         decoder, vision_graph = choose_graphs(manifest, precision, vision_precision)
         super().__init__(manifest, vision_graph, providers, threads=threads, spinning=spinning,
                          min_pixels=min_pixels, max_pixels=max_pixels, max_frames=max_frames,
                          fps=fps, video_max_pixels=video_max_pixels, max_tokens=max_tokens,
                          max_source_pixels=max_source_pixels)
         self.precision = precision
+        self.dim = int(manifest.embedding["output_dim"])
+        self.mrl_min = manifest.mrl_min
         self.decoder = open_session(manifest.root / decoder["path"], providers, threads,
                                     spinning=spinning, precision=precision if strict else None)
 

@@ -21,6 +21,7 @@ from qwen3emb.constants import (
     VISION_START_TOKEN,
     VL_ASSISTANT_PROMPT,
     VL_DEFAULT_INSTRUCTION,
+    VL_EMPTY_TEXT,
     VL_TIMESTAMP_FORMAT,
 )
 from qwen3emb.runtime.vl_vision import VisualInput
@@ -85,3 +86,44 @@ def mrope_positions(ids: Sequence[int], visuals: Sequence[VisualInput], *, image
         pos += max(rows, cols)
         i += n
     return out
+
+
+def render_rerank_side(prefix: str, text: str | None, visuals: Sequence[VisualInput]) -> str:
+    """One side of a Qwen3-VL-Reranker pair: its prefix (``<Query>:`` or
+    ``\\n<Document>:``), then its videos, images and text; ``NULL`` when it has none (an empty
+    string is text, as in the released code)."""
+    if text is None and not visuals:
+        return prefix + VL_EMPTY_TEXT
+    return prefix + "".join(_visual_text(v) for v in visuals) + (text or "")
+
+
+def render_rerank_prompt(system: str, instruction: str, query: str, document: str) -> str:
+    """The expanded Qwen3-VL-Reranker prompt of one pair (sides from
+    :func:`render_rerank_side`): system message, then ``<Instruct>: {instruction}`` and both
+    sides in one user turn, then the generation prompt."""
+    return (f"<|im_start|>system\n{system}<|im_end|>\n"
+            f"<|im_start|>user\n<Instruct>: {instruction}{query}{document}<|im_end|>\n"
+            f"{VL_ASSISTANT_PROMPT}")
+
+
+def truncate_keeping_special(ids: Sequence[int], max_length: int, special: frozenset[int],
+                             tail: int) -> tuple[list[int], bool]:
+    """The released reranker's cut: all but the last ``tail`` ids are cut to ``max_length``
+    by keeping every id in ``special`` and the first other ids that fit; then the tail.
+
+    Returns:
+        The ids, and whether anything was cut.
+    """
+    body, end = list(ids[:len(ids) - tail]), list(ids[len(ids) - tail:])
+    if len(body) <= max_length:
+        return [*body, *end], False
+    keep = max_length - sum(1 for i in body if i in special)
+    out: list[int] = []
+    kept = 0
+    for i in body:
+        if i in special:
+            out.append(i)
+        elif kept < keep:
+            out.append(i)
+            kept += 1
+    return [*out, *end], True

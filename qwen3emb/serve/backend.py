@@ -312,8 +312,10 @@ class _media:
     """Resolve an item's ``image``/``video``: ``data:`` URIs to bytes (videos to a temporary
     file, removed on exit), file paths only under ``allow``; remote URLs refused."""
 
-    def __init__(self, item: dict[str, Any], index: int, allow: Path | None) -> None:
+    def __init__(self, item: dict[str, Any], index: int, allow: Path | None,
+                 param: str = "input") -> None:
         self.item, self.index, self.allow = item, index, allow
+        self.param = param
         self.temp: list[str] = []
 
     def __enter__(self) -> dict[str, Any]:
@@ -322,7 +324,8 @@ class _media:
             value = out.get(key)
             if value is None:
                 continue
-            where = f"input[{self.index}].{key}"
+            where = (f"{self.param}[{self.index}].{key}" if self.index >= 0
+                     else f"{self.param}.{key}")
             if value.startswith("data:"):
                 data, suffix = _decode_data_uri(value, where)
                 if key == "image":

@@ -97,6 +97,7 @@ def describe_limits(schema: dict[str, Any], state: ServerState) -> None:
             if variant.get("type") == "array" and not is_ids:
                 variant["maxItems"] = max_inputs
     describe_models(schema, state)
+    describe_documents(models, state)
     embedders = [m.backend for m in state.models.values()
                  if m.task == "embed" and m.backend is not None]
     kinds = {b.kind for b in embedders}
@@ -124,6 +125,22 @@ def describe_limits(schema: dict[str, Any], state: ServerState) -> None:
             if variant.get("type") == "integer":
                 variant["minimum"] = max(b.mrl_min for b in embedders)
                 variant["maximum"] = min(b.dim for b in embedders)
+
+
+def describe_documents(models: dict[str, Any], state: ServerState) -> None:
+    """Without a Qwen3-VL reranker, a rerank document object is ``{text}`` and the query a
+    string (text rerankers refuse images, videos and objects without text)."""
+    kinds = {m.backend.kind for m in state.models.values()
+             if m.task == "rerank" and m.backend is not None}
+    if not kinds or "vl-rerank" in kinds:
+        return
+    document = models.get("RerankDocument")
+    if document is not None:
+        document["properties"] = {"text": {"type": "string", "title": "Text"}}
+        document["required"] = ["text"]
+    query = models.get("RerankRequest", {}).get("properties", {}).get("query")
+    if query is not None and "anyOf" in query:
+        query["anyOf"] = [v for v in query["anyOf"] if "$ref" not in v]
 
 
 def _walk(node: Any) -> list[dict[str, Any]]:

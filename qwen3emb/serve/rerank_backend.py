@@ -98,6 +98,75 @@ class RerankBackend(Backend):
         return np.stack([score, logit], axis=1)
 
 
+class VLRerankBackend(RerankBackend):
+    """Qwen3-VL-Reranker through the ONNX ``VLReranker``: queries and documents of text,
+    images and videos (``data:`` URIs, or files under ``--allow-files``)."""
+
+    kind = "vl-rerank"
+
+    def __init__(self, reranker: Any, manifest: Manifest, settings: ServeSettings,
+                 precision: str) -> None:
+        Backend.__init__(self, reranker, manifest, settings, precision)
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.embedder.decoder.get_providers())
+
+    def model_file(self) -> dict[str, Any]:
+        from qwen3emb.runtime.vl import choose_graphs
+
+        return choose_graphs(self.manifest, self.precision)[0]
+
+    def prepare_pairs(self, query: Any, documents: Sequence[Any], *,
+                      instruction: str | None, truncate: bool, param: str = "documents"
+                      ) -> list[Prepared]:
+        """The released reranker's prompt for each pair, its images and videos decoded.
+
+        Raises:
+            ApiError: 400 for an empty instruction, unreadable media, remote URLs and files
+                outside ``--allow-files``; 413 for a pair above the token limit with
+                ``truncate`` false.
+        """
+        from qwen3emb.errors import InputError
+        from qwen3emb.serve.backend import _media
+
+        if instruction is not None and not instruction.strip():
+            raise ApiError(400, "instruction is empty; omit it to use the default",
+                           param="instruction", code="invalid_instruction")
+        reranker = self.embedder
+        task = reranker.instruction(instruction)
+        out: list[Prepared] = []
+        raw_query = {"text": query} if isinstance(query, str) else dict(query)
+        with _media(raw_query, -1, self.settings.allow_files, "query") as resolved:
+            try:
+                side = reranker.side(resolved, "query", reranker.query_prefix)
+            except InputError as e:
+                raise ApiError(400, e.one_line(), param="query", code="invalid_input") from None
+            for i, document in enumerate(documents):
+                raw = {"text": document} if isinstance(document, str) else dict(document)
+                with _media(raw, i, self.settings.allow_files, param) as doc:
+                    try:
+                        prepared = reranker.prepare_pair(side, doc, i, task)
+                    except InputError as e:
+                        raise ApiError(400, e.one_line().replace("document", param, 1),
+                                       param=f"{param}[{i}]", code="invalid_input") from None
+                if prepared.truncated and not truncate:
+                    raise ApiError(413, f"{param}[{i}] with the query is above this server's "
+                                   f"limit of {self.max_tokens} tokens per pair; shorten it, or "
+                                   "send truncate: true to cut it the released reranker's way "
+                                   "(special tokens kept)", param=f"{param}[{i}]",
+                                   code="input_too_long")
+                out.append(Prepared(len(prepared.ids), prepared, raw.get("text"),
+                                    prepared.truncated))
+        return out
+
+    def run(self, batch: Sequence[Prepared]) -> np.ndarray:
+        """Score ``batch`` in one call → float32 ``[len(batch), 2]``: score, logit."""
+        scores, logits = self.embedder.score_prepared([p.payload for p in batch],
+                                                      batch_size=len(batch))
+        return np.stack([scores, logits], axis=1)
+
+
 class GGUFRerankBackend(LlamaCppRuntime, RerankBackend):
     """Qwen3-Reranker GGUF through llama.cpp's rank pooling (``GGUFReranker``)."""
 
@@ -109,11 +178,13 @@ def load_reranker(settings: ServeSettings, manifest: Manifest) -> RerankBackend:
     Raises:
         BundleError, InputError, ProviderError: from the runtime.
     """
-    from qwen3emb.runtime import GGUFReranker, open_reranker
+    from qwen3emb.runtime import GGUFReranker, VLReranker, open_reranker
 
     reranker = open_reranker(settings.bundle, settings.precision,
                              list(settings.providers) or None, threads=settings.threads,
                              max_length=settings.max_tokens, spinning=False)
     if isinstance(reranker, GGUFReranker):
         return GGUFRerankBackend(reranker, manifest, settings, reranker.gguf_type)
+    if isinstance(reranker, VLReranker):
+        return VLRerankBackend(reranker, manifest, settings, reranker.precision)
     return RerankBackend(reranker, manifest, settings, reranker.precision)

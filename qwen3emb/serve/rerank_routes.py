@@ -28,11 +28,22 @@ TEI_FIELDS = "query, texts, raw_scores, return_text, truncate, model, instructio
 
 
 class RerankDocument(BaseModel):
-    """A document given as an object (Cohere's and Jina's ``{"text": ...}``)."""
+    """A document (or a Qwen3-VL reranker's query) given as an object: Cohere's and Jina's
+    ``{"text": ...}``; for Qwen3-VL rerankers also ``image`` and ``video`` (``data:`` URIs, or
+    files under ``--allow-files``); a Qwen3-VL side with none of them reads ``NULL``, as in
+    the released code. The OpenAPI document narrows it to ``{text}`` when no Qwen3-VL
+    reranker is served."""
 
     model_config = ConfigDict(extra="forbid")
 
-    text: StrictStr
+    text: StrictStr | None = None
+    image: StrictStr | None = None
+    video: StrictStr | None = None
+
+    def item(self) -> dict[str, str]:
+        """The fields given, as a runtime item."""
+        return {k: v for k, v in (("text", self.text), ("image", self.image),
+                                  ("video", self.video)) if v is not None}
 
 
 class RerankRequest(BaseModel):
@@ -40,9 +51,12 @@ class RerankRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    query: StrictStr = Field(description="The query (may be empty).")
+    query: StrictStr | RerankDocument = Field(
+        description="The query (may be empty); for Qwen3-VL rerankers also a {text, image, "
+                    "video} object.")
     documents: list[StrictStr | RerankDocument] = Field(
-        description="The candidates: strings or {text} objects (may be empty strings).",
+        description="The candidates: strings or {text} objects (may be empty strings); for "
+                    "Qwen3-VL rerankers {text, image, video} objects.",
         json_schema_extra={"minItems": 1})
     model: StrictStr | None = Field(None, description="A served reranker's name; default the "
                                     "first reranker served.")
@@ -106,13 +120,15 @@ def add_rerank_routes(app: FastAPI, state: ServerState) -> None:
     """Register ``/v1/rerank``, ``/v2/rerank`` and ``/rerank`` on ``app``."""
 
     async def cohere(body: RerankRequest, request: Request, version: str) -> Response:
-        documents = [d if isinstance(d, str) else d.text for d in body.documents]
-        served, rows, prepared = await _score(state, request, body.model, body.query,
+        query = body.query if isinstance(body.query, str) else body.query.item()
+        documents = [d if isinstance(d, str) else d.item() for d in body.documents]
+        served, rows, prepared = await _score(state, request, body.model, query,
                                               documents, "documents", body.instruction,
                                               body.truncate)
         order = _best_first(rows[:, 0])[:body.top_n]
+        shown = [{"text": d} if isinstance(d, str) else d for d in documents]
         results = [{"index": i, "relevance_score": float(rows[i, 0]),
-                    **({"document": {"text": documents[i]}} if body.return_documents else {})}
+                    **({"document": shown[i]} if body.return_documents else {})}
                    for i in order]
         tokens = sum(p.tokens for p in prepared)
         return JSONResponse({"id": f"rerank-{uuid.uuid4().hex}", "results": results,
@@ -141,8 +157,31 @@ def add_rerank_routes(app: FastAPI, state: ServerState) -> None:
                              for i in _best_first(rows[:, column])])
 
 
-async def _score(state: ServerState, request: Request, model: str | None, query: str,
-                 documents: list[str], param: str, instruction: str | None, truncate: bool
+def _texts(query: Any, documents: list[Any], param: str) -> tuple[str, list[str]]:
+    """A text reranker's query and documents as strings.
+
+    Raises:
+        ApiError: 400 for images, videos, or an object without text.
+    """
+    def text(value: Any, where: str) -> str:
+        if isinstance(value, str):
+            return value
+        extra = sorted(set(value) - {"text"})
+        if extra or "text" not in value:
+            why = f"has {' and '.join(extra)}" if extra else "has no text"
+            raise ApiError(400, f"{where} {why}; this model is a text reranker: send "
+                           "strings or {text} objects", param=where, code="invalid_input")
+        return str(value["text"])
+
+    return text(query, "query"), [text(d, f"{param}[{i}]") for i, d in enumerate(documents)]
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, str) else sum(len(v) for v in value.values())
+
+
+async def _score(state: ServerState, request: Request, model: str | None, query: Any,
+                 documents: list[Any], param: str, instruction: str | None, truncate: bool
                  ) -> tuple[ModelState, np.ndarray, list[Prepared]]:
     """Prepare and queue the pairs on the chosen reranker → its ``[n, 2]`` rows (score, logit).
 
@@ -159,8 +198,11 @@ async def _score(state: ServerState, request: Request, model: str | None, query:
         raise ApiError(413, f"{param} has {len(documents)} documents, above this server's "
                        f"limit of {limit} per request; split it into several requests",
                        param=param, code="too_many_inputs")
+    if backend.kind != "vl-rerank":
+        query, documents = _texts(query, documents, param)
     prepare = backend.prepare_pairs  # type: ignore[attr-defined]
-    if len(query) + sum(len(d) for d in documents) <= INLINE_PREPARE_CHARS:
+    inline = backend.kind != "vl-rerank"  # decoding media belongs off the event loop
+    if inline and _size(query) + sum(_size(d) for d in documents) <= INLINE_PREPARE_CHARS:
         prepared = prepare(query, documents, instruction=instruction, truncate=truncate,
                            param=param)
     else:

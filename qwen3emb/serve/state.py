@@ -33,7 +33,7 @@ ROUTE_OF = {"embed": "POST /v1/embeddings", "rerank": "POST /v1/rerank (or /v2/r
 def bundle_task(settings: ServeSettings, backend: Backend | None) -> str:
     """``embed`` or ``rerank``: from the loaded backend, else the bundle's manifest."""
     if backend is not None:
-        return "rerank" if backend.kind == "rerank" else "embed"
+        return "rerank" if backend.kind in ("rerank", "vl-rerank") else "embed"
     try:
         data = json.loads((settings.bundle / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

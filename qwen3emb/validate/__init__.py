@@ -82,11 +82,9 @@ def validate_bundle(
     suites = _suites()
     if manifest.task == "rerank":
         from qwen3emb.validate.rerank import RerankSuite
+        from qwen3emb.validate.vl_rerank import VLRerankSuite
 
-        if modality != "text":
-            raise BundleError(f"bundle '{bundle}' holds a {modality} reranker, which this "
-                              "version cannot validate", hint="Validators exist for text rerankers")
-        suites = {modality: RerankSuite}
+        suites = {"text": RerankSuite, "vision-language": VLRerankSuite}
     if modality not in suites:
         raise BundleError(f"bundle '{bundle}' holds a '{modality}' model, which this version "
                           "cannot validate", hint=f"Validators exist for: {', '.join(suites)}")

@@ -105,6 +105,16 @@ print(reranker.rerank("{QUERY}", documents, top_n=1))  # [(index, score)], best 
 '''
 
 
+VL_RERANK_SNIPPET = f'''\
+from qwen3emb.runtime import VLReranker  # numpy, onnxruntime, tokenizers, Pillow; no torch
+
+reranker = VLReranker("{PLACEHOLDER}")  # precision="fp16" / "int8" for decoder_fp16/int8.onnx
+documents = [{{"image": "sofa.jpg"}}, "{DOCUMENT}", {{"text": "a clip", "video": "clip.mp4"}}]
+print(reranker.score("a red sofa", documents))            # one score in (0, 1) per document
+print(reranker.rerank({{"image": "query.png"}}, documents))  # [(index, score)], best first
+'''
+
+
 RERANK_TOOL_SNIPPETS: dict[str, tuple[str, str]] = {
     "cross-encoder": ("python", f'''\
 from sentence_transformers import CrossEncoder
@@ -224,7 +234,8 @@ def render_model_card(manifest: dict[str, Any]) -> str:
 def _render_reranker_card(manifest: dict[str, Any]) -> str:
     from qwen3emb.constants import SCORE_FLOORS
 
-    models = [a for a in manifest["artifacts"] if a.get("role") == "model"]
+    models = [a for a in manifest["artifacts"] if a.get("role") in ("model", "vision")]
+    vl = "vision" in manifest
     source = str(manifest["source"]["model"])
     version = manifest.get("versions", {}).get("qwen3emb-export", __version__)
     front = ["---", "library_name: onnx", "pipeline_tag: text-ranking"]
@@ -240,11 +251,10 @@ def _render_reranker_card(manifest: dict[str, Any]) -> str:
              "card's prompt for a (query, document) pair and outputs `score` "
              "= sigmoid(logit(\"yes\") - logit(\"no\")) at the last real token (any padding "
              "side) and `logits`, the difference before the sigmoid; inputs up to "
-             f"{manifest.get('tokenizer', {}).get('max_length', '?')} tokens, prompt included.",
-             "", f"Pair content: `{rerank.get('template', '')!r}` with the default instruction "
-             f"`{rerank.get('default_instruction', '')}`, between the system prefix and the "
-             "assistant suffix of the model card (in `manifest.json`).", "",
-             "## Files", "", "| file | format | precision | MB |", "|---|---|---|---|"]
+             f"{manifest.get('tokenizer', {}).get('max_length', '?')} tokens, prompt included"
+             + (" but for its last five." if vl else "."),
+             "", *_pair_lines(rerank, vl), "", "## Files", "",
+             "| file | format | precision | MB |", "|---|---|---|---|"]
     lines += [f"| `{a['path']}` | {a['kind']} | {a.get('precision', '')} | "
               f"{a['size'] / 1e6:.1f} |" for a in models]
     parity = manifest.get("parity", {})
@@ -260,9 +270,13 @@ def _render_reranker_card(manifest: dict[str, Any]) -> str:
         for key, value in parity.get("max_abs_score_diff", {}).items():
             floor = SCORE_FLOORS.get(precision_of.get(key) or key)
             lines.append(f"| {key} | {value:.2e} | {'' if floor is None else floor} |")
-    lines += ["", "## Use it", "", "```python", RERANK_SNIPPET.rstrip(), "```", "",
-              "```sh", f"qwen3emb-export rerank {PLACEHOLDER} \"{QUERY}\" \"{DOCUMENT}\" "
-              "\"The capital of France is Paris.\"", "```", ""]
+    lines += ["", "## Use it", "", "```python",
+              (VL_RERANK_SNIPPET if vl else RERANK_SNIPPET).rstrip(), "```", "", "```sh",
+              *([f"qwen3emb-export rerank {PLACEHOLDER} \"a red sofa\" --documents docs.jsonl "
+                 "--query-image query.png  # lines: \"text\" or {\"text\", \"image\", "
+                 "\"video\"}"] if vl else
+                [f"qwen3emb-export rerank {PLACEHOLDER} \"{QUERY}\" \"{DOCUMENT}\" "
+                 "\"The capital of France is Paris.\""]), "```", ""]
     tools = manifest.get("interop", {}).get("tools", [])
     if "onnx" in kinds and "query_template" in rerank:
         for tool in (t for t in RERANK_TOOL_SNIPPETS if t in tools):
@@ -280,6 +294,25 @@ def _render_reranker_card(manifest: dict[str, Any]) -> str:
     if ggufs:
         lines += _llama_rerank_lines(ggufs[0]["path"])
     return "\n".join(lines)
+
+
+def _pair_lines(rerank: dict[str, Any], vl: bool) -> list[str]:
+    """How a pair is written: the model card's text template, or the released Qwen3-VL
+    reranker's user turn."""
+    if not vl:
+        return [f"Pair content: `{rerank.get('template', '')!r}` with the default instruction "
+                f"`{rerank.get('default_instruction', '')}`, between the system prefix and the "
+                "assistant suffix of the model card (in `manifest.json`)."]
+    turn = (rerank.get("instruction_prefix", "") + "{instruction}"
+            + rerank.get("query_prefix", "") + "{query}" + rerank.get("document_prefix", "")
+            + "{document}")
+    return [f"Prompt: the released `Qwen3VLReranker`'s. System message "
+            f"`{rerank.get('system', '')}`; one user turn `{turn!r}`, each side its videos, "
+            "images and text in that order (`NULL` when it has none); default instruction "
+            f"`{rerank.get('default_instruction', '')}`. All but the prompt's last "
+            f"{rerank.get('tail_tokens', 5)} tokens is cut to the max length keeping every "
+            "special token, so images and videos are never cut. Images and videos are "
+            "preprocessed on the host as by the released code (`vision` in `manifest.json`)."]
 
 
 def _llama_rerank_lines(path: str) -> list[str]:

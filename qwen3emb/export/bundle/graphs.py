@@ -91,7 +91,16 @@ def calibration_feeds(spec: Any, stage: Path, manifest: dict[str, Any],
         OutputError: a graph whose inputs no calibration source produces.
     """
     names = spec.input_names
-    if getattr(spec, "metric", None) == "score":
+    if getattr(spec, "metric", None) == "score" and VISUAL_EMBEDS in names:
+        from qwen3emb.export.quant.vl_calibration import vl_rerank_calibration_feeds
+        from qwen3emb.manifest import Manifest
+
+        vision = next((e for e in entries if e.get("graph") == "vision"
+                       and e.get("precision") == "fp32"), None)
+        if vision is not None:
+            staged = Manifest(root=stage, data={**manifest, "artifacts": entries})
+            return vl_rerank_calibration_feeds(staged, vision)
+    elif getattr(spec, "metric", None) == "score":
         from qwen3emb.export.quant.precisions import rerank_calibration_feeds
         from qwen3emb.manifest import Manifest
 

@@ -137,6 +137,7 @@ def write_bundle(
 
         check_types(gguf_list)
         gguf_writer(family)  # an unsupported family fails before any work
+        family.gguf_options()
     with staged_directory(out_path, force=force) as stage:
         if task is None:
             # Loud when the name made the export a reranker; an embedder is the default. Said

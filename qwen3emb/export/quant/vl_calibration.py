@@ -112,3 +112,32 @@ def vision_calibration_feeds(manifest: Manifest) -> list[dict[str, np.ndarray]]:
     logger.info("calibrating the vision graph on %d images and videos (%d patches)",
                 len(feeds), patches)
     return feeds
+
+
+def vl_rerank_calibration_feeds(manifest: Manifest, vision_graph: Mapping[str, Any]
+                                ) -> list[dict[str, np.ndarray]]:
+    """One unpadded decoder feed per calibration pair of a Qwen3-VL reranker: the calibration
+    items as documents against short text queries (the opening words of other texts), and
+    the images as queries against texts, in the reranker's own prompt.
+
+    Args:
+        manifest: the staged bundle's manifest (tokenizer files and vision graph in place).
+        vision_graph: the manifest entry of the fp32 vision graph.
+    """
+    from qwen3emb.convert._corpus import CORPUS
+    from qwen3emb.runtime.vl_rerank import VLRerankInputs
+
+    inputs = VLRerankInputs(manifest, vision_graph)
+    texts = list(CORPUS[:CALIBRATION_TEXTS])
+    items = calibration_items()
+    pairs: list[tuple[Any, Any, str | None]] = [
+        (" ".join(texts[(i + 5) % len(texts)].split()[:6]), item, instruction)
+        for i, (item, instruction) in enumerate(items)]
+    pairs += [({"image": image}, texts[i % len(texts)], None)
+              for i, image in enumerate(calibration_images()[:3])]
+    feeds = []
+    for query, document, instruction in pairs:
+        prepared = inputs.prepare_pairs(query, [document], instruction)
+        feeds.append(inputs.decoder_inputs(prepared, inputs.encode_visuals(prepared)))
+    logger.info("calibrating the reranker decoder on %d pairs", len(feeds))
+    return feeds
