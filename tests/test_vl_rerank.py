@@ -80,6 +80,14 @@ def test_exports_by_name_with_a_passing_report_at_every_precision(
             assert {"text-to-image", "image-to-text", "text-to-video", "mixed",
                     "truncated-96"} <= {*probes, *(k.split(":")[0] for k in row["score_diffs"])}
         assert rows["fp32"]["top1_agreement"] == 1.0
+        # Each decoder runs with the cheapest vision graph that keeps the fp32 decoder's score
+        # within half the floor on the calibration pairs, measured at export.
+        budget = {"fp32": 0.0, "fp16": 0.0025, "int8": 0.01}
+        for entry in (a for a in manifest["artifacts"] if a.get("graph") == "decoder"):
+            measured = entry["settings"]["vision_score_diff"]
+            chosen = entry["vision_precision"]
+            assert measured[chosen] <= budget[entry["precision"]], (name, entry["path"])
+            assert chosen in (entry["precision"], "fp32")
 
 
 def test_fp32_scores_are_the_released_recipes_on_text_image_and_video_pairs(

@@ -56,6 +56,11 @@ def write_graphs(family: Family, stage: Path, specs: Sequence[Any], manifest: di
             progress=progress, search=search, targets=targets)
         entries = built + entries
     family.pair_entries(entries)
+    if any(getattr(s, "metric", None) == "score" and VISUAL_EMBEDS in s.input_names
+           for s in specs):
+        from qwen3emb.export.quant.vl_calibration import pair_vision_by_score
+
+        pair_vision_by_score(stage, manifest, entries)
     return (backbone if keep_backbone else None), entries
 
 

@@ -141,3 +141,57 @@ def vl_rerank_calibration_feeds(manifest: Manifest, vision_graph: Mapping[str, A
         feeds.append(inputs.decoder_inputs(prepared, inputs.encode_visuals(prepared)))
     logger.info("calibrating the reranker decoder on %d pairs", len(feeds))
     return feeds
+
+
+VISION_CHOICES: dict[str, tuple[str, ...]] = {
+    "fp32": ("fp32",), "fp16": ("fp16", "fp32"), "int8": ("int8", "fp32"),
+    "int4": ("int4", "int8", "fp32")}
+"""The vision graphs a reranker decoder of each precision may run with, cheapest first."""
+VISION_SCORE_BUDGET: dict[str, float] = {"fp32": 0.0, "fp16": 0.0025, "int8": 0.01,
+                                         "int4": 0.025}
+"""How far a vision graph may move the fp32 decoder's score on the calibration pairs, per
+decoder precision: half the score floor (the decoder's own search spends the other half)."""
+
+
+def pair_vision_by_score(stage: Any, manifest: Mapping[str, Any],
+                         entries: list[dict[str, Any]]) -> None:
+    """Pair each decoder of a Qwen3-VL reranker with the cheapest vision graph whose features
+    move the fp32 decoder's score by at most :data:`VISION_SCORE_BUDGET` on the calibration
+    pairs (in place: ``vision_precision``, and ``vision_score_diff`` in its settings).
+
+    The vision graphs are searched on the cosine of their outputs, which bounds an embedding's
+    error but not a score's: a 4-bit tower at cosine 0.977 moved the score by 0.055 on the
+    untied VL fixture, above int4's 0.05 floor with an fp32 decoder.
+    """
+    import onnxruntime as ort
+
+    from qwen3emb.constants import SCORE
+
+    graphs = [e for e in entries if e.get("kind") == "onnx"]
+    decoders = {e["precision"]: e for e in graphs if e.get("graph") == "decoder"}
+    visions = {e["precision"]: e for e in graphs if e.get("graph") == "vision"}
+    if "fp32" not in decoders or "fp32" not in visions:
+        return
+    staged = Manifest(root=stage, data={**manifest, "artifacts": entries})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    decoder = ort.InferenceSession(str(stage / decoders["fp32"]["path"]), options,
+                                   providers=["CPUExecutionProvider"])
+    scores = {}
+    for precision, entry in visions.items():
+        feeds = vl_rerank_calibration_feeds(staged, entry)
+        scores[precision] = np.array([decoder.run([SCORE], f)[0][0] for f in feeds])
+    diffs = {p: float(np.abs(s - scores["fp32"]).max()) for p, s in scores.items()}
+    for precision, entry in decoders.items():
+        choices = [p for p in VISION_CHOICES.get(precision, ("fp32",)) if p in diffs]
+        chosen = next((p for p in choices
+                       if diffs[p] <= VISION_SCORE_BUDGET.get(precision, 0.0)), "fp32")
+        if chosen != entry.get("vision_precision"):
+            logger.info("decoder %s runs with the %s vision graph: the %s one moves the score "
+                        "by %.4f on the calibration pairs (budget %.4f)", precision, chosen,
+                        entry.get("vision_precision"),
+                        diffs.get(str(entry.get("vision_precision")), float("nan")),
+                        VISION_SCORE_BUDGET.get(precision, 0.0))
+        entry["vision_precision"] = chosen
+        entry.setdefault("settings", {})["vision_score_diff"] = {
+            p: round(diffs[p], 6) for p in choices}
