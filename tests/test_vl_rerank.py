@@ -299,3 +299,29 @@ def test_a_server_reranks_images_beside_an_embedder(vl_reranker_bundles: dict[st
         schema = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]
         assert {"text", "image", "video"} <= set(schema["RerankDocument"]["properties"])
         assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_inspect_and_validate_read_vl_reranker_bundles(vl_reranker_bundles: dict[str, Path],
+                                                        vl_reranker_checkpoints: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from qwen3emb.cli import create_app
+
+    bundle = vl_reranker_bundles["untied"]
+    shown = CliRunner().invoke(create_app(), ["inspect", str(bundle)])
+    assert shown.exit_code == 0, shown.output
+    assert "qwen3_vl reranker" in shown.stdout and "<Query>:{query}" in shown.stdout
+    junit, report = tmp_path / "parity.xml", tmp_path / "parity.json"
+    result = CliRunner().invoke(create_app(), [
+        "validate", str(bundle), "-r", str(vl_reranker_checkpoints["untied"]), "--precision",
+        "int8", "--junit", str(junit), "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    assert 'failures="0"' in junit.read_text()
+    row = json.loads(report.read_text())["artifacts"][0]
+    assert row["precision"] == "int8" and row["max_abs_score_diff"] <= 0.02
+    assert row["note"].startswith("with vision graph")
+    with_eval = CliRunner().invoke(create_app(), [
+        "validate", str(bundle), "-r", str(vl_reranker_checkpoints["untied"]), "--eval-set",
+        str(tmp_path)])
+    assert with_eval.exit_code == 2 and "text bundles only" in with_eval.output

@@ -248,7 +248,13 @@ def inspect(
         typer.echo(f"source:  {data['source']['model']}")
         typer.echo(f"score:   {rerank['score']} (yes id {rerank['yes_token_id']}, no id "
                    f"{rerank['no_token_id']}); pairs up to {tok['max_length']} tokens")
-        typer.echo(f"content: {rerank['template']!r}")
+        if "template" in rerank:
+            typer.echo(f"content: {rerank['template']!r}")
+        else:  # Qwen3-VL: the released reranker's user turn
+            typer.echo(f"content: {rerank['instruction_prefix'] + '{instruction}'!r} "
+                       f"{rerank['query_prefix'] + '{query}'!r} "
+                       f"{rerank['document_prefix'] + '{document}'!r} (videos, images, text "
+                       f"per side; pairs' last {rerank['tail_tokens']} tokens never cut)")
         _print_files(data, problems, verify)
         parity = data.get("parity", {})
         typer.echo(f"parity:  {parity.get('status', 'not-run')}"

@@ -245,7 +245,7 @@ class GGUFVLEmbedder(NativeHandle):
                                          max_pixels=self.max_pixels, name=name)
             if self.resize == "reference":
                 image = resize_image(image, height, width)
-        if not text and image is None:
+        if text is None and image is None:  # an empty string is text (the released rule)
             text = VL_EMPTY_TEXT
         user = (self._marker if image is not None else "") + (text or "")
         return (f"<|im_start|>system\n{system}<|im_end|>\n"

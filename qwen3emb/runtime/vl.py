@@ -29,7 +29,6 @@ from qwen3emb.constants import (
     POS_EMBED_WEIGHTS,
     VISION_POSITION_IDS,
     VISUAL_EMBEDS,
-    VL_EMPTY_TEXT,
     VL_MAX_PIXELS,
     VL_MAX_SOURCE_PIXELS,
     VL_MIN_PIXELS,
@@ -43,7 +42,12 @@ from qwen3emb.runtime.common import (
     truncate_normalize,
 )
 from qwen3emb.runtime.session import open_session
-from qwen3emb.runtime.vl_prompt import format_instruction, mrope_positions, render_prompt
+from qwen3emb.runtime.vl_prompt import (
+    format_instruction,
+    item_text,
+    mrope_positions,
+    render_prompt,
+)
 from qwen3emb.runtime.vl_video import VideoOptions, video_input
 from qwen3emb.runtime.vl_vision import VisionGeometry, VisualInput, image_input, vision_tables
 
@@ -224,8 +228,7 @@ class VLInputs:
             InputError: naming the item and the input that failed.
         """
         text, visuals = self.item_parts(item, f"item {index}")
-        if not text and not visuals:
-            text = VL_EMPTY_TEXT
+        text = item_text(text, bool(visuals))
         ids = self.tokenizer.encode(render_prompt(instruction, visuals, text)).ids
         if len(ids) > self.max_tokens:
             needed = sum(v.tokens for v in visuals)

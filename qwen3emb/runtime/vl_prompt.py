@@ -40,6 +40,12 @@ def format_instruction(instruction: str | None) -> str:
     return text
 
 
+def item_text(text: str | None, has_visuals: bool) -> str | None:
+    """The text an item contributes: ``NULL`` when it has neither text nor visuals (as the
+    released code: only a missing text counts as none; an empty string is text)."""
+    return VL_EMPTY_TEXT if text is None and not has_visuals else text
+
+
 def _visual_text(visual: VisualInput) -> str:
     pads = (VIDEO_PAD_TOKEN if visual.kind == "video" else IMAGE_PAD_TOKEN)
     block = VISION_START_TOKEN + pads * visual.tokens_per_group + VISION_END_TOKEN

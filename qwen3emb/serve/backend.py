@@ -273,7 +273,7 @@ class VLBackend(Backend):
                 unreadable media; 413 for an item above the token limit with ``truncate``
                 false, or one whose truncation would cut its image.
         """
-        from qwen3emb.runtime.vl_prompt import format_instruction, render_prompt
+        from qwen3emb.runtime.vl_prompt import format_instruction, item_text, render_prompt
 
         task = self.instruction_for(input_type, instruction)
         system = format_instruction(task or None)
@@ -296,7 +296,8 @@ class VLBackend(Backend):
             count, truncated = len(prepared.ids), False
             if count >= self.max_tokens:  # it may have been cut: count the whole prompt
                 full = len(self.embedder.tokenizer.encode(render_prompt(
-                    system, prepared.visuals, raw.get("text") or None)).ids)
+                    system, prepared.visuals,
+                    item_text(raw.get("text"), bool(prepared.visuals)))).ids)
                 truncated = full > count
                 if truncated and not truncate:
                     raise self.too_long(i, full)

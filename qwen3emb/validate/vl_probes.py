@@ -57,6 +57,7 @@ def build_vl_probes(workdir: Path) -> list[VLProbe]:
         VLProbe("text", {"text": "A photo of a cat sitting on a red sofa."}),
         VLProbe("text-multilingual", {"text": "敏捷的棕色狐狸 — le renard brun 🦊"}),
         VLProbe("empty", {}),
+        VLProbe("empty-text", {"text": ""}),
         VLProbe("image", {"image": image}),
         VLProbe("image-tiny", {"image": synthetic_image(20, 12, seed=2)}),
         VLProbe("image-wide", {"image": synthetic_image(1600, 40, seed=3)}),

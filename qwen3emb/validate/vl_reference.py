@@ -164,7 +164,7 @@ class ReferenceVLEmbedder:
             content.append({"type": "video", "video": "video"})
         if item.get("image") is not None:
             content.append({"type": "image", "image": "image"})
-        if item.get("text"):
+        if item.get("text") is not None:  # format_model_input: "" is a text, None is none
             content.append({"type": "text", "text": item["text"]})
         if not content:
             content.append({"type": "text", "text": "NULL"})
