@@ -124,7 +124,6 @@ def test_truncation_keeps_every_visual_token_and_the_prompt_end(
         vl_reranker_bundles: dict[str, Path], vl_reference_rerankers: dict[str, object]) -> None:
     from qwen3emb.constants import IMAGE_PAD_TOKEN
     from qwen3emb.runtime import VLReranker
-    from qwen3emb.validate.vl_rerank import ReferenceVLReranker
 
     query, documents = _pairs()
     long_doc = {"text": "sofa " * 400, "image": query["image"]}
@@ -137,8 +136,7 @@ def test_truncation_keeps_every_visual_token_and_the_prompt_end(
     assert prepared.ids[-5:] == full.ids[-5:]
     assert len(prepared.ids) == 64 + 5
     ref = vl_reference_rerankers["tied"]
-    short = ReferenceVLReranker.__new__(ReferenceVLReranker)
-    short.__dict__.update(ref.__dict__, max_length=64)
+    short = ref.limited(64)
     assert short.pair_inputs("which sofa?", long_doc, None)["input_ids"][0].tolist() == \
         prepared.ids
     assert abs(float(reranker.score("which sofa?", [long_doc])[0])

@@ -149,6 +149,20 @@ class RerankHead:
         rows = self.head_rows()
         return (rows[0] - rows[1]).astype(np.float32).reshape(-1, 1)
 
+    def scorer_head(self, backbone: Any, dimensions: int | None) -> torch.Tensor | None:
+        """The score head for a scorer module over ``backbone``: ``None`` for a meta backbone
+        (tracing; the weight comes from :meth:`host_buffers`).
+
+        Raises:
+            InputError: ``dimensions`` given (a reranker has no embedding to cut).
+        """
+        if dimensions is not None:
+            raise InputError("a reranker has no embedding width to cut",
+                             hint="Drop --dimensions for reranker exports")
+        if next(backbone.parameters()).device.type == "meta":
+            return None
+        return torch.from_numpy(self.score_weight())
+
     def _token_id(self, token: str) -> int:
         from tokenizers import Tokenizer
 
@@ -174,12 +188,8 @@ class Qwen3RerankerFamily(RerankHead, Qwen3Family):
         return {**super().host_buffers(backbone), SCORE_HEAD: self.score_weight()}
 
     def embedding_module(self, backbone: Any, dimensions: int | None = None) -> torch.nn.Module:
-        if dimensions is not None:
-            raise InputError("a reranker has no embedding width to cut",
-                             hint="Drop --dimensions for reranker exports")
-        meta = next(backbone.parameters()).device.type == "meta"
-        head = None if meta else torch.from_numpy(self.score_weight())
-        return Qwen3Scorer(backbone, head, pooled_last_layer=self.pooled_last_layer).eval()
+        return Qwen3Scorer(backbone, self.scorer_head(backbone, dimensions),
+                           pooled_last_layer=self.pooled_last_layer).eval()
 
     def graph_specs(self, dim: int, opset: int) -> tuple[RerankGraphSpec]:
         return (RerankGraphSpec(opset=opset),)

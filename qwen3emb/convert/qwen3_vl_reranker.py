@@ -20,7 +20,7 @@ from qwen3emb.convert import register
 from qwen3emb.convert.qwen3_reranker import SCORE_HEAD, RerankHead
 from qwen3emb.convert.qwen3_vl import Qwen3VLFamily
 from qwen3emb.convert.qwen3_vl_modules import VLDecoderScorer
-from qwen3emb.errors import CheckpointError, InputError
+from qwen3emb.errors import CheckpointError
 from qwen3emb.spec import GraphSpec, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -46,13 +46,9 @@ class Qwen3VLRerankerFamily(RerankHead, Qwen3VLFamily):
         return {**super().host_buffers(backbone), SCORE_HEAD: self.score_weight()}
 
     def embedding_module(self, backbone: Any, dimensions: int | None = None) -> torch.nn.Module:
-        if dimensions is not None:
-            raise InputError("a reranker has no embedding width to cut",
-                             hint="Drop --dimensions for reranker exports")
-        meta = next(backbone.parameters()).device.type == "meta"
-        head = None if meta else torch.from_numpy(self.score_weight())
         return VLDecoderScorer(backbone.language_model, int(self.config["image_token_id"]),
-                               int(self.config["video_token_id"]), head).eval()
+                               int(self.config["video_token_id"]),
+                               self.scorer_head(backbone, dimensions)).eval()
 
     def graph_specs(self, dim: int, opset: int) -> tuple[GraphSpec, GraphSpec]:
         vision, decoder = super().graph_specs(dim, opset)

@@ -132,14 +132,12 @@ def describe(obj: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def checked_model(manifest: Any, bundle: Any, precision: str, *, verify: bool,
-                  strict: bool) -> dict[str, Any]:
-    """The bundle's ONNX model entry of ``precision``, after the checks every loader makes.
+def check_loadable(manifest: Any, bundle: Any, *, verify: bool, strict: bool) -> None:
+    """The checks every loader makes: the hash check (``verify``) and, with ``strict``, the
+    recorded parity status.
 
     Raises:
-        BundleError: a file fails its hash check (with ``verify``), or the recorded parity
-            check failed (with ``strict``).
-        InputError: the bundle has no ONNX model of ``precision``.
+        BundleError: a file fails its hash check, or the recorded parity check failed.
     """
     if verify and (problems := manifest.verify()):
         raise BundleError(f"bundle '{bundle}' fails its hash check: {'; '.join(problems)}",
@@ -149,6 +147,17 @@ def checked_model(manifest: Any, bundle: Any, precision: str, *, verify: bool,
             f"bundle '{bundle}' failed its parity check against the reference",
             hint="See reports/parity.md in the bundle; pass strict=False to load it anyway",
         )
+
+
+def checked_model(manifest: Any, bundle: Any, precision: str, *, verify: bool,
+                  strict: bool) -> dict[str, Any]:
+    """The bundle's ONNX model entry of ``precision``, after :func:`check_loadable`.
+
+    Raises:
+        BundleError: from :func:`check_loadable`.
+        InputError: the bundle has no ONNX model of ``precision``.
+    """
+    check_loadable(manifest, bundle, verify=verify, strict=strict)
     models = manifest.models("onnx")
     if precision not in models:
         raise InputError(f"bundle has no '{precision}' ONNX model",

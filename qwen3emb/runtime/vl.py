@@ -38,6 +38,7 @@ from qwen3emb.manifest import Manifest, read_manifest
 from qwen3emb.runtime.common import (
     check_dimensions,
     check_items,
+    check_loadable,
     length_batches,
     truncate_normalize,
 )
@@ -113,17 +114,6 @@ def check_vl_bundle(manifest: Manifest, bundle: Any, task: str) -> None:
                        else ("embedder", "VLEmbedder"))
         raise BundleError(f"'{bundle}' holds a Qwen3-VL {what}; load it with {other}",
                           hint=f"{other}('{bundle}')")
-
-
-def check_loadable(manifest: Manifest, bundle: Any, *, verify: bool, strict: bool) -> None:
-    """The hash check (``verify``) and, with ``strict``, the recorded parity status."""
-    if verify and (problems := manifest.verify()):
-        raise BundleError(f"bundle '{bundle}' fails its hash check: {'; '.join(problems)}",
-                          hint="Re-run the export; do not edit bundle files by hand")
-    if strict and manifest.parity.get("status") == "failed":
-        raise BundleError(
-            f"bundle '{bundle}' failed its parity check against the reference",
-            hint="See reports/parity.md in the bundle; pass strict=False to load it anyway")
 
 
 def vision_geometry(manifest: Manifest) -> VisionGeometry:
@@ -288,11 +278,16 @@ class VLInputs:
         return np.asarray(embeds, np.float32), np.asarray(deepstack, np.float32)
 
     def encode_visuals(self, items: list[PreparedItem]) -> dict[int, tuple[np.ndarray, ...]]:
-        """Vision features per visual (keyed by id()); same-size images share one call."""
+        """Vision features per visual (keyed by id()); same-size images share one call, and
+        a visual several items share runs once."""
         out: dict[int, tuple[np.ndarray, ...]] = {}
         images: dict[tuple[int, int], list[VisualInput]] = {}
+        seen: set[int] = set()
         for item in items:
             for visual in item.visuals:
+                if id(visual) in seen:  # shared by several items (a reranker's query): once
+                    continue
+                seen.add(id(visual))
                 if visual.kind == "image":
                     images.setdefault(visual.grid[1:], []).append(visual)
                 else:

@@ -26,13 +26,12 @@ import numpy as np
 from qwen3emb.constants import LOGITS, SCORE, VL_MAX_PIXELS, VL_MAX_SOURCE_PIXELS, VL_MIN_PIXELS
 from qwen3emb.errors import InputError
 from qwen3emb.manifest import Manifest, read_manifest
-from qwen3emb.runtime.common import length_batches
+from qwen3emb.runtime.common import check_loadable, length_batches
 from qwen3emb.runtime.rerank import PairScorer
 from qwen3emb.runtime.session import open_session
 from qwen3emb.runtime.vl import (
     PreparedItem,
     VLInputs,
-    check_loadable,
     check_vl_bundle,
     choose_graphs,
 )

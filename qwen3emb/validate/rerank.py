@@ -197,6 +197,18 @@ def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if not np.isfinite(tau) else float(tau)
 
 
+def measured(result: ScoreResult, check: Any) -> ScoreResult:
+    """Run ``check()`` (open the artifact, compare it) into ``result``: a refusal becomes the
+    row's error, not the run's."""
+    try:
+        check()
+    except Qwen3EmbError as e:
+        result.error = e.one_line()
+    logger.info("%s: max |score diff| %.2e (floor %s)", result.name, result.max_abs_score_diff,
+                result.floor)
+    return result
+
+
 def check_reranker(runner: Any, ref: ReferenceReranker, result: ScoreResult) -> None:
     """Every probe through ``runner`` (a :class:`qwen3emb.runtime.Reranker`), in batches, alone,
     and with a non-default instruction."""
@@ -275,14 +287,13 @@ class RerankSuite:
                     result = ScoreResult(artifact=entry["path"], kind=kind, precision=precision,
                                          floor=SCORE_FLOORS[precision],
                                          engine=engine_label(engine))
-                    try:
+
+                    def check(result: ScoreResult = result, kind: str = kind,
+                              precision: str = precision, engine: Any = engine) -> None:
                         runner = self.open(kind, precision, engine, self.limit)
                         result.checked_on = checked_on(runner, kind, precision)
                         check_reranker(runner, ref, result)
-                    except Qwen3EmbError as e:
-                        result.error = e.one_line()
-                    logger.info("%s: max |score diff| %.2e (floor %s)", result.name,
-                                result.max_abs_score_diff, result.floor)
-                    results.append(result)
+
+                    results.append(measured(result, check))
                 ticker.update(1)
         return results

@@ -13,6 +13,7 @@ are preprocessed by the VL embedder's reference (:mod:`qwen3emb.validate.vl_refe
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -22,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from qwen3emb.constants import SCORE_FLOORS
-from qwen3emb.errors import CheckpointError, InputError, Qwen3EmbError
+from qwen3emb.errors import CheckpointError, InputError
 from qwen3emb.progress import bar
-from qwen3emb.validate.rerank import ScoreResult, kendall_tau
+from qwen3emb.validate.rerank import ScoreResult, kendall_tau, measured
 from qwen3emb.validate.runners import checked_on, engine_label, engines
 from qwen3emb.validate.vl_reference import VIDEO_BLOCK, ReferenceVLEmbedder
 
@@ -100,6 +101,12 @@ class ReferenceVLReranker(ReferenceVLEmbedder):
         self.head = (weight[vocab["yes"]] - weight[vocab["no"]]).float()
         self.special = set(self.tokenizer.all_special_ids)
         self.max_length = max_length
+
+    def limited(self, max_length: int) -> ReferenceVLReranker:
+        """The same model and processors, cutting prompts at ``max_length``."""
+        other = copy.copy(self)
+        other.max_length = max_length
+        return other
 
     @staticmethod
     def side(value: Any, prefix: str) -> list[dict[str, Any]]:
@@ -268,8 +275,7 @@ class VLRerankSuite:
     def run(self, precisions: Sequence[str] | None, progress: bool = False
             ) -> list[ScoreResult]:
         ref = ReferenceVLReranker(self.checkpoint.path, self.manifest.max_length)
-        short_ref = ReferenceVLReranker.__new__(ReferenceVLReranker)
-        short_ref.__dict__.update(ref.__dict__, max_length=TRUNCATION_LENGTH)
+        short_ref = ref.limited(TRUNCATION_LENGTH)
         decoders = [e for e in self._decoders() if not precisions or e["precision"] in precisions]
         results: list[ScoreResult] = []
         with tempfile.TemporaryDirectory(prefix="qwen3emb-vl-rerank-") as tmp, \
@@ -283,15 +289,14 @@ class VLRerankSuite:
                         artifact=entry["path"], kind="onnx", precision=precision,
                         floor=SCORE_FLOORS[precision], engine=engine_label(engine),
                         note=f"with vision graph {entry.get('vision_precision', 'fp32')}")
-                    try:
+
+                    def check(result: ScoreResult = result, precision: str = precision,
+                              engine: Any = engine) -> None:
                         runner = self.open(precision, engine)
                         truncating = self.open(precision, engine, TRUNCATION_LENGTH)
                         result.checked_on = checked_on(runner, "onnx", precision)
                         check_vl_reranker(runner, truncating, ref, short_ref, probes, result)
-                    except Qwen3EmbError as e:
-                        result.error = e.one_line()
-                    logger.info("%s: max |score diff| %.2e (floor %s)", result.name,
-                                result.max_abs_score_diff, result.floor)
-                    results.append(result)
+
+                    results.append(measured(result, check))
                 ticker.update(1)
         return results
