@@ -93,13 +93,15 @@ class VLRerankInputs(VLInputs):
         return render_rerank_side(prefix, text, visuals), visuals
 
     def prepare_pair(self, query: tuple[str, list[Any]], document: Any, index: int,
-                     instruction: str) -> PreparedItem:
+                     instruction: str, name: str | None = None) -> PreparedItem:
         """Preprocess document ``index`` against an already prepared query side.
 
         Raises:
-            InputError: naming the document and the input that failed.
+            InputError: naming the document (``name``, default ``document {index}``) and the
+                input that failed.
         """
-        doc_text, doc_visuals = self.side(document, f"document {index}", self.document_prefix)
+        doc_text, doc_visuals = self.side(document, name or f"document {index}",
+                                          self.document_prefix)
         visuals = [*query[1], *doc_visuals]
         prompt = render_rerank_prompt(self.system, instruction, query[0], doc_text)
         ids, cut = truncate_keeping_special(self.tokenizer.encode(prompt).ids, self.max_tokens,

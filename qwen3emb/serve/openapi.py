@@ -132,6 +132,13 @@ def describe_documents(models: dict[str, Any], state: ServerState) -> None:
     string (text rerankers refuse images, videos and objects without text)."""
     kinds = {m.backend.kind for m in state.models.values()
              if m.task == "rerank" and m.backend is not None}
+    if "vl-rerank" in kinds and state.settings.allow_files is None:
+        # Without --allow-files a medium is a base64 data: URI (a file name is refused).
+        fields = models.get("RerankDocument", {}).get("properties", {})
+        for key in ("image", "video"):
+            for variant in fields.get(key, {}).get("anyOf", []):
+                if variant.get("type") == "string":
+                    variant["pattern"] = r"^data:[^,]*;base64,"
     if not kinds or "vl-rerank" in kinds:
         return
     document = models.get("RerankDocument")

@@ -146,9 +146,9 @@ class VLRerankBackend(RerankBackend):
                 raw = {"text": document} if isinstance(document, str) else dict(document)
                 with _media(raw, i, self.settings.allow_files, param) as doc:
                     try:
-                        prepared = reranker.prepare_pair(side, doc, i, task)
+                        prepared = reranker.prepare_pair(side, doc, i, task, f"{param}[{i}]")
                     except InputError as e:
-                        raise ApiError(400, e.one_line().replace("document", param, 1),
+                        raise ApiError(400, e.one_line(),
                                        param=f"{param}[{i}]", code="invalid_input") from None
                 if prepared.truncated and not truncate:
                     raise ApiError(413, f"{param}[{i}] with the query is above this server's "

@@ -87,7 +87,11 @@ class TEIRerankRequest(BaseModel):
 
 
 class RerankResultDocument(BaseModel):
-    text: str
+    """The document as sent (a string as ``{text}``; a Qwen3-VL document's fields as given)."""
+
+    text: str | None = None
+    image: str | None = None
+    video: str | None = None
 
 
 class RerankResult(BaseModel):
